@@ -1,0 +1,265 @@
+"""The package's fused ops, and the ONE place where their backend is chosen.
+
+Two hot paths have kernels of their own:
+
+* :func:`ddim_update`: the deterministic DDIM update (METHOD.md, "DDIM step") fused into
+  one pass over memory by the C++/CUDA extension ``rcfd._C``;
+* :func:`feature_kl`: the temperature-softmax KL of classifier-based feature distillation
+  (METHOD.md, "Classifier-based feature distillation"), forward and backward in one Triton
+  kernel (:mod:`rcfd.kernels.feature_kl`).
+
+Each has a plain PyTorch reference (``*_reference``) that defines what the kernel computes
+and serves where no kernel applies. :func:`backend` decides which implementation runs for
+an op on a device; the decision is logged once per (op, device type) so a run always says
+what it used. ``RCFD_BACKEND=reference`` forces the PyTorch references everywhere and
+``RCFD_KL_BACKEND=triton`` runs the Triton KL on the CPU (through ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Union
+
+import torch
+
+log = logging.getLogger("rcfd")
+
+Coef = Union[float, torch.Tensor]
+
+# --------------------------------------------------------------------------- extension
+
+_EXT = None
+_EXT_ERROR: str | None = None
+
+
+def _load_extension():
+    """Import ``rcfd._C`` once; on failure remember why and warn exactly once."""
+    global _EXT, _EXT_ERROR
+    if _EXT is not None or _EXT_ERROR is not None:
+        return _EXT
+    try:
+        from rcfd import _C  # noqa: F401  (importing registers the torch.ops.rcfd ops)
+
+        _EXT = _C
+    except Exception as exc:  # ImportError, or an undefined symbol from an ABI mismatch
+        _EXT_ERROR = f"{type(exc).__name__}: {exc}"
+        import warnings
+
+        warnings.warn(
+            "rcfd: the compiled extension rcfd._C could not be loaded "
+            f"({_EXT_ERROR}); the fused DDIM update falls back to PyTorch. Rebuild it with "
+            "`pip install --no-build-isolation -e .` in this environment.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _EXT
+
+
+def extension_loaded() -> bool:
+    """True when the compiled extension ``rcfd._C`` imported."""
+    return _load_extension() is not None
+
+
+def extension_error() -> str | None:
+    """Why the extension failed to import, or None."""
+    _load_extension()
+    return _EXT_ERROR
+
+
+def build_info() -> dict:
+    """What the extension was built with (torch, CUDA, archs), or ``{"loaded": False}``."""
+    ext = _load_extension()
+    if ext is None:
+        return {"loaded": False, "error": _EXT_ERROR}
+    return {"loaded": True, **ext.build_info()}
+
+
+# --------------------------------------------------------------------------- backend choice
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _announce(op: str, device_type: str, choice: str, why: str) -> None:
+    log.info("rcfd: %s on %s runs on the %s backend (%s)", op, device_type, choice, why)
+
+
+def backend(op: str, device: torch.device | str) -> str:
+    """Which implementation runs ``op`` on ``device``: ``"extension"``, ``"triton"`` or
+    ``"reference"``. This is the only place the choice is made."""
+    device = torch.device(device)
+    forced = os.environ.get("RCFD_BACKEND", "").strip().lower()
+    if forced not in ("", "auto", "reference"):
+        raise ValueError(f"RCFD_BACKEND must be 'reference' or unset, got {forced!r}")
+    if forced == "reference":
+        choice, why = "reference", "RCFD_BACKEND=reference"
+    elif op == "ddim_update":
+        if not extension_loaded():
+            choice, why = "reference", "extension not loaded"
+        elif device.type == "cuda" and not _EXT.build_info()["cuda"]:
+            choice, why = "reference", "extension built without CUDA kernels"
+        elif device.type in ("cpu", "cuda"):
+            choice, why = "extension", "fused kernel"
+        else:
+            choice, why = "reference", f"no kernel for {device.type}"
+    elif op == "feature_kl":
+        want = os.environ.get("RCFD_KL_BACKEND", "auto").strip().lower()
+        if want not in ("auto", "triton", "reference"):
+            raise ValueError(f"RCFD_KL_BACKEND must be auto, triton or reference, got {want!r}")
+        if want == "reference":
+            choice, why = "reference", "RCFD_KL_BACKEND=reference"
+        elif not _triton_available():
+            choice, why = "reference", "triton not installed"
+        elif device.type == "cuda":
+            choice, why = "triton", "fused kernel"
+        elif want == "triton" and device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                raise RuntimeError(
+                    "RCFD_KL_BACKEND=triton on the CPU needs TRITON_INTERPRET=1 set before "
+                    "triton is imported"
+                )
+            choice, why = "triton", "TRITON_INTERPRET=1"
+        else:
+            choice, why = "reference", f"no Triton kernel on {device.type} by default"
+    else:
+        raise ValueError(f"unknown op {op!r}")
+    _announce(op, device.type, choice, why)
+    return choice
+
+
+# --------------------------------------------------------------------------- DDIM update
+
+
+def ddim_update_reference(
+    z_t: torch.Tensor,
+    x0: torch.Tensor,
+    alpha_s: Coef,
+    sigma_s: Coef,
+    alpha_t: Coef,
+    sigma_t: Coef,
+    clip: bool = False,
+) -> torch.Tensor:
+    """``z_s = alpha_s * x0 + sigma_s * (z_t - alpha_t * x0) / sigma_t`` (METHOD.md, "DDIM
+    step"), with ``x0`` clipped to ``[-1, 1]`` first when ``clip``; arithmetic in fp32
+    (float64 for float64 inputs), result in the input dtype."""
+    compute = torch.float64 if z_t.dtype == torch.float64 else torch.float32
+
+    def coef(c):
+        if isinstance(c, torch.Tensor):
+            c = c.to(device=z_t.device, dtype=compute)
+            return c.reshape(-1, *([1] * (z_t.dim() - 1))) if c.dim() == 1 else c
+        return float(c)
+
+    x = x0.to(compute)
+    if clip:
+        x = x.clamp(-1.0, 1.0)
+    z = z_t.to(compute)
+    out = coef(alpha_s) * x + coef(sigma_s) * (z - coef(alpha_t) * x) / coef(sigma_t)
+    return out.to(z_t.dtype)
+
+
+def _check_ddim_args(z_t, x0, coefs: dict) -> None:
+    """Argument checks that need no device sync (values of device tensors are not read)."""
+    for name, t in (("z_t", z_t), ("x0", x0)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"ddim_update: {name} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(
+                f"ddim_update: {name} must be a float32, float16 or bfloat16 tensor, "
+                f"got {t.dtype}"
+            )
+    if z_t.dim() < 1 or z_t.numel() == 0:
+        raise ValueError(f"ddim_update: z_t must be a non-empty [B, ...] tensor, got {tuple(z_t.shape)}")
+    if z_t.shape != x0.shape:
+        raise ValueError(
+            f"ddim_update: x0 has shape {tuple(x0.shape)} but z_t has {tuple(z_t.shape)}; "
+            "they must match"
+        )
+    if z_t.device != x0.device:
+        raise ValueError(f"ddim_update: x0 is on {x0.device} but z_t is on {z_t.device}")
+    if z_t.dtype != x0.dtype:
+        raise TypeError(f"ddim_update: x0 is {x0.dtype} but z_t is {z_t.dtype}; cast one of them")
+    batch = z_t.shape[0]
+    for name, c in coefs.items():
+        if isinstance(c, torch.Tensor):
+            if not c.is_floating_point():
+                raise TypeError(f"ddim_update: {name} must be a float tensor, got {c.dtype}")
+            if c.dim() > 1 or (c.dim() == 1 and c.shape[0] != batch):
+                raise ValueError(
+                    f"ddim_update: {name} must be a scalar or a [B] tensor with B={batch}, "
+                    f"got shape {tuple(c.shape)}"
+                )
+            if c.device != z_t.device:
+                raise ValueError(f"ddim_update: {name} is on {c.device} but z_t is on {z_t.device}")
+            if c.device.type == "cpu" and name == "sigma_t" and not bool((c > 0).all()):
+                raise ValueError("ddim_update: sigma_t must be > 0 (it divides)")
+        else:
+            try:
+                c = float(c)
+            except (TypeError, ValueError):
+                raise TypeError(f"ddim_update: {name} must be a float or a tensor, got {c!r}") from None
+            if name == "sigma_t" and not c > 0:
+                raise ValueError(f"ddim_update: sigma_t must be > 0 (it divides), got {c}")
+
+
+def ddim_update(
+    z_t: torch.Tensor,
+    x0: torch.Tensor,
+    alpha_s: Coef,
+    sigma_s: Coef,
+    alpha_t: Coef,
+    sigma_t: Coef,
+    *,
+    clip: bool = False,
+) -> torch.Tensor:
+    """Fused DDIM update from index ``t`` to ``s``: ``z_s = alpha_s * x0 + sigma_s * (z_t -
+    alpha_t * x0) / sigma_t`` with ``x0`` optionally clipped to ``[-1, 1]``.
+
+    Coefficients are Python floats or tensors of shape ``[]`` or ``[B]`` on ``z_t``'s
+    device. Inputs are float32, float16 or bfloat16 (arithmetic in fp32), contiguous or
+    channels-last. Differentiable in ``z_t`` and ``x0``.
+    """
+    coefs = {"alpha_s": alpha_s, "sigma_s": sigma_s, "alpha_t": alpha_t, "sigma_t": sigma_t}
+    _check_ddim_args(z_t, x0, coefs)
+    if z_t.dtype == torch.float64 or backend("ddim_update", z_t.device) == "reference":
+        return ddim_update_reference(z_t, x0, alpha_s, sigma_s, alpha_t, sigma_t, clip)
+    if all(not isinstance(c, torch.Tensor) for c in coefs.values()):
+        return torch.ops.rcfd.ddim_step_scalar(
+            z_t, x0, float(alpha_s), float(sigma_s), float(alpha_t), float(sigma_t), clip
+        )
+    tensors = [
+        (c if isinstance(c, torch.Tensor) else torch.tensor(float(c), device=z_t.device)).to(
+            torch.float32
+        )
+        for c in coefs.values()
+    ]
+    return torch.ops.rcfd.ddim_step(z_t, x0, *tensors, clip)
+
+
+# --------------------------------------------------------------------------- feature KL
+
+
+def feature_kl(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    tau_teacher: float = 0.9,
+    tau_student: float = 1.0,
+    reduction: str = "batchmean",
+) -> torch.Tensor:
+    """``KL(softmax(teacher / tau_teacher) || softmax(student / tau_student))`` over rows of
+    ``[B, D]`` features; the gradient flows to ``student`` only. See
+    :mod:`rcfd.kernels.feature_kl`."""
+    from rcfd.kernels import feature_kl as fk
+
+    fk.check_inputs(student, teacher, tau_teacher, tau_student, reduction)
+    if backend("feature_kl", student.device) == "triton":
+        return fk.feature_kl_triton(student, teacher, tau_teacher, tau_student, reduction)
+    return fk.feature_kl_reference(student, teacher, tau_teacher, tau_student, reduction)
