@@ -42,6 +42,7 @@ def _load_extension():
     try:
         from rcfd import _C  # noqa: F401  (importing registers the torch.ops.rcfd ops)
 
+        _register_ddim_python()
         _EXT = _C
     except Exception as exc:  # ImportError, or an undefined symbol from an ABI mismatch
         _EXT_ERROR = f"{type(exc).__name__}: {exc}"
@@ -52,7 +53,7 @@ def _load_extension():
             f"({_EXT_ERROR}); the fused DDIM update falls back to PyTorch. Rebuild it with "
             "`pip install --no-build-isolation -e .` in this environment.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=2,
         )
     return _EXT
 
@@ -136,6 +137,64 @@ def backend(op: str, device: torch.device | str) -> str:
 
 
 # --------------------------------------------------------------------------- DDIM update
+
+
+def _ddim_memory_format(z_t: torch.Tensor) -> torch.memory_format:
+    """The layout the kernels work in (csrc/ddim_step.cpp, ``ddim_memory_format``):
+    channels-last inputs stay channels-last, everything else is made contiguous."""
+    if z_t.is_contiguous():
+        return torch.contiguous_format
+    if z_t.dim() == 4 and z_t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if z_t.dim() == 5 and z_t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _ddim_like(z_t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(z_t, memory_format=_ddim_memory_format(z_t))
+
+
+def _register_ddim_python() -> None:
+    """Fake (meta) kernels and autograd formulas of the compiled DDIM ops, so that they
+    trace under torch.compile and differentiate in ``z_t`` and ``x0``."""
+    if getattr(_register_ddim_python, "done", False):
+        return
+
+    @torch.library.register_fake("rcfd::ddim_step")
+    def _(z_t, x0, alpha_s, sigma_s, alpha_t, sigma_t, clip=False):
+        return _ddim_like(z_t)
+
+    @torch.library.register_fake("rcfd::ddim_step_scalar")
+    def _(z_t, x0, alpha_s, sigma_s, alpha_t, sigma_t, clip=False):
+        return _ddim_like(z_t)
+
+    def setup_context(ctx, inputs, output):
+        z_t, x0, *coefs, clip = inputs
+        ctx.coefs = coefs
+        ctx.clip = clip
+        ctx.save_for_backward(x0 if clip else None)
+
+    def backward(ctx, grad):
+        # z_s = c0 * clip(x0) + c1 * z_t with c1 = sigma_s / sigma_t, c0 = alpha_s - c1 alpha_t
+        alpha_s, sigma_s, alpha_t, sigma_t = ctx.coefs
+        shape = (-1,) + (1,) * (grad.dim() - 1)
+
+        def per_sample(c):
+            return c.reshape(shape) if isinstance(c, torch.Tensor) and c.dim() == 1 else c
+
+        c1 = per_sample(sigma_s) / per_sample(sigma_t)
+        c0 = per_sample(alpha_s) - c1 * per_sample(alpha_t)
+        grad_x0 = grad * c0
+        if ctx.clip:
+            (x0,) = ctx.saved_tensors
+            grad_x0 = grad_x0 * (x0.abs() <= 1)
+        return (grad * c1).to(grad.dtype), grad_x0.to(grad.dtype), None, None, None, None, None
+
+    for name in ("rcfd::ddim_step", "rcfd::ddim_step_scalar"):
+        torch.library.register_autograd(name, backward, setup_context=setup_context)
+    _register_ddim_python.done = True
+
 
 
 def ddim_update_reference(
@@ -255,11 +314,17 @@ def feature_kl(
     reduction: str = "batchmean",
 ) -> torch.Tensor:
     """``KL(softmax(teacher / tau_teacher) || softmax(student / tau_student))`` over rows of
-    ``[B, D]`` features; the gradient flows to ``student`` only. See
+    ``[B, D]`` features; the gradient flows to ``student`` only. The loss is fp32 (float64
+    for float64 inputs, which always take the float64 reference). See
     :mod:`rcfd.kernels.feature_kl`."""
     from rcfd.kernels import feature_kl as fk
 
     fk.check_inputs(student, teacher, tau_teacher, tau_student, reduction)
-    if backend("feature_kl", student.device) == "triton":
+    if student.dtype != torch.float64 and backend("feature_kl", student.device) == "triton":
         return fk.feature_kl_triton(student, teacher, tau_teacher, tau_student, reduction)
     return fk.feature_kl_reference(student, teacher, tau_teacher, tau_student, reduction)
+
+
+# Load the extension with the module, so that torch.ops.rcfd.* exist after `import rcfd.ops`
+# (a failure is reported once, above, and the references take over).
+_load_extension()

@@ -1,0 +1,238 @@
+"""The fused DDIM update (rcfd.ops.ddim_update and the compiled ops torch.ops.rcfd.*)."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from rcfd import ops
+
+TOL = {  # (rtol, atol) against a float64 reference computed from the same inputs
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+SHAPES = [(1, 3, 32, 32), (7, 1, 16, 16), (123, 3, 5, 7), (7, 5), (4, 2, 3, 3, 3)]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def reference64(z_t, x0, a_s, s_s, a_t, s_t, clip):
+    """METHOD.md "DDIM step", in float64, written out independently of rcfd.ops."""
+    shape = (-1,) + (1,) * (z_t.dim() - 1)
+
+    def c(v):
+        return v.double().reshape(shape) if isinstance(v, torch.Tensor) and v.dim() else (
+            v.double() if isinstance(v, torch.Tensor) else float(v)
+        )
+
+    x = x0.double().clamp(-1, 1) if clip else x0.double()
+    eps = (z_t.double() - c(a_t) * x) / c(s_t)
+    return c(a_s) * x + c(s_s) * eps
+
+
+def coefs(batch, device, kind):
+    """Coefficients of a real step of the cosine schedule, as floats or per-sample tensors."""
+    from rcfd.schedule import cosine_schedule
+
+    sched = cosine_schedule(64, 16)
+    t = torch.randint(2, 65, (batch,)) * 16
+    s = t - 16 * torch.randint(1, 2, (batch,))
+    vals = [sched.alpha[s], sched.sigma[s], sched.alpha[t], sched.sigma[t]]
+    if kind == "scalar":
+        return [float(v[0]) for v in vals]
+    if kind == "0-dim":
+        return [v[0].float().to(device) for v in vals]
+    if kind == "mixed":
+        return [vals[0].float().to(device), float(vals[1][0]), vals[2].float().to(device), float(vals[3][0])]
+    return [v.float().to(device) for v in vals]
+
+
+def test_extension_is_loaded_and_has_cuda_kernels_when_it_should():
+    assert ops.extension_loaded(), f"rcfd._C did not load: {ops.extension_error()}"
+    info = ops.build_info()
+    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0], (
+        "the extension was built against another torch; rebuild it"
+    )
+    toolkit = shutil.which("nvcc") or os.environ.get("CUDA_HOME")
+    if torch.version.cuda and toolkit and os.environ.get("RCFD_NO_CUDA") != "1":
+        assert info["cuda"], "torch has CUDA and a toolkit is present, but no CUDA kernels were built"
+        assert info["cuda_archs"]
+    if torch.cuda.is_available():
+        assert ops.backend("ddim_update", "cuda") == "extension"
+    assert ops.backend("ddim_update", "cpu") == "extension"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", ["scalar", "per-sample", "0-dim", "mixed"])
+@pytest.mark.parametrize("clip", [False, True])
+def test_matches_float64_reference(device, dtype, shape, kind, clip):
+    z_t = torch.randn(shape, device=device).to(dtype)
+    x0 = (3 * torch.randn(shape, device=device)).to(dtype)  # well outside [-1, 1]
+    c = coefs(shape[0], device, kind)
+    out = ops.ddim_update(z_t, x0, *c, clip=clip)
+    assert out.dtype == dtype and out.shape == z_t.shape
+    ref = reference64(z_t, x0, *c, clip)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(TOL))
+def test_channels_last_stays_channels_last(device, dtype):
+    z_t = torch.randn(5, 3, 9, 11, device=device).to(dtype).to(memory_format=torch.channels_last)
+    x0 = torch.randn(5, 3, 9, 11, device=device).to(dtype).to(memory_format=torch.channels_last)
+    c = coefs(5, device, "per-sample")
+    out = ops.ddim_update(z_t, x0, *c, clip=True)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out.double(), reference64(z_t, x0, *c, True), rtol=rtol, atol=atol)
+    # one input channels-last, the other contiguous; and a strided (sliced) input
+    out2 = ops.ddim_update(z_t, x0.contiguous(), *c, clip=True)
+    torch.testing.assert_close(out2, out)
+    wide = torch.randn(5, 3, 9, 22, device=device).to(dtype)
+    out3 = ops.ddim_update(wide[..., ::2], x0, *c, clip=False)
+    torch.testing.assert_close(out3.double(), reference64(wide[..., ::2], x0, *c, False), rtol=rtol, atol=atol)
+
+
+def test_agrees_with_pytorch_reference_implementation():
+    z_t, x0 = torch.randn(7, 3, 8, 8), 2 * torch.randn(7, 3, 8, 8)
+    c = coefs(7, "cpu", "per-sample")
+    for clip in (False, True):
+        torch.testing.assert_close(
+            ops.ddim_update(z_t, x0, *c, clip=clip), ops.ddim_update_reference(z_t, x0, *c, clip)
+        )
+
+
+def test_float64_inputs_use_the_reference():
+    z_t, x0 = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    c = coefs(3, "cpu", "per-sample")
+    out = ops.ddim_update(z_t, x0, *c)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, reference64(z_t, x0, *c, False))
+
+
+def test_nan_propagates_through_clip():
+    z_t, x0 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    x0[0, 0, 0, 0] = float("nan")
+    out = ops.ddim_update(z_t, x0, 0.5, 0.5, 0.4, 0.6, clip=True)
+    assert out[0, 0, 0, 0].isnan() and out[1].isfinite().all()
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_gradient_matches_reference(clip):
+    z_t = torch.randn(7, 3, 5, 5, requires_grad=True)
+    x0 = (2 * torch.randn(7, 3, 5, 5)).requires_grad_()
+    c = coefs(7, "cpu", "per-sample")
+    g = torch.randn(7, 3, 5, 5)
+    gz, gx = torch.autograd.grad(ops.ddim_update(z_t, x0, *c, clip=clip), (z_t, x0), g)
+    z64, x64 = z_t.detach().double().requires_grad_(), x0.detach().double().requires_grad_()
+    rz, rx = torch.autograd.grad(reference64(z64, x64, *c, clip), (z64, x64), g.double())
+    torch.testing.assert_close(gz.double(), rz, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx.double(), rx, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    z_t = torch.randn(7, 3, 5, 5, device=device, requires_grad=True)
+    x0 = torch.randn(7, 3, 5, 5, device=device, requires_grad=True)
+    c = coefs(7, device, "per-sample")
+    torch.library.opcheck(torch.ops.rcfd.ddim_step.default, (z_t, x0, *c, True))
+    torch.library.opcheck(torch.ops.rcfd.ddim_step.default, (z_t.detach(), x0.detach(), *c, False))
+    torch.library.opcheck(torch.ops.rcfd.ddim_step_scalar.default, (z_t, x0, 0.9, 0.3, 0.8, 0.6, True))
+    zc = z_t.detach().to(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.rcfd.ddim_step.default, (zc, x0.detach(), *c, True))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _good():
+    return torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), [0.9, 0.4, 0.8, 0.6]
+
+
+@pytest.mark.parametrize(
+    "mutate, exc, words",
+    [
+        (lambda z, x, c: (z, x[:3], c), ValueError, "x0 has shape"),
+        (lambda z, x, c: (z, x.half(), c), TypeError, "x0 is torch.float16"),
+        (lambda z, x, c: (z.int(), x.int(), c), TypeError, "z_t must be a float32"),
+        (lambda z, x, c: (z, x, [c[0], c[1], c[2], 0.0]), ValueError, "sigma_t must be > 0"),
+        (lambda z, x, c: (z, x, [c[0], c[1], c[2], -0.5]), ValueError, "sigma_t must be > 0"),
+        (lambda z, x, c: (z, x, [c[0], c[1], c[2], torch.tensor([0.5, 0.5, 0.0, 0.5])]), ValueError, "sigma_t must be > 0"),
+        (lambda z, x, c: (z, x, [torch.ones(3), *c[1:]]), ValueError, "alpha_s must be a scalar or a [B] tensor"),
+        (lambda z, x, c: (z, x, [torch.ones(4, 1), *c[1:]]), ValueError, "alpha_s must be a scalar or a [B] tensor"),
+        (lambda z, x, c: (z, x, [c[0], torch.ones(4, dtype=torch.int64), *c[2:]]), TypeError, "sigma_s must be a float tensor"),
+        (lambda z, x, c: (z, x, [c[0], "a", *c[2:]]), TypeError, "sigma_s must be a float or a tensor"),
+        (lambda z, x, c: (z, x.to("meta"), c), ValueError, "x0 is on meta"),
+        (lambda z, x, c: (z[:0], x[:0], c), ValueError, "non-empty"),
+    ],
+)
+def test_bad_input_is_named(mutate, exc, words):
+    z, x, c = mutate(*_good())
+    with pytest.raises(exc, match=words.replace("[", r"\[").replace("]", r"\]")):
+        ops.ddim_update(z, x, *c)
+
+
+@pytest.mark.parametrize(
+    "args, exc, words",
+    [
+        (lambda z, x, c: (z, x[:3], *c), ValueError, "x0 has shape"),
+        (lambda z, x, c: (z, x.double(), *c), TypeError, "x0 is Double but z_t is Float"),
+        (lambda z, x, c: (z.double(), x.double(), *c), TypeError, "z_t must be float32"),
+        (lambda z, x, c: (z, x, c[0], c[1], c[2], c[3].double()), TypeError, "sigma_t must be a float32"),
+        (lambda z, x, c: (z, x, c[0], c[1], c[2], torch.zeros(4)), ValueError, "sigma_t must be > 0"),
+        (lambda z, x, c: (z, x, torch.ones(5), *c[1:]), ValueError, r"alpha_s must have shape \[\] or \[B\]"),
+    ],
+)
+def test_compiled_op_checks_its_own_inputs(args, exc, words):
+    z, x, _ = _good()
+    c = [torch.full((4,), v) for v in (0.9, 0.4, 0.8, 0.6)]
+    with pytest.raises(exc, match=words):
+        torch.ops.rcfd.ddim_step(*args(z, x, c), False)
+    if exc is ValueError and "sigma_t" in words:
+        with pytest.raises(ValueError, match="sigma_t must be > 0"):
+            torch.ops.rcfd.ddim_step_scalar(z, x, 0.9, 0.4, 0.8, 0.0, False)
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.cuda
+def test_cuda_runs_on_the_current_stream_and_in_a_graph():
+    z_t = torch.randn(16, 3, 32, 32, device="cuda")
+    x0 = 2 * torch.randn(16, 3, 32, 32, device="cuda")
+    c = coefs(16, "cuda", "per-sample")
+    expected = reference64(z_t, x0, *c, True).float()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = ops.ddim_update(z_t, x0, *c, clip=True)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+    static_z, static_x = z_t.clone(), x0.clone()
+    ops.ddim_update(static_z, static_x, *c, clip=True)  # warm up outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = torch.ops.rcfd.ddim_step(static_z, static_x, *c, True)
+    new_z, new_x = torch.randn_like(z_t), 2 * torch.randn_like(x0)
+    static_z.copy_(new_z)
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.testing.assert_close(static_out, reference64(new_z, new_x, *c, True).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_under_torch_compile():
+    z_t = torch.randn(8, 3, 32, 32, device="cuda")
+    x0 = 2 * torch.randn(8, 3, 32, 32, device="cuda")
+    c = coefs(8, "cuda", "per-sample")
+
+    @torch.compile(fullgraph=True)
+    def step(z, x, a_s, s_s, a_t, s_t):
+        return torch.ops.rcfd.ddim_step(z, x, a_s, s_s, a_t, s_t, True) * 2
+
+    torch.testing.assert_close(step(z_t, x0, *c), 2 * reference64(z_t, x0, *c, True).float(), rtol=1e-5, atol=1e-5)
