@@ -1,0 +1,135 @@
+"""Feature KL, forward + backward: ours against the expression it replaces.
+
+Baseline: eager ``F.kl_div(log_softmax(s / tau_S), softmax(t / tau_T), "batchmean")`` and,
+on a GPU, ``torch.compile`` of the same expression. Ours: the Triton kernel (GPU only:
+the interpreter measures nothing) and the PyTorch reference. Each shape is one
+benchmark group, so the table reads as ratios against eager.
+
+Run: ``pytest benchmarks/bench_feature_kl.py --benchmark-only``.
+
+* B=128 x D in {512, 1920, 2048} (ResNet18 / DenseNet201 features at training batch
+  size) is launch-bound: read it in microseconds per call.
+* B=16384 x D=4096 (GPU only) is bandwidth-bound: ``extra_info`` gives the achieved GB/s
+  and its share of a device-to-device copy measured in the same session.
+
+Bytes: any fused forward + backward must read ``student`` and ``teacher`` and write the
+student gradient, ``3 * itemsize`` per element (``bytes_min``, the basis of
+``GBps_effective`` for every implementation). Ours moves ``5 * itemsize`` per element
+(``bytes_ours``): the forward writes the gradient, the backward reads it back and scales
+it (see :mod:`rcfd.kernels.feature_kl`). Every timed call ends with a device
+synchronisation and takes the next pair from a pool of inputs larger than the L2 cache.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rcfd.kernels import feature_kl as fk
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+TAU_T, TAU_S = 0.9, 1.0
+ROTATE_BYTES = 256 << 20  # input pool per benchmark: well past any L2
+gpu_only = pytest.mark.skipif(not CUDA, reason="GPU only")
+
+
+def kl_div_expression(s, t):
+    return F.kl_div(F.log_softmax(s / TAU_S, dim=1), F.softmax(t / TAU_T, dim=1),
+                    reduction="batchmean")
+
+
+def rcfd_triton(s, t):
+    return fk.feature_kl_triton(s, t, TAU_T, TAU_S, "batchmean")
+
+
+def rcfd_reference(s, t):
+    return fk.feature_kl_reference(s, t, TAU_T, TAU_S, "batchmean")
+
+
+IMPLS = {
+    "eager_kl_div": lambda: kl_div_expression,
+    "compiled_kl_div": lambda: torch.compile(kl_div_expression, dynamic=False),
+    "rcfd_reference": lambda: rcfd_reference,
+    "rcfd_triton": lambda: rcfd_triton,
+}
+GPU_IMPLS = ("compiled_kl_div", "rcfd_triton")
+CASES = [(128, 512, torch.float32), (128, 1920, torch.float32), (128, 2048, torch.float32),
+         (16384, 4096, torch.float32), (16384, 4096, torch.bfloat16)]
+
+
+def _case_id(case):
+    b, d, dtype = case
+    return f"{b}x{d}-{str(dtype).removeprefix('torch.')}"
+
+
+def _params():
+    for case, impl in itertools.product(CASES, IMPLS):
+        large = case[0] * case[1] > 1 << 22
+        marks = [gpu_only] if (large or impl in GPU_IMPLS) else []
+        yield pytest.param(case, impl, id=f"{_case_id(case)}-{impl}", marks=marks)
+
+
+@pytest.fixture(scope="session")
+def copy_bandwidth_gbps():
+    """Device-to-device copy of 1 GiB, bytes read + written per second (CUDA events)."""
+    src = torch.randn(1 << 28, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    reps = 20
+    start.record()
+    for _ in range(reps):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / reps
+    return 2 * src.nbytes / seconds / 1e9
+
+
+def _input_pool(b, d, dtype):
+    pair_bytes = 2 * b * d * torch.empty((), dtype=dtype).element_size()
+    count = max(2, min(64, math.ceil(ROTATE_BYTES / pair_bytes))) if CUDA else 2
+    pool = []
+    for _ in range(count):
+        s = (torch.randn(b, d, device=DEVICE) * 3).to(dtype).requires_grad_()
+        t = (torch.randn(b, d, device=DEVICE) * 3).to(dtype)
+        pool.append((s, t))
+    return pool
+
+
+@pytest.mark.parametrize("case,impl", list(_params()))
+def test_feature_kl_forward_backward(benchmark, case, impl, request):
+    b, d, dtype = case
+    fn = IMPLS[impl]()
+    pool = itertools.cycle(_input_pool(b, d, dtype))
+    sync = torch.cuda.synchronize if CUDA else (lambda: None)
+
+    def step():
+        s, t = next(pool)
+        loss = fn(s, t)
+        (grad,) = torch.autograd.grad(loss, s)
+        sync()
+        return grad
+
+    for _ in range(3):  # JIT / compile / allocator warm-up, outside the timing
+        step()
+    benchmark.group = f"feature_kl fwd+bwd {_case_id(case)}"
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    bytes_min = 3 * itemsize * b * d
+    benchmark.extra_info.update(impl=impl, B=b, D=d, dtype=str(dtype), bytes_min=bytes_min)
+    if impl == "rcfd_triton":
+        benchmark.extra_info["bytes_ours"] = 5 * itemsize * b * d + 4 * b
+    benchmark(step)
+    if benchmark.stats is not None and b * d > 1 << 22:  # bandwidth only where it binds
+        seconds = benchmark.stats.stats.median
+        copy = request.getfixturevalue("copy_bandwidth_gbps")
+        gbps = bytes_min / seconds / 1e9
+        benchmark.extra_info.update(GBps_effective=round(gbps, 1), copy_GBps=round(copy, 1),
+                                    pct_of_copy=round(100 * gbps / copy, 1))
+        if "bytes_ours" in benchmark.extra_info:
+            benchmark.extra_info["GBps_ours"] = round(
+                benchmark.extra_info["bytes_ours"] / seconds / 1e9, 1)

@@ -1,0 +1,363 @@
+"""Fused temperature-softmax KL of classifier-based feature distillation (METHOD.md,
+"Classifier-based feature distillation"), forward and backward in one Triton pass.
+
+For rows ``b`` of ``[B, D]`` features, with ``p = softmax(teacher / tau_T)`` and
+``q = softmax(student / tau_S)``::
+
+    KL_b = sum_d p (log p - log q)
+         = sum_d p * ((a - max a) - (c - max c)) + lse(c - max c) - lse(a - max a)
+    dKL_b / dstudent = (q - p) / tau_S
+
+with ``a = teacher / tau_T`` and ``c = student / tau_S`` (the second form uses
+``sum_d p = 1`` and never forms ``0 * log 0``). The kernels work in base 2: the inputs are
+scaled by ``log2(e) / tau`` once, so every exponential is an ``exp2``, and the row sum is
+multiplied by ``ln 2`` at the end. The reduction sets the scale: ``batchmean`` is
+``sum_b KL_b / B`` (the paper's loss), ``sum`` is ``sum_b KL_b``, ``none`` is ``[KL_b]``.
+
+Layers (DESIGN.md, house style 5):
+
+* ``_kl_rows_kernel`` holds whole rows in registers, ``rows`` rows per program when the
+  rows are short; ``_kl_online_kernel`` handles rows longer than ``MAX_ROW_BLOCK`` with
+  one program per row: a first pass over column chunks keeps a running max and a running
+  sum of exponentials (online softmax), a second pass forms ``p``, ``q``, the loss and
+  the gradient. Both write the gradient ``(q - p) * scale / tau_S`` in the input dtype, so
+  the backward pass is one multiplication by ``grad_output``.
+* ``_forward`` picks the kernel (:func:`launch_config`) and launches it.
+* :class:`_FeatureKLFunction` (eager) and the custom op ``rcfd::feature_kl`` (what
+  torch.compile sees: opaque, with a fake kernel and an autograd formula) wrap ``_forward``.
+  Eager calls skip the custom-op dispatcher, which costs about as much as the kernel at
+  the launch-bound training shapes.
+
+Bytes moved per element, for bandwidth figures: ``_kl_rows_kernel`` reads ``student`` and
+``teacher`` once and writes the gradient once (``3 * itemsize``), plus 4 bytes of loss
+per row; ``_kl_online_kernel`` reads both inputs twice (``5 * itemsize``; the second read
+may come from L2). The backward reads the gradient and writes the result
+(``2 * itemsize``). Nothing here reads a tensor's value on the host, so every path can be
+captured in a CUDA graph.
+"""
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs without Triton: only the reference is available
+    triton = None
+    tl = None
+
+REDUCTIONS = ("batchmean", "sum", "none")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+# Launch heuristics (see launch_config); retune them with benchmarks/bench_feature_kl.py.
+MAX_ROW_BLOCK = 8192  # longest row held whole in registers
+ONLINE_CHUNK = 4096  # columns per step of the two-pass kernel
+ROW_TILE = 2048  # elements per program when several short rows share one
+ELEMS_PER_THREAD = 16  # per input; sets num_warps from the block size
+MIN_BLOCK = 16
+MAX_WARPS = 16
+_LN2 = math.log(2.0)
+_LOG2E = 1.0 / _LN2
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_tau(name: str, tau) -> None:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise TypeError(f"feature_kl: {name} must be a positive Python float, got {tau!r}")
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"feature_kl: {name} must be finite and > 0, got {tau}")
+
+
+def check_inputs(student, teacher, tau_teacher, tau_student, reduction) -> None:
+    """Raise a TypeError / ValueError naming the argument when the inputs are not two
+    ``[B, D]`` float tensors of one dtype and device with ``B, D >= 1``, positive finite
+    temperatures and a known reduction. Reads no tensor values (no host sync)."""
+    for name, x in (("student", student), ("teacher", teacher)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"feature_kl: {name} must be a tensor, got {type(x).__name__}")
+        if x.dtype not in _DTYPES:
+            raise TypeError(
+                f"feature_kl: {name} must be a float32, float16, bfloat16 or float64 tensor, "
+                f"got {x.dtype}"
+            )
+        if x.dim() != 2:
+            raise ValueError(
+                f"feature_kl: {name} must be a [B, D] tensor of features, got shape "
+                f"{tuple(x.shape)}; flatten the feature dimensions with .flatten(1)"
+            )
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"feature_kl: teacher has shape {tuple(teacher.shape)} but student has "
+            f"{tuple(student.shape)}; they must match"
+        )
+    if student.shape[0] == 0 or student.shape[1] == 0:
+        raise ValueError(
+            f"feature_kl: the inputs must have at least one row and one column, got "
+            f"{tuple(student.shape)}"
+        )
+    if student.dtype != teacher.dtype:
+        raise TypeError(
+            f"feature_kl: teacher is {teacher.dtype} but student is {student.dtype}; cast "
+            "the teacher with teacher.to(student.dtype)"
+        )
+    if student.device != teacher.device:
+        raise ValueError(
+            f"feature_kl: teacher is on {teacher.device} but student is on {student.device}"
+        )
+    _check_tau("tau_teacher", tau_teacher)
+    _check_tau("tau_student", tau_student)
+    if reduction not in REDUCTIONS:
+        hint = " ('mean' averages over B*D elements, which is not the KL)" * (reduction == "mean")
+        raise ValueError(
+            f"feature_kl: reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got "
+            f"{reduction!r}{hint}"
+        )
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total / rows.shape[0] if reduction == "batchmean" else total
+
+
+def feature_kl_reference(student, teacher, tau_teacher=0.9, tau_student=1.0,
+                         reduction="batchmean") -> torch.Tensor:
+    """``KL(softmax(teacher / tau_T) || softmax(student / tau_S))`` per row, reduced
+    (METHOD.md, "L_CFD"), in the log-softmax form. Arithmetic and the result are fp32
+    (float64 for float64 inputs); the teacher is detached, the gradient reaches the
+    student in its own dtype."""
+    compute = torch.float64 if student.dtype == torch.float64 else torch.float32
+    log_q = F.log_softmax(student.to(compute) / tau_student, dim=1)
+    log_p = F.log_softmax(teacher.detach().to(compute) / tau_teacher, dim=1)
+    rows = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    return _reduce(rows, reduction)
+
+
+# --------------------------------------------------------------------------- kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _kl_rows_kernel(s_ptr, t_ptr, grad_ptr, loss_ptr, n_rows, n_cols, s_stride,
+                        t_stride, coef_s, coef_t, grad_scale, loss_scale,
+                        ROWS: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_GRAD: tl.constexpr):
+        """``ROWS`` whole rows (``n_cols <= BLOCK_D``) per program."""
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        rows = tl.minimum(rows, n_rows - 1).to(tl.int64)  # tail rows recompute the last one
+        cols = tl.arange(0, BLOCK_D)
+        mask = (cols < n_cols)[None, :]  # broadcast over the rows
+        s = tl.load(s_ptr + rows[:, None] * s_stride + cols[None, :], mask=mask, other=0.0)
+        t = tl.load(t_ptr + rows[:, None] * t_stride + cols[None, :], mask=mask, other=0.0)
+        c = s.to(tl.float32) * coef_s  # student / tau_S, in log2 units
+        a = t.to(tl.float32) * coef_t  # teacher / tau_T, in log2 units
+        c_max = tl.max(tl.where(mask, c, float("-inf")), axis=1)
+        a_max = tl.max(tl.where(mask, a, float("-inf")), axis=1)
+        c = c - c_max[:, None]
+        a = a - a_max[:, None]
+        e_c = tl.where(mask, tl.exp2(c), 0.0)
+        e_a = tl.where(mask, tl.exp2(a), 0.0)
+        z_c = tl.sum(e_c, axis=1)
+        z_a = tl.sum(e_a, axis=1)
+        q = e_c * (1.0 / z_c)[:, None]
+        p = e_a * (1.0 / z_a)[:, None]
+        kl2 = tl.sum(p * (a - c), axis=1) + tl.log2(z_c) - tl.log2(z_a)  # KL in bits
+        tl.store(loss_ptr + rows, kl2 * (loss_scale * 0.6931471805599453), mask=row_ok)
+        if WRITE_GRAD:
+            g = (q - p) * grad_scale
+            offs = rows[:, None] * n_cols + cols[None, :]
+            tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty),
+                     mask=mask & row_ok[:, None])
+
+    @triton.jit
+    def _kl_online_kernel(s_ptr, t_ptr, grad_ptr, loss_ptr, n_cols, s_stride, t_stride,
+                          coef_s, coef_t, grad_scale, loss_scale,
+                          CHUNK: tl.constexpr, WRITE_GRAD: tl.constexpr):
+        """One row per program, any length: a pass for the running max and sum of
+        exponentials (online softmax), then a pass for p, q, the loss and the gradient."""
+        row = tl.program_id(0).to(tl.int64)
+        s_row = s_ptr + row * s_stride
+        t_row = t_ptr + row * t_stride
+        cols = tl.arange(0, CHUNK)
+        c_max = float("-inf")
+        a_max = float("-inf")
+        z_c = 0.0
+        z_a = 0.0
+        for start in range(0, n_cols, CHUNK):
+            ok = start + cols < n_cols
+            c = tl.load(s_row + start + cols, mask=ok, other=float("-inf")).to(tl.float32)
+            a = tl.load(t_row + start + cols, mask=ok, other=float("-inf")).to(tl.float32)
+            c = c * coef_s
+            a = a * coef_t
+            c_new = tl.maximum(c_max, tl.max(c, axis=0))
+            a_new = tl.maximum(a_max, tl.max(a, axis=0))
+            z_c = z_c * tl.exp2(c_max - c_new) + tl.sum(tl.exp2(c - c_new), axis=0)
+            z_a = z_a * tl.exp2(a_max - a_new) + tl.sum(tl.exp2(a - a_new), axis=0)
+            c_max = c_new
+            a_max = a_new
+        inv_z_c = 1.0 / z_c
+        inv_z_a = 1.0 / z_a
+        acc = tl.zeros([CHUNK], dtype=tl.float32)
+        for start in range(0, n_cols, CHUNK):
+            ok = start + cols < n_cols
+            s = tl.load(s_row + start + cols, mask=ok, other=0.0)
+            t = tl.load(t_row + start + cols, mask=ok, other=0.0)
+            c = s.to(tl.float32) * coef_s - c_max
+            a = t.to(tl.float32) * coef_t - a_max
+            q = tl.where(ok, tl.exp2(c), 0.0) * inv_z_c
+            p = tl.where(ok, tl.exp2(a), 0.0) * inv_z_a
+            acc += p * (a - c)
+            if WRITE_GRAD:
+                g = (q - p) * grad_scale
+                tl.store(grad_ptr + row * n_cols + start + cols,
+                         g.to(grad_ptr.dtype.element_ty), mask=ok)
+        kl2 = tl.sum(acc, axis=0) + tl.log2(z_c) - tl.log2(z_a)  # KL in bits
+        tl.store(loss_ptr + row, kl2 * (loss_scale * 0.6931471805599453))  # nats: * ln 2
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+class LaunchConfig(NamedTuple):
+    online: bool  # two passes over column chunks (rows longer than the block limit)
+    block_d: int  # columns per block: the padded row, or the chunk when online
+    rows: int  # rows per program
+    num_warps: int
+    grid: int  # programs
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _warps(elems: int) -> int:
+    return min(MAX_WARPS, max(1, elems // (32 * ELEMS_PER_THREAD)))
+
+
+def launch_config(n_rows: int, n_cols: int, block_limit: int = MAX_ROW_BLOCK,
+                  chunk: int = ONLINE_CHUNK) -> LaunchConfig:
+    """How ``[n_rows, n_cols]`` is cut into programs: several short rows per program (a
+    tile of about ``ROW_TILE`` elements), one whole row per program up to ``block_limit``
+    columns, and the two-pass online kernel with ``chunk``-wide steps beyond. ``num_warps``
+    grows with the block so each thread holds ``ELEMS_PER_THREAD`` values per input."""
+    if n_cols > block_limit:
+        return LaunchConfig(True, chunk, 1, _warps(chunk), n_rows)
+    block = max(MIN_BLOCK, _next_pow2(n_cols))
+    rows = min(max(1, ROW_TILE // block), _next_pow2(n_rows))
+    return LaunchConfig(False, block, rows, _warps(rows * block), -(-n_rows // rows))
+
+
+def _forward(student, teacher, tau_teacher, tau_student, reduction, compute_grad):
+    """Launch the forward kernel: returns ``(loss, grad)`` with ``loss`` fp32 (``[]`` or
+    ``[B]``) and ``grad = dloss/dstudent`` (``[B, D]``, contiguous, input dtype) when
+    ``compute_grad``, else an empty tensor."""
+    n_rows, n_cols = student.shape
+    s = student if student.stride(1) == 1 else student.contiguous()
+    t = teacher if teacher.stride(1) == 1 else teacher.contiguous()
+    per_row = torch.empty(n_rows, device=s.device, dtype=torch.float32)
+    grad = torch.empty((n_rows, n_cols) if compute_grad else (0,), device=s.device,
+                       dtype=s.dtype)
+    loss_scale = 1.0 / n_rows if reduction == "batchmean" else 1.0
+    scalars = (1.0 / tau_student * _LOG2E, 1.0 / tau_teacher * _LOG2E,
+               loss_scale / tau_student, loss_scale)
+    cfg = launch_config(n_rows, n_cols, MAX_ROW_BLOCK, ONLINE_CHUNK)
+    grad_arg = grad if compute_grad else per_row  # never written when not compute_grad
+    if cfg.online:
+        _kl_online_kernel[(cfg.grid,)](
+            s, t, grad_arg, per_row, n_cols, s.stride(0), t.stride(0), *scalars,
+            CHUNK=cfg.block_d, WRITE_GRAD=compute_grad, num_warps=cfg.num_warps)
+    else:
+        _kl_rows_kernel[(cfg.grid,)](
+            s, t, grad_arg, per_row, n_rows, n_cols, s.stride(0), t.stride(0), *scalars,
+            ROWS=cfg.rows, BLOCK_D=cfg.block_d, WRITE_GRAD=compute_grad,
+            num_warps=cfg.num_warps)
+    loss = per_row if reduction == "none" else per_row.sum()  # batchmean's 1/B is applied
+    return loss, grad
+
+
+def _backward(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``dL/dstudent = grad * grad_output`` (per row for ``reduction="none"``)."""
+    if grad.numel() == 0:
+        raise RuntimeError("feature_kl: backward through a forward that ran without grad")
+    scale = grad_loss[:, None] if reduction == "none" else grad_loss
+    return grad * scale.to(grad.dtype)
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class _FeatureKLFunction(torch.autograd.Function):
+    """Eager path: the forward kernel saves the gradient; backward scales it."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, tau_teacher, tau_student, reduction, compute_grad):
+        loss, grad = _forward(student, teacher, tau_teacher, tau_student, reduction,
+                              compute_grad)
+        ctx.reduction = reduction
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return _backward(grad, grad_loss, ctx.reduction), None, None, None, None, None
+
+
+if triton is not None:
+
+    @torch.library.custom_op(
+        "rcfd::feature_kl", mutates_args=(),
+        schema="(Tensor student, Tensor teacher, float tau_teacher, float tau_student, "
+               "str reduction, bool compute_grad) -> (Tensor, Tensor)")
+    def _feature_kl_op(student, teacher, tau_teacher, tau_student, reduction, compute_grad):
+        return _forward(student, teacher, tau_teacher, tau_student, reduction, compute_grad)
+
+    @_feature_kl_op.register_fake
+    def _(student, teacher, tau_teacher, tau_student, reduction, compute_grad):
+        n_rows, n_cols = student.shape
+        loss = student.new_empty((n_rows,) if reduction == "none" else (), dtype=torch.float32)
+        grad = student.new_empty((n_rows, n_cols) if compute_grad else (0,))
+        return loss, grad
+
+    def _setup_context(ctx, inputs, output):
+        ctx.reduction = inputs[4]
+        ctx.save_for_backward(output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    def _op_backward(ctx, grad_loss, _unused):
+        (grad,) = ctx.saved_tensors
+        return _backward(grad, grad_loss, ctx.reduction), None, None, None, None, None
+
+    _feature_kl_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def feature_kl_triton(student, teacher, tau_teacher=0.9, tau_student=1.0,
+                      reduction="batchmean") -> torch.Tensor:
+    """The Triton KL: same contract as :func:`feature_kl_reference` for fp32 / fp16 / bf16
+    inputs (arithmetic in fp32, loss fp32), differentiable once in ``student``. Under
+    torch.compile it is the opaque op ``torch.ops.rcfd.feature_kl``."""
+    if triton is None:
+        raise RuntimeError("feature_kl_triton needs Triton; use feature_kl_reference")
+    check_inputs(student, teacher, tau_teacher, tau_student, reduction)
+    if student.dtype == torch.float64:
+        raise TypeError("feature_kl_triton computes in fp32; float64 inputs take "
+                        "feature_kl_reference (rcfd.ops.feature_kl does this)")
+    teacher = teacher.detach()
+    compute_grad = student.requires_grad and torch.is_grad_enabled()
+    args = (float(tau_teacher), float(tau_student), reduction, compute_grad)
+    if torch.compiler.is_compiling():
+        return _feature_kl_op(student, teacher, *args)[0]
+    return _FeatureKLFunction.apply(student, teacher, *args)
