@@ -1,0 +1,464 @@
+"""Classifiers for classifier-based feature distillation (METHOD.md, "Classifiers").
+
+Every classifier maps images in ``[-1, 1]``, shape ``[B, C, H, W]``, to ``(logits, features)``,
+``features`` being the pooled activations before the final linear layer (the ``f`` of
+``L_CFD = KL(softmax(f_T / tau) || softmax(f_S))``). A classifier owns its input
+normalisation: ``normalize(x) = ((x + 1) / 2 - mean) / std`` with ``mean`` / ``std`` in
+``[0, 1]`` pixel units, held in non-persistent buffers so that reference state dicts
+(``{'model': state_dict}``) load strictly; our own checkpoints keep them in
+:class:`ClassifierConfig`.
+
+CIFAR-style networks (3x3 stride-1 stem, no max-pool) take any ``in_channels`` and a base
+``width`` (ResNet: channels of the first stage, 64 in the reference; DenseNet: growth rate, 32
+in the reference), so ``resnet18`` at width 16 and ``densenet_small`` train on 16x16 digits in
+seconds on a CPU. ``imagenet_*`` wrap torchvision's ImageNet networks: inputs are resized
+bilinearly to ``input_size`` (224); weights come from a local file or torchvision's cache and
+are never downloaded here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # the reference classifiers' normalisation
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# name -> (family, residual block, blocks per stage, default width)
+_CIFAR = {
+    "resnet18": ("resnet", "basic", (2, 2, 2, 2), 64),
+    "resnet34": ("resnet", "basic", (3, 4, 6, 3), 64),
+    "resnet50": ("resnet", "bottleneck", (3, 4, 6, 3), 64),
+    "densenet121": ("densenet", None, (6, 12, 24, 16), 32),
+    "densenet201": ("densenet", None, (6, 12, 48, 32), 32),
+    "densenet_small": ("densenet", None, (2, 4, 6, 4), 12),
+}
+_IMAGENET = {"imagenet_resnet50": 2048, "imagenet_densenet201": 1920}  # name -> feature width
+CLASSIFIER_NAMES = tuple(_CIFAR) + tuple(_IMAGENET)
+
+
+def _positive_int(key: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{key} must be a positive integer, got {v!r}")
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Everything that builds a classifier. ``None`` fields resolve on construction:
+    ``num_classes`` to 10 (1000 for ``imagenet_*``), ``width`` to the architecture default,
+    ``mean``/``std`` to CIFAR-10's for 3 channels (ImageNet's for ``imagenet_*``) and to
+    ``0.5``/``0.5`` (identity on ``[-1, 1]``) otherwise. ``input_size``, ``weights`` (a local
+    torchvision weight file; ``None`` = torchvision's cache) and ``pretrained`` (``False`` =
+    random init) apply to ``imagenet_*`` only."""
+
+    name: str = "resnet18"
+    num_classes: int | None = None
+    in_channels: int = 3
+    width: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    input_size: int = 224
+    weights: str | None = None
+    pretrained: bool = True
+
+    def __post_init__(self):
+        if self.name not in CLASSIFIER_NAMES:
+            raise ValueError(f"name must be one of {CLASSIFIER_NAMES}, got {self.name!r}")
+        imagenet = self.name in _IMAGENET
+        set_ = functools.partial(object.__setattr__, self)  # resolve defaults (frozen)
+        if self.num_classes is None:
+            set_("num_classes", 1000 if imagenet else 10)
+        if self.width is None and not imagenet:
+            set_("width", _CIFAR[self.name][3])
+        for key in ("num_classes", "in_channels", "input_size") + (() if imagenet else ("width",)):
+            _positive_int(key, getattr(self, key))
+        if imagenet and (self.num_classes != 1000 or self.in_channels not in (1, 3) or self.width):
+            raise ValueError(f"{self.name} takes 1- or 3-channel images, predicts 1000 classes and "
+                             f"has a fixed width; got num_classes={self.num_classes}, "
+                             f"in_channels={self.in_channels}, width={self.width}")
+        c = 3 if imagenet else self.in_channels
+        defaults = ((IMAGENET_MEAN, IMAGENET_STD) if imagenet else
+                    (CIFAR10_MEAN, CIFAR10_STD) if c == 3 else ((0.5,) * c, (0.5,) * c))
+        for key, default in zip(("mean", "std"), defaults):
+            v = getattr(self, key)
+            if v is not None:
+                v = tuple(float(e) for e in ((v,) if isinstance(v, (int, float)) else v))
+            v = default if v is None else v
+            if len(v) not in (1, c):
+                entries = "1 entry" if c == 1 else f"1 or {c} entries"
+                raise ValueError(f"{key} must have {entries} for {self.name} with "
+                                 f"in_channels={self.in_channels}, got {v}")
+            set_(key, v)
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be positive, got {self.std}")
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of ``features`` (512 for ResNet18, 1920 for DenseNet201 at reference width)."""
+        if self.name in _IMAGENET:
+            return _IMAGENET[self.name]
+        family, block, stages, _ = _CIFAR[self.name]
+        if family == "resnet":
+            return 8 * self.width * (4 if block == "bottleneck" else 1)
+        return _densenet_widths(stages, self.width)[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ClassifierConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown ClassifierConfig keys {sorted(unknown)}")
+        return cls(**d)
+
+    def build(self) -> nn.Module:
+        """A freshly initialised classifier (``imagenet_*``: with the ImageNet weights)."""
+        if self.name in _IMAGENET:
+            return ImageNetClassifier(self)
+        return CifarResNet(self) if _CIFAR[self.name][0] == "resnet" else CifarDenseNet(self)
+
+
+def build_classifier(name: str, num_classes: int | None = None, in_channels: int = 3,
+                     width: int | None = None,
+                     normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+                     **imagenet: Any) -> nn.Module:
+    """Registry entry point: ``build_classifier("resnet18", width=16, in_channels=1)``.
+    ``normalization = (mean, std)`` in ``[0, 1]`` pixel units; ``imagenet`` keywords are
+    ``input_size``, ``weights``, ``pretrained`` (see :class:`ClassifierConfig`)."""
+    mean, std = normalization if normalization is not None else (None, None)
+    return ClassifierConfig(name=name, num_classes=num_classes, in_channels=in_channels,
+                            width=width, mean=mean, std=std, **imagenet).build()
+
+
+def _check_images(x: torch.Tensor, in_channels: int) -> None:
+    if x.dim() != 4 or x.shape[1] != in_channels:
+        raise ValueError(f"x must be images [B, {in_channels}, H, W] in [-1, 1], "
+                         f"got shape {tuple(x.shape)}")
+
+
+class _Classifier(nn.Module):
+    """Shared input normalisation: ``((x + 1) / 2 - mean) / std`` per channel."""
+
+    def _setup(self, config: ClassifierConfig, feature_dim: int, norm_channels: int) -> None:
+        self.config = config
+        self.num_classes = config.num_classes
+        self.in_channels = config.in_channels
+        self.feature_dim = feature_dim
+        shape = (1, norm_channels, 1, 1)
+        # float64 (cast to the input's dtype on use), so a .double() model normalises exactly.
+        mean = torch.tensor(config.mean, dtype=torch.float64).reshape(1, -1, 1, 1).expand(shape)
+        std = torch.tensor(config.std, dtype=torch.float64).reshape(1, -1, 1, 1).expand(shape)
+        # Not persistent: reference state dicts carry no normalisation; ours keep it in config.
+        self.register_buffer("input_mean", mean.clone(), persistent=False)
+        self.register_buffer("input_std", std.clone(), persistent=False)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``[-1, 1]`` images to the network's normalised input."""
+        return ((x + 1) * 0.5 - self.input_mean.to(x.dtype)) / self.input_std.to(x.dtype)
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------- CIFAR ResNet
+
+
+def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False)
+
+
+def _shortcut(cin: int, cout: int, stride: int) -> nn.Module | None:
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(_conv(cin, cout, 1, stride), nn.BatchNorm2d(cout))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1, self.bn1 = _conv(cin, planes, 3, stride), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = _conv(planes, planes, 3), nn.BatchNorm2d(planes)
+        self.downsample = _shortcut(cin, planes, stride)
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1, self.bn1 = _conv(cin, planes, 1), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = _conv(planes, planes, 3, stride), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = _conv(planes, planes * 4, 1), nn.BatchNorm2d(planes * 4)
+        self.downsample = _shortcut(cin, planes * 4, stride)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(out)))))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class CifarResNet(_Classifier):
+    """ResNet with a 3x3 stride-1 stem and no max-pool; stages of ``width * (1, 2, 4, 8)``
+    channels, the last three at stride 2. ``features`` = global average of the last stage."""
+
+    def __init__(self, config: ClassifierConfig):
+        super().__init__()
+        _, block_name, stages, _ = _CIFAR[config.name]
+        block = BasicBlock if block_name == "basic" else Bottleneck
+        self._setup(config, config.feature_dim, config.in_channels)
+        w = config.width
+        self.conv1, self.bn1 = _conv(config.in_channels, w, 3), nn.BatchNorm2d(w)
+        cin = w
+        for i, n in enumerate(stages):
+            planes, blocks = w * 2**i, []
+            for j in range(n):
+                blocks.append(block(cin, planes, 2 if (i > 0 and j == 0) else 1))
+                cin = planes * block.expansion
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        self.fc = nn.Linear(cin, config.num_classes)
+        self._init_weights()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_images(x, self.in_channels)
+        h = F.relu(self.bn1(self.conv1(self.normalize(x))))
+        h = self.layer4(self.layer3(self.layer2(self.layer1(h))))
+        features = h.mean(dim=(2, 3))
+        return self.fc(features), features
+
+
+# -------------------------------------------------------------- CIFAR DenseNet
+
+
+def _densenet_widths(stages: Sequence[int], growth: int) -> list[int]:
+    """Channels entering each dense block, then the final width (compression 0.5)."""
+    widths, c = [], 2 * growth
+    for i, n in enumerate(stages):
+        widths.append(c)
+        c += n * growth
+        if i < len(stages) - 1:
+            c //= 2
+    return widths + [c]
+
+
+class _DenseLayer(nn.Module):
+    """BN-ReLU-Conv1x1 (to ``4 * growth``) then BN-ReLU-Conv3x3 (to ``growth``)."""
+
+    def __init__(self, cin: int, growth: int):
+        super().__init__()
+        self.norm1, self.conv1 = nn.BatchNorm2d(cin), _conv(cin, 4 * growth, 1)
+        self.norm2, self.conv2 = nn.BatchNorm2d(4 * growth), _conv(4 * growth, growth, 3)
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.norm2(self.conv1(F.relu(self.norm1(x))))))
+
+
+class _DenseBlock(nn.ModuleDict):
+    def __init__(self, cin: int, n: int, growth: int):
+        super().__init__({f"denselayer{i + 1}": _DenseLayer(cin + i * growth, growth)
+                          for i in range(n)})
+
+    def forward(self, x):
+        feats = [x]
+        for layer in self.values():
+            feats.append(layer(torch.cat(feats, 1)))
+        return torch.cat(feats, 1)
+
+
+class _Transition(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm, self.conv = nn.BatchNorm2d(cin), _conv(cin, cout, 1)
+
+    def forward(self, x):
+        return F.avg_pool2d(self.conv(F.relu(self.norm(x))), 2)
+
+
+class CifarDenseNet(_Classifier):
+    """DenseNet-BC (bottleneck 4, compression 0.5) with a 3x3 stride-1 stem of
+    ``2 * growth`` channels and no max-pool; ``features`` = global average of
+    ``relu(final_norm(.))``."""
+
+    def __init__(self, config: ClassifierConfig):
+        super().__init__()
+        stages, g = _CIFAR[config.name][2], config.width
+        widths = _densenet_widths(stages, g)
+        self._setup(config, widths[-1], config.in_channels)
+        self.features = nn.Sequential(OrderedDict(conv0=_conv(config.in_channels, 2 * g, 3),
+                                                  norm0=nn.BatchNorm2d(2 * g), relu0=nn.ReLU()))
+        for i, n in enumerate(stages):
+            self.add_module(f"block{i + 1}", _DenseBlock(widths[i], n, g))
+            if i < len(stages) - 1:
+                self.add_module(f"trans{i + 1}", _Transition(widths[i] + n * g, widths[i + 1]))
+        self.final_norm = nn.BatchNorm2d(widths[-1])
+        self.fc = nn.Linear(widths[-1], config.num_classes)
+        self._num_stages = len(stages)
+        self._init_weights()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_images(x, self.in_channels)
+        h = self.features(self.normalize(x))
+        for i in range(1, self._num_stages):
+            h = getattr(self, f"trans{i}")(getattr(self, f"block{i}")(h))
+        h = F.relu(self.final_norm(getattr(self, f"block{self._num_stages}")(h)))
+        features = h.mean(dim=(2, 3))
+        return self.fc(features), features
+
+
+# --------------------------------------------------------------- ImageNet wrap
+
+
+def _imagenet_state_dict(arch: str, weights: str | None) -> dict[str, torch.Tensor]:
+    """Load torchvision's ImageNet weights from ``weights`` or from torchvision's cache
+    (``torch.hub.get_dir()/checkpoints``); never downloads."""
+    from torchvision.models import DenseNet201_Weights, ResNet50_Weights
+
+    url = {"resnet50": ResNet50_Weights.IMAGENET1K_V1,
+           "densenet201": DenseNet201_Weights.IMAGENET1K_V1}[arch].url
+    path = weights or os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"ImageNet weights for {arch} not found at {path!r}; weights are never downloaded at "
+            f"run time. Fetch {url} to that path (or pass weights=<local file>), or use "
+            f"pretrained=False for a randomly initialised network.")
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd.get("model"), Mapping):
+        sd = sd["model"]
+    # torchvision's DenseNet files use the legacy names "denselayerN.norm.1" -> "norm1".
+    legacy = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))\.(\d)\.")
+    return {legacy.sub(r"\1\2.", k): v for k, v in sd.items()}
+
+
+class ImageNetClassifier(_Classifier):
+    """torchvision ResNet50 / DenseNet201 with ImageNet weights. ``[-1, 1]`` images (1-channel
+    ones repeated to RGB) are resized bilinearly to ``input_size`` and normalised with the
+    ImageNet mean/std; returns (logits over 1000 classes, pooled 2048 / 1920 features)."""
+
+    def __init__(self, config: ClassifierConfig):
+        super().__init__()
+        import torchvision
+
+        arch = config.name.removeprefix("imagenet_")
+        self._setup(config, _IMAGENET[config.name], 3)
+        self.input_size = config.input_size
+        self.net = getattr(torchvision.models, arch)(weights=None)
+        if config.pretrained:
+            self.net.load_state_dict(_imagenet_state_dict(arch, config.weights))
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w]`` in ``[-1, 1]`` -> normalised ``[B, 3, input_size, input_size]``."""
+        _check_images(x, self.in_channels)
+        x = x.expand(-1, 3, -1, -1)
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                              align_corners=False, antialias=x.shape[-1] > self.input_size)
+        return self.normalize(x)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        net, h = self.net, self.preprocess(x)
+        if not hasattr(net, "fc"):  # DenseNet: features -> relu -> pool -> classifier
+            h = F.relu(net.features(h))
+            features = h.mean(dim=(2, 3))
+            return net.classifier(features), features
+        h = net.maxpool(net.relu(net.bn1(net.conv1(h))))
+        h = net.layer4(net.layer3(net.layer2(net.layer1(h))))
+        features = h.mean(dim=(2, 3))
+        return net.fc(features), features
+
+
+# ----------------------------------------------------------- import & freezing
+
+
+def load_reference_classifier(checkpoint: Mapping[str, Any], name: str,
+                              normalization: tuple[Sequence[float], Sequence[float]]
+                              = (CIFAR10_MEAN, CIFAR10_STD)) -> nn.Module:
+    """Build ``name`` from a reference checkpoint ``{'model': state_dict}`` (or a bare state
+    dict), loading strictly. ``num_classes``, ``in_channels`` and ``width`` are read from the
+    weights; ``normalization = (mean, std)`` is the one the checkpoint was trained with
+    (default: the reference's CIFAR-10 mean/std)."""
+    if name not in _CIFAR:
+        raise ValueError(f"name must be a CIFAR classifier {tuple(_CIFAR)}, got {name!r}")
+    sd = checkpoint["model"] if isinstance(checkpoint.get("model"), Mapping) else checkpoint
+    if sd and all(k.startswith("module.") for k in sd):  # saved from DataParallel / DDP
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    resnet = _CIFAR[name][0] == "resnet"
+    stem, width_key = (("conv1.weight", "conv1.weight") if resnet
+                       else ("features.conv0.weight", "block1.denselayer1.conv2.weight"))
+    missing = [k for k in (stem, width_key, "fc.weight") if k not in sd]
+    if missing:
+        raise ValueError(f"checkpoint is not a reference {name} state dict: missing {missing}")
+    mean, std = normalization
+    config = ClassifierConfig(name=name, num_classes=sd["fc.weight"].shape[0],
+                              in_channels=sd[stem].shape[1], width=sd[width_key].shape[0],
+                              mean=mean, std=std)
+    model = config.build()
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint does not match a reference {name}: {e}") from e
+    return model
+
+
+class FrozenClassifier(nn.Module):
+    """A classifier fixed for distillation: eval mode forever (``train()`` is a no-op, also
+    when called through a parent module), no parameter gradients; gradients still flow
+    through it to its input (METHOD.md, CFD: ``f_S = features(x0_hat)``)."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "FrozenClassifier":
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.classifier.training:  # someone called .train() on the classifier itself
+            self.classifier.train(False)
+        return self.classifier(x)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.classifier.feature_dim
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.num_classes
+
+    @property
+    def config(self) -> ClassifierConfig:
+        return self.classifier.config
+
+
+def frozen(classifier: nn.Module) -> FrozenClassifier:
+    """Freeze ``classifier`` for distillation (see :class:`FrozenClassifier`)."""
+    if isinstance(classifier, FrozenClassifier):
+        classifier.classifier.requires_grad_(False)
+        return classifier.train(False)
+    return FrozenClassifier(classifier)
