@@ -1,12 +1,12 @@
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reference_keys import read_reference_keys
 from rcfd.classifiers import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -21,24 +21,8 @@ from rcfd.classifiers import (
     load_reference_classifier,
 )
 
-_ROOT = Path(__file__).resolve().parents[1]
-# the reference key lists: in the checkout, or in a shared/ folder beside it
-_CANDIDATES = [_ROOT / "tests" / "data", _ROOT / "shared" / "data",
-               _ROOT.parent / "shared" / "data"]
-DATA = next((d for d in _CANDIDATES if d.is_dir()), _CANDIDATES[0])
-
-
 def reference_keys(name):
-    path = DATA / f"reference_{name}_keys.tsv"
-    if not path.is_file():
-        pytest.skip(f"reference key list {path.name} not available")
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape = line.split("\t")
-        rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip())))
-    return rows
+    return read_reference_keys(name)[0]
 
 
 def images(b, c, h, w=None, dtype=torch.float32):

@@ -1,0 +1,350 @@
+"""The DDPM U-Net (Ho et al., 2020), state-dict compatible with the reference checkpoints.
+
+Parameter names and shapes follow the widely used PyTorch port of DDPM that the reference
+RCFD implementation builds on (``time_embedding.timembedding.{0,1,3}``, ``head``,
+``downblocks``, ``middleblocks``, ``upblocks``, ``tail``), so reference checkpoints load
+unchanged. The computation is the same; only its execution is modernised: attention runs
+through ``F.scaled_dot_product_attention``, channels_last and bf16 autocast work end to end,
+and ``forward`` does no host-side work (no ``.item()``, no branching on tensor values), so it
+can be captured in a CUDA graph or compiled with ``torch.compile(fullgraph=True)``.
+
+The time input is the integer schedule index ``t * time_scale`` (METHOD.md, "Images and
+time"), embedded by a gather from a fixed sinusoidal table of ``num_time_indices`` rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORM_GROUPS = 32  # GroupNorm groups of the reference network
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of a :class:`UNet`. ``attn`` lists the resolution *levels* (indices into
+    ``ch_mult``; level ``i`` works at ``image_size / 2**i``) whose residual blocks carry
+    self-attention. ``num_time_indices`` is the number of rows of the time table: a model
+    of a ``(T, time_scale)`` lineage needs ``T * time_scale + 1``. ``out_channels`` defaults
+    to ``in_channels``."""
+
+    image_size: int = 32
+    in_channels: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    attn: tuple[int, ...] = (1,)
+    num_res_blocks: int = 2
+    dropout: float = 0.1
+    num_time_indices: int = 1025
+    num_classes: int | None = None
+    out_channels: int | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise in place once
+        for name in ("ch_mult", "attn"):
+            if not isinstance(getattr(self, name), (list, tuple)):
+                raise ValueError(f"{name} must be a list or tuple of ints, got "
+                                 f"{getattr(self, name)!r}")
+        set_(self, "ch_mult", tuple(self.ch_mult))
+        set_(self, "attn", tuple(self.attn))
+        if self.out_channels is None:
+            set_(self, "out_channels", self.in_channels)
+        for name in ("image_size", "in_channels", "ch", "num_res_blocks", "num_time_indices",
+                     "out_channels"):
+            _check_positive_int(name, getattr(self, name))
+        if self.num_classes is not None:
+            _check_positive_int("num_classes", self.num_classes)
+        if not self.ch_mult:
+            raise ValueError("ch_mult must list at least one channel multiplier, e.g. (1, 2, 2)")
+        for m in self.ch_mult:
+            _check_positive_int("ch_mult entries", m)
+            if (self.ch * m) % NORM_GROUPS:
+                raise ValueError(
+                    f"ch * ch_mult = {self.ch} * {m} must be a multiple of {NORM_GROUPS} "
+                    f"(GroupNorm groups); use ch = 32, 64, 128, ..."
+                )
+        levels = len(self.ch_mult)
+        for a in self.attn:
+            if isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < levels:
+                raise ValueError(
+                    f"attn levels must be indices into ch_mult (0..{levels - 1}), got {self.attn}"
+                )
+        set_(self, "attn", tuple(sorted(set(self.attn))))
+        if self.image_size % 2 ** (levels - 1):
+            raise ValueError(
+                f"image_size={self.image_size} must be divisible by 2**(len(ch_mult) - 1) = "
+                f"{2 ** (levels - 1)} (one halving per level after the first)"
+            )
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
+
+    @classmethod
+    def cifar10(cls, **overrides: Any) -> "UNetConfig":
+        """The reference CIFAR-10 network: 35,877,507 parameters (time table included),
+        ``T = 1024`` base model (a time table of 1025 rows)."""
+        return dataclasses.replace(cls(), **overrides)
+
+    @classmethod
+    def digits(cls, **overrides: Any) -> "UNetConfig":
+        """A small network for 16x16 one-channel digits that trains on a CPU in minutes:
+        levels at 16, 8 and 4 pixels, attention at 8x8."""
+        base = cls(image_size=16, in_channels=1, ch=32, ch_mult=(1, 2, 2), attn=(1,),
+                   num_res_blocks=1, dropout=0.1, num_time_indices=1025)
+        return dataclasses.replace(base, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON- and ``weights_only``-safe dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        d["ch_mult"], d["attn"] = list(self.ch_mult), list(self.attn)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "UNetConfig":
+        """Inverse of :meth:`to_dict`; missing fields take their defaults, unknown ones are
+        an error (they would otherwise be silently dropped)."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"a UNet config must be a dict, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown UNet config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, Any], *, image_size: int = 32,
+                        dropout: float = 0.0) -> "UNetConfig":
+        """Infer the architecture from a state dict of this layout (a reference checkpoint
+        stores no config). ``image_size`` and ``dropout`` leave no trace in the weights and
+        are given. Load the state dict strictly afterwards to confirm the inference."""
+        def shape(key: str) -> tuple[int, ...]:
+            if key not in state_dict:
+                raise ValueError(f"not a DDPM U-Net state dict: key {key!r} is missing")
+            return tuple(state_dict[key].shape)
+
+        num_time_indices, ch = shape("time_embedding.timembedding.0.weight")
+        in_channels = shape("head.weight")[1]
+        out_channels = shape("tail.2.weight")[0]
+        blocks = sorted({int(m.group(1)) for k in state_dict
+                         if (m := re.match(r"downblocks\.(\d+)\.", k))})
+        levels: list[list[int]] = [[]]  # per level: block indices
+        for i in blocks:
+            if f"downblocks.{i}.main.weight" in state_dict:
+                levels.append([])
+            else:
+                levels[-1].append(i)
+        counts = {len(lv) for lv in levels}
+        if len(counts) != 1 or 0 in counts:
+            raise ValueError(f"unequal residual blocks per level in downblocks: {levels}")
+        ch_mult = []
+        for lv in levels:
+            out = shape(f"downblocks.{lv[0]}.block1.2.weight")[0]
+            if out % ch:
+                raise ValueError(f"level width {out} is not a multiple of ch={ch}")
+            ch_mult.append(out // ch)
+        attn = [n for n, lv in enumerate(levels) if f"downblocks.{lv[0]}.attn.proj_q.weight"
+                in state_dict]
+        num_classes = shape("y_embedding.weight")[1] if "y_embedding.weight" in state_dict else None
+        return cls(image_size=image_size, in_channels=in_channels, ch=ch, ch_mult=tuple(ch_mult),
+                   attn=tuple(attn), num_res_blocks=counts.pop(), dropout=dropout,
+                   num_time_indices=num_time_indices, num_classes=num_classes,
+                   out_channels=out_channels)
+
+
+def _check_positive_int(name: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def sinusoidal_table(num_indices: int, dim: int) -> torch.Tensor:
+    """Transformer position table (Vaswani et al., 2017, sec. 3.5) in DDPM's interleaved
+    layout: row ``i``, columns ``2j`` and ``2j + 1`` hold ``sin(i w_j)`` and ``cos(i w_j)``
+    with ``w_j = 10000 ** (-2j / dim)``. Computed in float64, returned as float32."""
+    if dim % 2:
+        raise ValueError(f"the time-table width must be even, got {dim}")
+    w = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angle = torch.arange(num_indices, dtype=torch.float64)[:, None] * w[None, :]
+    return torch.stack([angle.sin(), angle.cos()], dim=-1).reshape(num_indices, dim).float()
+
+
+class TimeEmbedding(nn.Module):
+    """Schedule index -> ``[B, tdim]``: table gather, Linear, SiLU, Linear."""
+
+    def __init__(self, num_indices: int, ch: int, tdim: int):
+        super().__init__()
+        self.timembedding = nn.Sequential(
+            nn.Embedding.from_pretrained(sinusoidal_table(num_indices, ch), freeze=True),
+            nn.Linear(ch, tdim),
+            nn.SiLU(),
+            nn.Linear(tdim, tdim),
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.timembedding(t)
+
+
+class DownSample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.main = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return self.main(x)
+
+
+class UpSample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.main = nn.Conv2d(ch, ch, 3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return self.main(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the ``H*W`` positions with a residual:
+    ``x + proj(softmax(q k^T / sqrt(C)) v)``, ``q, k, v = proj_{q,k,v}(GroupNorm(x))``.
+    The projections keep the reference's 1x1-conv parameters; they are applied as linear
+    maps on ``[B, HW, C]`` tokens, which is the same product and hands
+    ``scaled_dot_product_attention`` contiguous inputs whatever the memory format."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(NORM_GROUPS, ch)
+        self.proj_q = nn.Conv2d(ch, ch, 1)
+        self.proj_k = nn.Conv2d(ch, ch, 1)
+        self.proj_v = nn.Conv2d(ch, ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    @staticmethod
+    def _linear(conv: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
+        return F.linear(tokens, conv.weight.flatten(1), conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+        q, k, v = (self._linear(p, tokens).unsqueeze(1)
+                   for p in (self.proj_q, self.proj_k, self.proj_v))  # [B, 1, HW, C]
+        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)
+        h = self._linear(self.proj, h)  # [B, HW, C]
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
+
+
+class ResBlock(nn.Module):
+    """``h = block1(x) + temb_proj(temb)``; ``out = attn(block2(h) + shortcut(x))``."""
+
+    def __init__(self, in_ch: int, out_ch: int, tdim: int, dropout: float, attn: bool):
+        super().__init__()
+        self.block1 = nn.Sequential(
+            nn.GroupNorm(NORM_GROUPS, in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.temb_proj = nn.Sequential(nn.SiLU(), nn.Linear(tdim, out_ch))
+        self.block2 = nn.Sequential(
+            nn.GroupNorm(NORM_GROUPS, out_ch), nn.SiLU(), nn.Dropout(dropout),
+            nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.attn = AttnBlock(out_ch) if attn else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.block1(x) + self.temb_proj(temb)[:, :, None, None]
+        h = self.block2(h) + self.shortcut(x)
+        return self.attn(h)
+
+
+class UNet(nn.Module):
+    """``model(x, t, y=None) -> [B, out_channels, H, W]``: ``x`` is ``[B, C, H, W]``, ``t``
+    the integer schedule index (``[B]`` or a 0-dim tensor), ``y`` the integer class label
+    ``[B]`` when ``config.num_classes`` is set. What the output means (x0 or eps) is the
+    caller's convention, recorded in the checkpoint."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        if not isinstance(config, UNetConfig):
+            raise TypeError(f"config must be a UNetConfig, got {type(config).__name__}")
+        self.config = c = config
+        tdim = 4 * c.ch
+        self.time_embedding = TimeEmbedding(c.num_time_indices, c.ch, tdim)
+        # Reference name and layout: a Linear on one-hot labels, applied here as a gather.
+        self.y_embedding = nn.Linear(c.num_classes, tdim) if c.num_classes else None
+        self.head = nn.Conv2d(c.in_channels, c.ch, 3, padding=1)
+
+        skip_chs, now = [c.ch], c.ch
+        self.downblocks = nn.ModuleList()
+        for level, mult in enumerate(c.ch_mult):
+            for _ in range(c.num_res_blocks):
+                self.downblocks.append(
+                    ResBlock(now, c.ch * mult, tdim, c.dropout, attn=level in c.attn))
+                now = c.ch * mult
+                skip_chs.append(now)
+            if level != len(c.ch_mult) - 1:
+                self.downblocks.append(DownSample(now))
+                skip_chs.append(now)
+        self.middleblocks = nn.ModuleList([
+            ResBlock(now, now, tdim, c.dropout, attn=True),
+            ResBlock(now, now, tdim, c.dropout, attn=False),
+        ])
+        self.upblocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.ch_mult))):
+            for _ in range(c.num_res_blocks + 1):
+                self.upblocks.append(ResBlock(
+                    skip_chs.pop() + now, c.ch * mult, tdim, c.dropout, attn=level in c.attn))
+                now = c.ch * mult
+            if level != 0:
+                self.upblocks.append(UpSample(now))
+        self.tail = nn.Sequential(
+            nn.GroupNorm(NORM_GROUPS, now), nn.SiLU(), nn.Conv2d(now, c.out_channels, 3, padding=1))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """DDPM initialisation: Xavier-uniform weights, zero biases, and a gain of 1e-5 on
+        the last layer of every residual branch and of the network, so each block starts
+        near the identity and the output near zero."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                nn.init.xavier_uniform_(m.block2[-1].weight, gain=1e-5)
+            elif isinstance(m, AttnBlock):
+                nn.init.xavier_uniform_(m.proj.weight, gain=1e-5)
+        nn.init.xavier_uniform_(self.tail[-1].weight, gain=1e-5)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """All parameters, as the reference counts them (the frozen time table included),
+        or only those with ``requires_grad``."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        if t.is_floating_point():
+            raise TypeError("t must be an integer schedule index tensor (t * time_scale), "
+                            f"got dtype {t.dtype}; pass t.long()")
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        temb = self.time_embedding(t)
+        if self.y_embedding is not None:
+            if y is None:
+                raise ValueError("this UNet is class-conditional (num_classes="
+                                 f"{self.config.num_classes}): pass labels y of shape [B]")
+            temb = temb + self.y_embedding.weight.index_select(1, y).t() + self.y_embedding.bias
+        elif y is not None:
+            raise ValueError("this UNet is unconditional (num_classes=None): pass y=None")
+        h = self.head(x)
+        skips = [h]
+        for layer in self.downblocks:
+            h = layer(h, temb)
+            skips.append(h)
+        for layer in self.middleblocks:
+            h = layer(h, temb)
+        for layer in self.upblocks:
+            if isinstance(layer, ResBlock):
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = layer(h, temb)
+        return self.tail(h)
