@@ -1,0 +1,157 @@
+"""Sampler throughput (images/s) of the N-step DDIM sampler on the CIFAR-10 U-Net: eager
+PyTorch vs the CUDA-graph sampler vs ``torch.compile(mode="reduce-overhead")``, fp32 and
+bf16 autocast, grouped by (batch, steps, dtype) so each group reads as a ratio against
+eager. Without a GPU only the eager sampler runs, on the small digits U-Net.
+
+    pytest benchmarks/bench_sampler.py --benchmark-only
+
+Every case records ``images_per_s`` (and ``speedup_vs_eager`` where eager ran first in the
+same process) in ``benchmark.extra_info``. The weights are the U-Net's initialisation;
+the inputs are Gaussian noise (timing does not depend on what the network learnt).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+unet = pytest.importorskip("rcfd.unet", reason="rcfd.unet (the U-Net) is not in the tree yet")
+
+from rcfd.sampling import CUDAGraphSampler, sample_ddim  # noqa: E402
+from rcfd.schedule import cosine_schedule  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+T, TIME_SCALE = 8, 128  # an 8-step model of the 1024-step lineage; N-step samplers divide it
+BATCHES = (1, 16, 128)
+STEPS = (1, 4, 8)
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+MODES = ("eager", "graph", "compile")
+ROUNDS = 10 if CUDA else 2  # the CPU cases are slow: few rounds
+WARMUP = 3 if CUDA else 1     # calls before timing: capture, compile, autotune
+N_IMAGES = 50_000
+
+_eager_ips: dict = {}
+_compiled: dict = {}
+
+
+@pytest.fixture(scope="module")
+def net():
+    """``(model, image shape, device)``: the CIFAR-10 U-Net on a GPU, the digits one on CPU."""
+    torch.manual_seed(0)
+    cfg = unet.UNetConfig.cifar10() if CUDA else unet.UNetConfig.digits()
+    device = "cuda" if CUDA else "cpu"
+    model = unet.UNet(cfg).to(device).eval().requires_grad_(False)
+    return model, (cfg.in_channels, cfg.image_size, cfg.image_size), device
+
+
+def make_sampler(model, mode: str, steps: int, dtype):
+    """A callable ``x_T -> images`` for one (mode, steps, autocast dtype)."""
+    schedule = cosine_schedule(T, TIME_SCALE)
+    if mode == "graph":
+        return CUDAGraphSampler(model, T, TIME_SCALE, steps, schedule=schedule,
+                                autocast_dtype=dtype)
+    if mode == "compile":
+        if dtype not in _compiled:  # one compiled wrapper per dtype, shared by all shapes
+            _compiled[dtype] = torch.compile(model, mode="reduce-overhead")
+        model = _compiled[dtype]
+    return lambda x: sample_ddim(model, x, T, TIME_SCALE, steps, schedule,
+                                 autocast_dtype=dtype)
+
+
+def skip_reason(mode: str, dtype_name: str) -> str | None:
+    if not CUDA and (mode != "eager" or dtype_name != "fp32"):
+        return "GPU-only case (the CPU runs the eager fp32 sampler only)"
+    if mode == "compile" and not hasattr(torch, "compile"):
+        return "torch.compile is not available"
+    return None
+
+
+def timed(fn, sync):
+    def call():
+        out = fn()
+        sync()
+        return out
+    return call
+
+
+def cases():
+    """(mode, batch, steps, dtype) with eager first, so the others can quote a ratio;
+    torch.compile below batch 128 is `slow` (one compilation per shape)."""
+    for mode in MODES:
+        for batch in BATCHES:
+            for steps in STEPS:
+                for d in DTYPES:
+                    slow = mode == "compile" and batch != BATCHES[-1]
+                    yield pytest.param(mode, batch, steps, d, id=f"{mode}-b{batch}-N{steps}-{d}",
+                                       marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("mode, batch, steps, dtype_name", list(cases()))
+def test_sampler_throughput(benchmark, cuda_sync, net, mode, batch, steps, dtype_name):
+    reason = skip_reason(mode, dtype_name)
+    if reason:
+        pytest.skip(reason)
+    model, shape, device = net
+    dtype = DTYPES[dtype_name]
+    sampler = make_sampler(model, mode, steps, dtype)
+    x_T = torch.randn(batch, *shape, device=device)
+    for _ in range(WARMUP):
+        sampler(x_T)
+    cuda_sync()
+    benchmark.group = f"sampler b={batch} N={steps} {dtype_name}"
+    benchmark.pedantic(timed(lambda: sampler(x_T), cuda_sync), rounds=ROUNDS, iterations=1,
+                       warmup_rounds=int(CUDA))
+    ips = batch / benchmark.stats.stats.median
+    key = (batch, steps, dtype_name)
+    info = {"mode": mode, "batch": batch, "steps": steps, "dtype": dtype_name,
+            "device": device, "images_per_s": ips}
+    if mode == "eager":
+        _eager_ips[key] = ips
+    elif key in _eager_ips:
+        info["speedup_vs_eager"] = ips / _eager_ips[key]
+    benchmark.extra_info.update(info)
+
+
+def throughput(sampler, x_T, sync, reps: int) -> float:
+    """Images/s: median over ``reps`` timed calls after the warm-up calls."""
+    for _ in range(WARMUP):
+        sampler(x_T)
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sampler(x_T)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return x_T.shape[0] / sorted(times)[len(times) // 2]
+
+
+def test_time_for_50k_one_step_images(benchmark, cuda_sync, net):
+    """Wall time for 50,000 one-step images (an FID sample), extrapolated from the best
+    measured throughput over batch sizes (and, on a GPU, fp32/bf16 through the CUDA-graph
+    sampler); the best configuration is then timed by pytest-benchmark."""
+    model, shape, device = net
+    configs = [("graph", b, d) for b in (*BATCHES, 512) for d in DTYPES] if CUDA else [
+        ("eager", b, "fp32") for b in BATCHES]
+    measured = {}
+    for mode, batch, dtype_name in configs:
+        sampler = make_sampler(model, mode, 1, DTYPES[dtype_name])
+        x_T = torch.randn(batch, *shape, device=device)
+        measured[f"{mode}/b={batch}/{dtype_name}"] = throughput(sampler, x_T, cuda_sync,
+                                                                reps=5 if CUDA else 1)
+        del sampler
+    best = max(measured, key=measured.get)
+    mode, batch, dtype_name = next(c for c in configs if f"{c[0]}/b={c[1]}/{c[2]}" == best)
+    sampler = make_sampler(model, mode, 1, DTYPES[dtype_name])
+    x_T = torch.randn(batch, *shape, device=device)
+    sampler(x_T)
+    benchmark.group = "50k one-step images"
+    benchmark.pedantic(timed(lambda: sampler(x_T), cuda_sync), rounds=ROUNDS, iterations=1,
+                       warmup_rounds=int(CUDA))
+    ips = batch / benchmark.stats.stats.median
+    benchmark.extra_info.update({
+        "device": device, "best": best, "images_per_s": ips,
+        "seconds_for_50k": N_IMAGES / ips, "measured_images_per_s": measured,
+    })
