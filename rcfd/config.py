@@ -1,0 +1,627 @@
+"""Typed configuration: one frozen dataclass per stage, a :class:`PipelineConfig` that
+composes them, and the presets (``smoke``, ``digits``, ``cifar10-paper``, ...).
+
+Every config round-trips through plain dicts (``to_dict`` / ``from_dict``; unknown keys are
+an error naming the key and listing the valid ones), loads from JSON or YAML
+(:func:`load_config`), takes dotted overrides (``cfg.with_overrides({"base.steps": 100})``)
+and validates itself on construction, so an invalid value fails before any training runs.
+The numbers of the paper's settings come from METHOD.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from rcfd.classifiers import CLASSIFIER_NAMES
+from rcfd.data import DatasetSpec
+from rcfd.losses import LOSS_KINDS, PREDICTIONS, RCFDLossConfig
+from rcfd.unet import UNetConfig
+
+TRAINABLE_CLASSIFIERS = tuple(n for n in CLASSIFIER_NAMES if not n.startswith("imagenet_"))
+CLASSIFIER_ROLES = ("distill", "eval")
+EXTRACTORS = ("auto", "inception", "classifier")
+METHODS = ("base", "pd", "rcfd")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _int(name: str, v: Any, lo: int = 1, none: bool = False) -> None:
+    if v is None and none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+
+def _float(name: str, v: Any, lo: float = 0.0, hi: float = math.inf, *, lo_open=False,
+           hi_open=False, none=False) -> None:
+    if v is None and none:
+        return
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        lb, hb = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ValueError(f"{name} must be a number in {lb}{lo}, {hi}{hb}, got {v!r}")
+
+
+def _pow2(name: str, v: Any) -> None:
+    _int(name, v)
+    if v & (v - 1):
+        raise ValueError(f"{name} must be a power of two (1, 2, 4, ...), got {v}")
+
+
+def _choice(name: str, v: Any, choices: tuple) -> None:
+    if v not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {v!r}")
+
+
+def is_pow2(v: int) -> bool:
+    return isinstance(v, int) and v >= 1 and not v & (v - 1)
+
+
+def halving_rounds(teacher_T: int, final_T: int) -> list[tuple[int, int]]:
+    """``[(teacher_T, student_T), ...]`` halving from ``teacher_T`` down to ``final_T``."""
+    if not (is_pow2(teacher_T) and is_pow2(final_T)) or final_T > teacher_T:
+        raise ValueError(f"rounds need powers of two with final_T <= teacher_T; got "
+                         f"teacher_T={teacher_T}, final_T={final_T}")
+    out, t = [], teacher_T
+    while t > final_T:
+        out.append((t, t // 2))
+        t //= 2
+    return out
+
+
+# --------------------------------------------------------------------------- dict round trip
+
+
+def _foreign_to_dict(v: Any) -> Any:
+    if hasattr(v, "to_dict"):
+        return v.to_dict()
+    return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+
+
+def _plain(v: Any) -> Any:
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return _foreign_to_dict(v)
+    if isinstance(v, tuple):
+        return [_plain(e) for e in v]
+    return v
+
+
+def _strict_keys(cls, d: Mapping, where: str) -> None:
+    if not isinstance(d, Mapping):
+        raise TypeError(f"{where or cls.__name__} must be a mapping, got {type(d).__name__}")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in d if k not in valid]
+    if unknown:
+        raise ValueError(f"unknown key {_dot(where, unknown[0])!r} in {cls.__name__}; "
+                         f"valid keys: {', '.join(valid)}")
+
+
+def _dot(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _build(cls, d: Mapping, where: str):
+    """``cls(**d)`` with nested configs built from dicts, lists made tuples where the default
+    is a tuple, strict keys, and errors prefixed by the dotted path."""
+    _strict_keys(cls, d, where)
+    nested = getattr(cls, "_nested", {})
+    kwargs = {}
+    defaults = {f.name: f for f in dataclasses.fields(cls)}
+    for k, v in d.items():
+        sub = nested.get(k)
+        if sub is not None and isinstance(v, Mapping):
+            v = _build(sub, v, _dot(where, k))
+        elif isinstance(v, list):
+            f = defaults[k]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if isinstance(default, tuple) or default is None:
+                v = tuple(v)
+        kwargs[k] = v
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        raise ValueError(f"{where}: {msg}" if where and not msg.startswith(where) else msg) from None
+
+
+class _Config:
+    """Shared behaviour of the stage configs: dict/JSON round trip and dotted overrides."""
+
+    _nested: ClassVar[dict] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of JSON/``weights_only``-safe values (tuples become lists)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        """Inverse of :meth:`to_dict`; missing keys take their defaults, unknown keys are an
+        error naming the key and the valid ones."""
+        return _build(cls, d, "")
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, overrides: Mapping[str, Any]):
+        """A copy with dotted-path overrides, e.g. ``{"base.steps": 100, "rcfd.loss.tau":
+        0.9}``. String values for non-string fields are parsed as YAML scalars (``"100"``,
+        ``"1e-4"``, ``"null"``, ``"[1, 2]"``), so CLI ``key=value`` pairs pass through."""
+        import yaml
+
+        d = self.to_dict()
+        for key, value in overrides.items():
+            node, cls, parts = d, type(self), key.split(".")
+            for i, part in enumerate(parts):
+                valid = [f.name for f in dataclasses.fields(cls)]
+                if part not in valid:
+                    raise ValueError(f"unknown config key {'.'.join(parts[:i + 1])!r}; valid keys "
+                                     f"at that level: {', '.join(valid)}")
+                if i == len(parts) - 1:
+                    if isinstance(value, str) and not isinstance(node.get(part), str):
+                        value = yaml.safe_load(value)
+                    node[part] = _plain(value)
+                    break
+                sub = getattr(cls, "_nested", {}).get(part)
+                if sub is None or not isinstance(node.get(part), dict):
+                    raise ValueError(f"config key {'.'.join(parts[:i + 1])!r} is a value, not a "
+                                     f"section; cannot set {key!r}")
+                node, cls = node[part], sub
+        return type(self).from_dict(d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Execution options shared by every training stage; only take effect on CUDA (on the
+    CPU they are ignored: bf16 autocast and channels_last slow a CPU step down)."""
+
+    bf16: bool = True
+    channels_last: bool = True
+    fused: bool = True
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class ClassifierStageConfig(_Config):
+    """A classifier trained with SGD (METHOD.md, "Classifiers"): ``lr`` divided by
+    ``1 / lr_decay`` at each fraction of training in ``milestones``. Train for ``epochs``
+    or for ``steps`` (exactly one is set). ``role`` says which classifier this is
+    (``"distill"``: used by RCFD; ``"eval"``: the evaluation feature extractor);
+    ``seed_offset`` makes the two differ when their settings are equal."""
+
+    role: str = "distill"
+    arch: str = "resnet18"
+    width: int | None = None
+    epochs: int | None = 300
+    steps: int | None = None
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    lr_decay: float = 0.1
+    crop: bool = True
+    flip: bool = True
+    autoaugment: bool = True
+    cutout: bool = True
+    seed_offset: int = 0
+    eval_interval: int | None = None   # steps between test-accuracy checks; None: each epoch
+    log_interval: int = 10
+    options: TrainOptions = field(default_factory=TrainOptions)
+
+    _nested: ClassVar[dict] = {"options": TrainOptions}
+
+    def __post_init__(self):
+        _choice("role", self.role, CLASSIFIER_ROLES)
+        _choice("arch", self.arch, TRAINABLE_CLASSIFIERS)
+        _int("width", self.width, none=True)
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError(f"set exactly one of epochs or steps, got epochs={self.epochs!r}, "
+                             f"steps={self.steps!r}")
+        _int("epochs", self.epochs, none=True)
+        _int("steps", self.steps, none=True)
+        _int("batch_size", self.batch_size)
+        _float("lr", self.lr, lo_open=True)
+        _float("momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        _float("weight_decay", self.weight_decay)
+        _float("lr_decay", self.lr_decay, 0.0, 1.0, lo_open=True)
+        if any(not (isinstance(m, (int, float)) and 0 < m < 1) for m in self.milestones) or \
+                list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"milestones must be increasing fractions of training in (0, 1), "
+                             f"got {self.milestones!r}")
+        _int("seed_offset", self.seed_offset, lo=0)
+        _int("eval_interval", self.eval_interval, none=True)
+        _int("log_interval", self.log_interval)
+
+
+@dataclass(frozen=True)
+class BaseStageConfig(_Config):
+    """The base diffusion model (METHOD.md, "Base training"): sampler ``(T, 1)``, Adam with
+    a linear ``warmup``, EMA ``ema_decay`` (``None``: no EMA), grad-norm clip ``grad_clip``
+    (``None``: no clipping), random horizontal ``flip`` of the data. Dropout is
+    ``unet.dropout``. ``sample_steps``: DDIM steps of
+    the periodic sample grid (``None``: ``T``)."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig.cifar10)
+    T: int = 1024
+    loss: str = "both"
+    prediction: str = "x0"
+    lr: float = 2e-4
+    warmup: int = 5000
+    batch_size: int = 128
+    steps: int = 800_000
+    ema_decay: float | None = 0.9999
+    grad_clip: float | None = 1.0
+    flip: bool = True
+    sample_interval: int = 20_000
+    sample_steps: int | None = None
+    num_sample_images: int = 64
+    checkpoint_interval: int = 10_000
+    log_interval: int = 10
+    options: TrainOptions = field(default_factory=TrainOptions)
+
+    _nested: ClassVar[dict] = {"unet": UNetConfig, "options": TrainOptions}
+
+    def __post_init__(self):
+        if isinstance(self.unet, Mapping):
+            object.__setattr__(self, "unet", UNetConfig.from_dict(self.unet))
+        _pow2("T", self.T)
+        if self.T < 2:
+            raise ValueError(f"T must be >= 2 (a base model of at least two steps), got {self.T}")
+        if self.unet.num_time_indices < self.T + 1:
+            raise ValueError(f"unet.num_time_indices={self.unet.num_time_indices} is too small for "
+                             f"T={self.T}: it needs T + 1 = {self.T + 1} rows")
+        _choice("loss", self.loss, LOSS_KINDS)
+        _choice("prediction", self.prediction, PREDICTIONS)
+        _float("lr", self.lr, lo_open=True)
+        _int("warmup", self.warmup, lo=0)
+        _int("batch_size", self.batch_size)
+        _int("steps", self.steps)
+        _float("ema_decay", self.ema_decay, 0.0, 1.0, hi_open=True, none=True)
+        _float("grad_clip", self.grad_clip, lo_open=True, none=True)
+        _int("sample_interval", self.sample_interval)
+        _int("num_sample_images", self.num_sample_images, lo=0)
+        _int("checkpoint_interval", self.checkpoint_interval)
+        _int("log_interval", self.log_interval)
+        if self.sample_steps is not None:
+            _pow2("sample_steps", self.sample_steps)
+            if self.sample_steps > self.T:
+                raise ValueError(f"sample_steps={self.sample_steps} exceeds T={self.T}")
+
+
+@dataclass(frozen=True)
+class _DistillStage(_Config):
+    """Fields shared by PD and RCFD: rounds halve ``T`` down to ``final_T``; a round whose
+    student has ``T <= long_round_max_T`` trains ``long_round_steps``, the others
+    ``steps_per_round``; Adam at ``lr``, cosine-annealed to 0 (or constant), no EMA by
+    default, the student's dropout set to ``dropout``, the data flipped when ``flip``."""
+
+    final_T: int = 1
+    steps_per_round: int = 10_000
+    long_round_steps: int = 20_000
+    long_round_max_T: int = 2
+    lr: float = 5e-5
+    lr_schedule: str = "cosine"
+    warmup: int = 0
+    batch_size: int = 128
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = None
+    dropout: float = 0.0
+    flip: bool = True
+    sample_interval: int = 5_000
+    num_sample_images: int = 64
+    checkpoint_interval: int = 5_000
+    log_interval: int = 10
+    options: TrainOptions = field(default_factory=TrainOptions)
+
+    _nested: ClassVar[dict] = {"options": TrainOptions}
+
+    def round_steps(self, student_T: int) -> int:
+        """Training steps of the round whose student takes ``student_T`` steps."""
+        return self.long_round_steps if student_T <= self.long_round_max_T else self.steps_per_round
+
+    def _check_common(self):
+        _pow2("final_T", self.final_T)
+        _int("steps_per_round", self.steps_per_round)
+        _int("long_round_steps", self.long_round_steps)
+        _int("long_round_max_T", self.long_round_max_T, lo=0)
+        _float("lr", self.lr, lo_open=True)
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _int("warmup", self.warmup, lo=0)
+        _int("batch_size", self.batch_size)
+        _float("grad_clip", self.grad_clip, lo_open=True, none=True)
+        _float("ema_decay", self.ema_decay, 0.0, 1.0, hi_open=True, none=True)
+        _float("dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        for name in ("sample_interval", "checkpoint_interval", "log_interval"):
+            _int(name, getattr(self, name))
+        _int("num_sample_images", self.num_sample_images, lo=0)
+
+
+@dataclass(frozen=True)
+class PDStageConfig(_DistillStage):
+    """Progressive distillation (METHOD.md): rounds teacher ``(T, ts)`` -> student
+    ``(T/2, 2 ts)`` from the base model's ``T`` down to ``final_T``."""
+
+    loss: str = "both"
+
+    def __post_init__(self):
+        self._check_common()
+        _choice("loss", self.loss, LOSS_KINDS)
+
+
+@dataclass(frozen=True)
+class RCFDStageConfig(_DistillStage):
+    """RCFD (METHOD.md): rounds from the PD student at ``start_T`` down to ``final_T``,
+    ``L = L_CFD + alpha (beta L_ent + (1 - beta) L_div)`` with ``loss``. ``classifier``:
+    ``"distill"`` (the classifier stage's ``classifier/distill.pt``), ``"eval"``, an
+    ``imagenet_*`` architecture name, or a checkpoint path (ours, or a reference
+    ``{'model': ...}`` file whose architecture ``classifier_arch`` names)."""
+
+    start_T: int = 8
+    classifier: str = "distill"
+    classifier_arch: str | None = None
+    loss: RCFDLossConfig = field(default_factory=RCFDLossConfig)
+
+    _nested: ClassVar[dict] = {"options": TrainOptions, "loss": RCFDLossConfig}
+
+    def __post_init__(self):
+        self._check_common()
+        _pow2("start_T", self.start_T)
+        if self.final_T >= self.start_T:
+            raise ValueError(f"final_T={self.final_T} must be below start_T={self.start_T} "
+                             "(each round halves T)")
+        if not isinstance(self.classifier, str) or not self.classifier:
+            raise ValueError("classifier must be 'distill', 'eval', an imagenet_* name or a "
+                             f"checkpoint path; got {self.classifier!r}")
+        if self.classifier_arch is not None:
+            _choice("classifier_arch", self.classifier_arch, TRAINABLE_CLASSIFIERS)
+
+
+@dataclass(frozen=True)
+class EvalStageConfig(_Config):
+    """Evaluation (METHOD.md, "Evaluation"): IS/FID of ``num_samples`` samples of each
+    method's ``steps``-step sampler (``base_steps``: DDIM steps of the base model).
+    ``extractor``: ``"inception"`` (needs its weights), ``"classifier"`` (the eval
+    classifier), or ``"auto"`` (Inception when its weights are found)."""
+
+    steps: tuple[int, ...] = (1, 2, 4, 8)
+    methods: tuple[str, ...] = ("pd", "rcfd")
+    base_steps: tuple[int, ...] = ()
+    num_samples: int = 50_000
+    batch_size: int = 500
+    extractor: str = "auto"
+    inception_weights: str | None = None
+
+    def __post_init__(self):
+        for name in ("steps", "base_steps"):
+            for s in getattr(self, name):
+                _pow2(f"{name} entries", s)
+        for m in self.methods:
+            _choice("methods entries", m, METHODS)
+        _int("num_samples", self.num_samples, lo=2)
+        _int("batch_size", self.batch_size)
+        _choice("extractor", self.extractor, EXTRACTORS)
+
+
+@dataclass(frozen=True)
+class PipelineConfig(_Config):
+    """The whole study: data -> classifiers -> base -> PD -> RCFD -> evaluation. ``threads``:
+    torch intra-op threads on the CPU (``None``: one per idle core, see
+    :func:`rcfd.trainers.loop.configure_threads`). ``device``: ``"auto"`` (CUDA when
+    available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``..."""
+
+    name: str = "digits"
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    data: DatasetSpec = field(default_factory=DatasetSpec)
+    distill_classifier: ClassifierStageConfig = field(default_factory=ClassifierStageConfig)
+    eval_classifier: ClassifierStageConfig | None = field(
+        default_factory=lambda: ClassifierStageConfig(role="eval", seed_offset=1))
+    base: BaseStageConfig = field(default_factory=BaseStageConfig)
+    pd: PDStageConfig = field(default_factory=PDStageConfig)
+    rcfd: RCFDStageConfig = field(default_factory=RCFDStageConfig)
+    eval: EvalStageConfig = field(default_factory=EvalStageConfig)
+
+    _nested: ClassVar[dict] = {"data": DatasetSpec, "distill_classifier": ClassifierStageConfig,
+                               "eval_classifier": ClassifierStageConfig,
+                               "base": BaseStageConfig, "pd": PDStageConfig,
+                               "rcfd": RCFDStageConfig, "eval": EvalStageConfig}
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        _int("seed", self.seed, lo=0)
+        _int("threads", self.threads, none=True)
+        if not isinstance(self.device, str) or not (
+                self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        for name, role in (("distill_classifier", "distill"), ("eval_classifier", "eval")):
+            c = getattr(self, name)
+            if c is not None and c.role != role:
+                raise ValueError(f"{name}.role must be {role!r}, got {c.role!r}")
+        d, e = self.distill_classifier, self.eval_classifier
+        if e is not None and dataclasses.replace(e, role="distill") == d:
+            raise ValueError("eval_classifier equals distill_classifier: give it another "
+                             "seed_offset (or architecture) so evaluation is not circular")
+        u, data = self.base.unet, self.data
+        if (u.image_size, u.in_channels) != (data.image_size, data.channels):
+            raise ValueError(f"base.unet takes {u.in_channels}x{u.image_size}x{u.image_size} images "
+                             f"but data gives {data.channels}x{data.image_size}x{data.image_size}; "
+                             "set base.unet.image_size / in_channels to match")
+        T = self.base.T
+        if self.pd.final_T > self.rcfd.start_T:
+            raise ValueError(f"pd.final_T={self.pd.final_T} must be <= rcfd.start_T="
+                             f"{self.rcfd.start_T}: RCFD starts from the PD student at start_T")
+        if self.rcfd.start_T >= T:
+            raise ValueError(f"rcfd.start_T={self.rcfd.start_T} must be below base.T={T}")
+        for s in (*self.eval.steps, *self.eval.base_steps):
+            if s > T:
+                raise ValueError(f"eval steps {s} exceed the base model's T={T}")
+        if self.rcfd.classifier == "eval" and self.eval.extractor == "classifier":
+            raise ValueError("rcfd.classifier='eval' with eval.extractor='classifier' measures "
+                             "with the features it distills into; use another classifier")
+        if self.rcfd.classifier == "eval" and e is None:
+            raise ValueError("rcfd.classifier='eval' needs an eval_classifier stage")
+        if self.eval.extractor == "classifier" and e is None:
+            raise ValueError("eval.extractor='classifier' needs an eval_classifier stage")
+
+    def classifier_stages(self) -> list[ClassifierStageConfig]:
+        return [c for c in (self.distill_classifier, self.eval_classifier) if c is not None]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None,
+                cls=PipelineConfig):
+    """A config from a JSON (``.json``) or YAML (``.yaml``/``.yml``) file, with optional
+    dotted overrides. A file may name a preset to start from: ``{"preset": "digits",
+    "base": {"steps": 500}}`` merges its keys over the preset's."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".yaml", ".yml"):
+        raise ValueError(f"config file {path} must end in .json, .yaml or .yml")
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".json":
+        d = json.loads(text)
+    else:
+        import yaml
+
+        d = yaml.safe_load(text)
+    if not isinstance(d, dict):
+        raise ValueError(f"config file {path} must hold a mapping, got {type(d).__name__}")
+    preset = d.pop("preset", None)
+    if preset is not None:
+        if cls is not PipelineConfig:
+            raise ValueError("'preset' is only valid in a pipeline config file")
+        d = _merge(get_preset(preset).to_dict(), d)
+    cfg = cls.from_dict(d)
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def save_config(cfg: _Config, path: str | os.PathLike) -> Path:
+    """Write ``cfg`` as JSON (atomically enough: a temp file renamed over ``path``)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(cfg.to_json() + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _merge(base: dict, top: Mapping) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def classifier_paper(arch: str = "resnet18", role: str = "distill", **changes) -> ClassifierStageConfig:
+    """The paper's classifier recipe (METHOD.md, "Classifiers"): SGD lr 0.1, momentum 0.9,
+    wd 5e-4, 300 epochs, lr /10 at 1/2 and 3/4, crop + flip + AutoAugment + Cutout."""
+    return ClassifierStageConfig(role=role, arch=arch, seed_offset=int(role == "eval"),
+                                 **changes)
+
+
+def _cifar10_paper(arch: str = "resnet18") -> PipelineConfig:
+    loss = (RCFDLossConfig(tau=0.95, alpha=0.003, beta=0.75) if arch == "resnet18" else
+            RCFDLossConfig(tau=0.9, alpha=0.0))
+    return PipelineConfig(
+        name=f"cifar10-paper{'' if arch == 'resnet18' else '-' + arch}", device="auto",
+        data=DatasetSpec(name="cifar10", path="data/cifar-10-batches-py"),
+        distill_classifier=classifier_paper(arch),
+        eval_classifier=None,
+        base=BaseStageConfig(),  # UNetConfig.cifar10(), T=1024, 800k steps (METHOD.md)
+        pd=PDStageConfig(),  # 1024 -> 1, 10k steps per round, 20k for the 2- and 1-step
+        rcfd=RCFDStageConfig(loss=loss),  # 8 -> 4 -> 2 -> 1 from the PD student at T=8
+        eval=EvalStageConfig(extractor="inception", base_steps=(8, 1024)))
+
+
+def _digits() -> PipelineConfig:
+    """The embedded default: the whole study on 16x16 digits in about eleven minutes on a
+    2-core CPU (measured: 10:46 with one thread on a shared machine, of which base 4:06,
+    PD 2:31, RCFD 1:52, evaluation 1:47, classifiers 0:25). Base ``T = 32`` (PD 32 -> 16 -> 8 -> 4 -> 2 -> 1, RCFD 8 -> 4 -> 2 -> 1), the
+    digits U-Net, no horizontal flips (a mirrored digit is not a digit)."""
+    T = 32
+    unet = UNetConfig.digits(num_time_indices=T + 1)
+    distill = dict(steps_per_round=150, long_round_steps=250, batch_size=32, lr=2e-4,
+                   lr_schedule="cosine", flip=False, sample_interval=10 ** 9,
+                   num_sample_images=64, checkpoint_interval=100, log_interval=5)
+    clf = dict(arch="resnet18", width=8, epochs=None, steps=400, batch_size=64, flip=False,
+               autoaugment=False, eval_interval=100)
+    return PipelineConfig(
+        name="digits", threads=None, data=DatasetSpec(name="digits"),
+        distill_classifier=ClassifierStageConfig(role="distill", **clf),
+        eval_classifier=ClassifierStageConfig(role="eval", seed_offset=1,
+                                              **{**clf, "arch": "densenet_small"}),
+        base=BaseStageConfig(unet=unet, T=T, lr=1e-3, warmup=100, batch_size=64, steps=1200,
+                             ema_decay=0.998, flip=False, sample_interval=500,
+                             num_sample_images=64, checkpoint_interval=250, log_interval=10),
+        pd=PDStageConfig(**distill),
+        rcfd=RCFDStageConfig(**distill, loss=RCFDLossConfig(tau=0.95, alpha=0.003, beta=0.75)),
+        eval=EvalStageConfig(steps=(1, 2, 4, 8), base_steps=(8, 32), num_samples=1000,
+                             batch_size=250, extractor="classifier"))
+
+
+def _smoke() -> PipelineConfig:
+    """Tiny: every stage runs a handful of steps (a whole pipeline in well under 2 minutes
+    on a CPU). For tests and for checking an installation, not for results."""
+    T = 16
+    unet = UNetConfig(image_size=16, in_channels=1, ch=32, ch_mult=(1, 2), attn=(),
+                      num_res_blocks=1, dropout=0.0, num_time_indices=T + 1)
+    distill = dict(steps_per_round=4, long_round_steps=4, batch_size=32, lr=2e-4,
+                   sample_interval=10 ** 9, checkpoint_interval=2, log_interval=1,
+                   num_sample_images=16)
+    clf = dict(arch="resnet18", width=8, epochs=None, steps=10, batch_size=32,
+               autoaugment=False, eval_interval=10, log_interval=1)
+    return PipelineConfig(
+        name="smoke", data=DatasetSpec(name="digits"),
+        distill_classifier=ClassifierStageConfig(role="distill", **clf),
+        eval_classifier=ClassifierStageConfig(role="eval", seed_offset=1, **clf),
+        base=BaseStageConfig(unet=unet, T=T, lr=1e-3, warmup=2, batch_size=32, steps=8,
+                             ema_decay=0.9, sample_interval=8, num_sample_images=16,
+                             checkpoint_interval=4, log_interval=1),
+        pd=PDStageConfig(final_T=1, **distill),
+        rcfd=RCFDStageConfig(start_T=8, final_T=1, **distill),
+        eval=EvalStageConfig(steps=(1, 2, 4, 8), base_steps=(16,), num_samples=64,
+                             batch_size=64, extractor="classifier"))
+
+
+PRESETS = {
+    "smoke": _smoke,
+    "digits": _digits,
+    "cifar10-paper": _cifar10_paper,
+    "cifar10-paper-densenet201": lambda: _cifar10_paper("densenet201"),
+}
+DEFAULT_PRESET = "digits"
+
+
+def get_preset(name: str) -> PipelineConfig:
+    """The preset ``name`` (see ``PRESETS``), built fresh and validated."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+__all__ = ["DEFAULT_PRESET", "PRESETS", "BaseStageConfig", "ClassifierStageConfig",
+           "EvalStageConfig", "PDStageConfig", "PipelineConfig", "RCFDLossConfig",
+           "RCFDStageConfig", "TrainOptions", "classifier_paper", "get_preset", "halving_rounds",
+           "load_config", "save_config"]

@@ -1,0 +1,152 @@
+"""Typed configs: round trips, presets, overrides and the validation errors."""
+
+import json
+
+import pytest
+import yaml
+
+from rcfd.config import (
+    PRESETS,
+    BaseStageConfig,
+    ClassifierStageConfig,
+    EvalStageConfig,
+    PDStageConfig,
+    PipelineConfig,
+    RCFDStageConfig,
+    get_preset,
+    halving_rounds,
+    load_config,
+    save_config,
+)
+from rcfd.losses import RCFDLossConfig
+from rcfd.unet import UNetConfig
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_round_trip(name, tmp_path):
+    cfg = get_preset(name)
+    assert PipelineConfig.from_dict(cfg.to_dict()) == cfg
+    assert PipelineConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert load_config(save_config(cfg, tmp_path / "c.json")) == cfg
+
+
+def test_stage_configs_round_trip():
+    for cfg in (ClassifierStageConfig(), BaseStageConfig(), PDStageConfig(), RCFDStageConfig(),
+                EvalStageConfig()):
+        assert type(cfg).from_dict(json.loads(cfg.to_json())) == cfg
+
+
+def test_paper_preset_matches_method():
+    cfg = get_preset("cifar10-paper")
+    b, pd, r, c = cfg.base, cfg.pd, cfg.rcfd, cfg.distill_classifier
+    assert (b.T, b.lr, b.warmup, b.batch_size, b.steps, b.ema_decay, b.grad_clip, b.loss) == (
+        1024, 2e-4, 5000, 128, 800_000, 0.9999, 1.0, "both")
+    assert b.unet == UNetConfig.cifar10() and b.unet.dropout == 0.1
+    assert [t for t, _ in halving_rounds(b.T, pd.final_T)][0] == 1024 and pd.final_T == 1
+    assert (pd.lr, pd.lr_schedule, pd.batch_size, pd.grad_clip, pd.ema_decay, pd.dropout) == (
+        5e-5, "cosine", 128, 1.0, None, 0.0)
+    assert [pd.round_steps(t) for t in (512, 4, 2, 1)] == [10_000, 10_000, 20_000, 20_000]
+    assert (r.start_T, r.final_T, r.classifier) == (8, 1, "distill")
+    assert (r.loss.tau, r.loss.alpha, r.loss.beta) == (0.95, 0.003, 0.75)
+    assert (c.arch, c.lr, c.momentum, c.weight_decay, c.epochs, c.milestones) == (
+        "resnet18", 0.1, 0.9, 5e-4, 300, (0.5, 0.75))
+    assert c.crop and c.flip and c.autoaugment and c.cutout
+    dense = get_preset("cifar10-paper-densenet201")
+    assert dense.distill_classifier.arch == "densenet201"
+    assert (dense.rcfd.loss.tau, dense.rcfd.loss.alpha) == (0.9, 0.0)
+
+
+def test_digits_preset_runs_the_whole_study():
+    cfg = get_preset("digits")
+    assert cfg.distill_classifier and cfg.eval_classifier
+    assert cfg.distill_classifier != cfg.eval_classifier.replace(role="distill")
+    assert halving_rounds(cfg.base.T, cfg.pd.final_T)[-1][1] == 1
+    assert halving_rounds(cfg.rcfd.start_T, cfg.rcfd.final_T) == [(8, 4), (4, 2), (2, 1)]
+    assert cfg.base.unet.image_size == cfg.data.image_size == 16
+
+
+def test_overrides_are_dotted_and_parse_strings():
+    cfg = get_preset("digits")
+    new = cfg.with_overrides({"base.steps": "100", "rcfd.loss.tau": "0.9",
+                              "eval.steps": "[1, 2]", "base.ema_decay": "null",
+                              "pd.lr": 1e-4})
+    assert new.base.steps == 100 and new.rcfd.loss.tau == 0.9 and new.eval.steps == (1, 2)
+    assert new.base.ema_decay is None and new.pd.lr == 1e-4
+    assert cfg.base.steps != 100  # frozen: the original is unchanged
+    with pytest.raises(ValueError, match=r"'base\.stepz'.*steps"):
+        cfg.with_overrides({"base.stepz": 1})
+    with pytest.raises(ValueError, match="is a value, not a section"):
+        cfg.with_overrides({"seed.x": 1})
+
+
+def test_unknown_keys_name_the_key_and_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown key 'lrr'.*valid keys:.*\blr\b"):
+        BaseStageConfig.from_dict({"lrr": 1})
+    with pytest.raises(ValueError, match=r"unknown key 'rcfd\.loss\.taux'.*tau"):
+        PipelineConfig.from_dict({"rcfd": {"loss": {"taux": 1}}})
+    with pytest.raises(ValueError, match=r"base\.unet"):
+        PipelineConfig.from_dict({"base": {"unet": {"chh": 3}}})
+
+
+def test_load_config_merges_over_a_preset(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("preset: smoke\nbase:\n  steps: 3\n")
+    cfg = load_config(p)
+    assert cfg.base.steps == 3 and cfg.name == "smoke"
+    assert cfg.base.unet == get_preset("smoke").base.unet
+    with pytest.raises(ValueError, match="must end in"):
+        load_config(tmp_path / "c.txt")
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"base.lr": -1e-4}, r"base: lr must be a number in \(0"),
+    ({"pd.lr": 0}, r"pd: lr"),
+    ({"base.T": 48}, "power of two"),
+    ({"base.steps": 0}, "steps must be an integer >= 1"),
+    ({"base.sample_steps": 3}, "power of two"),
+    ({"eval.steps": [1, 3]}, "power of two"),
+    ({"eval.steps": [64]}, "exceed the base model's T=32"),
+    ({"rcfd.loss.tau": 0.0}, r"tau must be > 0"),
+    ({"rcfd.loss.tau": -1.0}, r"tau must be > 0"),
+    ({"rcfd.loss.beta": 1.5}, r"beta"),
+    ({"rcfd.final_T": 8}, "must be below start_T"),
+    ({"rcfd.start_T": 6}, "power of two"),
+    ({"pd.final_T": 16}, r"pd\.final_T=16 must be <= rcfd\.start_T"),
+    ({"rcfd.start_T": 32}, r"below base\.T"),
+    ({"base.unet.image_size": 32}, "data gives 1x16x16"),
+    ({"base.unet.num_time_indices": 32}, "needs T \\+ 1 = 33"),
+    ({"distill_classifier.steps": None, "distill_classifier.epochs": None}, "exactly one"),
+    ({"eval_classifier.seed_offset": 0, "eval_classifier.arch": "resnet18"}, "circular"),
+    ({"eval_classifier.role": "distill"}, r"eval_classifier\.role"),
+    ({"pd.ema_decay": 1.0}, "ema_decay"),
+    ({"pd.grad_clip": 0}, "grad_clip"),
+    ({"base.loss": "l1"}, "loss must be one of"),
+    ({"device": "tpu"}, "device must be"),
+    ({"distill_classifier.milestones": [0.75, 0.5]}, "milestones"),
+    ({"rcfd.classifier": "eval", "eval.extractor": "classifier"}, "measures with the features"),
+])
+def test_bad_values_give_clear_errors(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        get_preset("digits").with_overrides(overrides)
+
+
+def test_halving_rounds():
+    assert halving_rounds(8, 1) == [(8, 4), (4, 2), (2, 1)]
+    assert halving_rounds(4, 4) == []
+    for bad in ((12, 1), (8, 3), (4, 8)):
+        with pytest.raises(ValueError, match="powers of two"):
+            halving_rounds(*bad)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="presets: smoke"):
+        get_preset("nope")
+
+
+def test_rcfd_loss_switches_travel_through_the_config():
+    cfg = RCFDStageConfig(loss=RCFDLossConfig(use_cfd=False, kl_on="logits",
+                                              dual_temperature=True))
+    back = RCFDStageConfig.from_dict(cfg.to_dict())
+    assert back.loss == cfg.loss

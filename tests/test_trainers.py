@@ -1,0 +1,359 @@
+"""The four trainers end to end on tiny CPU configurations, and the shared loop's contracts
+(objectives equal to rcfd.losses, frozen classifier, refusal, non-finite handling)."""
+
+import dataclasses
+import math
+import os
+
+import pytest
+import torch
+
+from rcfd import losses
+from rcfd.checkpoint import load_diffusion_checkpoint
+from rcfd.classifiers import ClassifierConfig, frozen
+from rcfd.config import (
+    BaseStageConfig,
+    ClassifierStageConfig,
+    PDStageConfig,
+    RCFDStageConfig,
+    TrainOptions,
+)
+from rcfd.data import DatasetSpec, load_dataset
+from rcfd.schedule import cosine_schedule
+from rcfd.trainers import (
+    NonFiniteLossError,
+    RunContext,
+    StageExistsError,
+    load_classifier,
+    metrics_path,
+    train_base,
+    train_classifier,
+    train_pd,
+    train_rcfd,
+)
+from rcfd.trainers import base as base_mod
+from rcfd.trainers.base import base_objective, draw_noise, pd_objective
+from rcfd.trainers.classifier import accuracy
+from rcfd.trainers.loop import EMA, Job, OptimSpec, StepInfo, lr_at, read_metrics, run_job
+from rcfd.trainers.rcfd import check_classifier_fits
+from rcfd.unet import UNet, UNetConfig
+
+CPU = TrainOptions(bf16=False, channels_last=False, fused=False, compile=False)
+DATA = DatasetSpec(name="digits", image_size=8)  # the original 8x8 digits: no resize
+UNET = UNetConfig(image_size=8, in_channels=1, ch=32, ch_mult=(1,), attn=(), num_res_blocks=1,
+                  dropout=0.0, num_time_indices=9)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: the models are tiny, and on a shared CPU several threads per
+    process spin against each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def base_cfg(**kw):
+    d = dict(unet=UNET, T=8, lr=2e-3, warmup=5, batch_size=32, steps=80, ema_decay=0.9,
+             sample_interval=10 ** 6, num_sample_images=4, checkpoint_interval=1000,
+             log_interval=1, options=CPU)
+    return BaseStageConfig(**{**d, **kw})
+
+
+def distill_cfg(cls=PDStageConfig, **kw):
+    d = dict(final_T=4, steps_per_round=40, long_round_steps=40, lr=5e-4, batch_size=32,
+             sample_interval=10 ** 6, num_sample_images=4, checkpoint_interval=1000,
+             log_interval=1, options=CPU)
+    return cls(**{**d, **kw})
+
+
+def clf_cfg(**kw):
+    d = dict(arch="resnet18", width=8, epochs=None, steps=40, batch_size=64, lr=0.05,
+             autoaugment=False, eval_interval=20, log_interval=1, options=CPU)
+    return ClassifierStageConfig(**{**d, **kw})
+
+
+def mean_loss(path, key="loss", rows=slice(None)):
+    vals = [r[key] for r in read_metrics(path) if key in r][rows]
+    return sum(vals) / len(vals)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny lineage shared by the tests: classifier, base (T=8), PD round 8 -> 4."""
+    run = RunContext(tmp_path_factory.mktemp("run"), device="cpu", progress=False)
+    clf = train_classifier(clf_cfg(), DATA, run)
+    base = train_base(base_cfg(), DATA, run)
+    return run, base, clf
+
+
+# --------------------------------------------------------------------------- objectives
+
+
+def test_objectives_equal_the_losses_module():
+    torch.manual_seed(0)
+    net = dataclasses.replace(UNET, num_time_indices=17)
+    student, teacher = UNet(net).double(), UNet(net).double()
+    x = torch.rand(6, 1, 8, 8, dtype=torch.float64) * 2 - 1
+    s = cosine_schedule(8, 2)
+
+    def pair():
+        return torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+
+    g1, g2 = pair()
+    info = StepInfo(0, g2, 0, 1, 6)
+    assert torch.equal(losses.base_loss(student, x, s, 8, 2, generator=g1),
+                       base_objective(student, x, s, 2, "both", "x0", draw_noise(info, x, 0, 8)))
+    g1, g2 = pair()
+    info = StepInfo(0, g2, 0, 1, 6)
+    ref = losses.pd_loss(student, teacher, x, s, 8, 2, "eps", generator=g1)
+    ours = pd_objective(student, teacher, x, s, 2, "eps", "x0", draw_noise(info, x, 1, 4))
+    assert torch.equal(ref.loss, ours.loss) and torch.equal(ref.x_target, ours.x_target)
+
+
+def test_noise_shards_tile_the_global_batch():
+    x = torch.zeros(8, 1, 4, 4)
+    whole = draw_noise(StepInfo(0, torch.Generator().manual_seed(1), 0, 1, 8), x, 0, 9)
+    parts = [draw_noise(StepInfo(0, torch.Generator().manual_seed(1), r, 4, 8), x[:2], 0, 9)
+             for r in range(4)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])
+    assert torch.equal(torch.cat([p[1] for p in parts]), whole[1])
+
+
+def test_lr_schedules():
+    total = 100
+    warm = OptimSpec(lr=1.0, warmup=10)
+    assert lr_at(warm, 0, total) == pytest.approx(0.1) and lr_at(warm, 50, total) == 1.0
+    cos = OptimSpec(lr=2.0, schedule="cosine")
+    assert lr_at(cos, 0, total) == 2.0 and lr_at(cos, 50, total) == pytest.approx(1.0)
+    assert lr_at(cos, total - 1, total) < 1e-3 * 2.0
+    ms = OptimSpec(kind="sgd", lr=0.1, schedule="multistep", milestones=(0.5, 0.75))
+    assert [lr_at(ms, s, total) for s in (49, 50, 74, 75)] == pytest.approx(
+        [0.1, 0.01, 0.01, 0.001])
+
+
+def test_ema_is_a_lerp_towards_the_model():
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2)
+    ema = EMA(m, 0.75)
+    before = ema.model.weight.clone()
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    ema.update(m)
+    torch.testing.assert_close(ema.model.weight, 0.75 * before + 0.25 * m.weight)
+    assert not ema.model.weight.requires_grad
+
+
+# --------------------------------------------------------------------------- trainers
+
+
+def test_base_trains_and_its_loss_decreases(trained):
+    run, base, _ = trained
+    log = metrics_path(run.run_dir, "base", "model")
+    assert mean_loss(log, rows=slice(-20, None)) < 0.7 * mean_loss(log, rows=slice(0, 20))
+    _, info = load_diffusion_checkpoint(base)
+    assert (info.T, info.time_scale, info.weights) == (8, 1, "ema_state_dict")
+    assert info.extra["finished"] and info.extra["steps"] == 80
+    assert list(run.run_dir.glob("base/model_step*.png"))  # the final grid
+    assert not (run.run_dir / "base" / "model.train.pt").exists()
+
+
+def test_pd_rounds_halve_and_their_loss_decreases(trained):
+    run, base, _ = trained
+    paths = train_pd(distill_cfg(final_T=2), base, DATA, run)
+    assert [p.name for p in paths] == ["T4.pt", "T2.pt"]
+    infos = [load_diffusion_checkpoint(p)[1] for p in paths]
+    assert [(i.T, i.time_scale) for i in infos] == [(4, 2), (2, 4)]
+    assert infos[1].extra["teacher"] == str(paths[0])
+    log = metrics_path(run.run_dir, "pd", "T4")
+    assert mean_loss(log, rows=slice(-10, None)) < mean_loss(log, rows=slice(0, 10))
+
+
+def test_pd_student_starts_from_the_teacher_ema(trained, tmp_path):
+    run, base, _ = trained
+    run2 = dataclasses.replace(run, run_dir=tmp_path)
+    (p,) = train_pd(distill_cfg(final_T=4, steps_per_round=1, lr=1e-12), base, DATA, run2)
+    teacher, _ = load_diffusion_checkpoint(base)  # its EMA weights
+    student, _ = load_diffusion_checkpoint(p)
+    for (k, a), b in zip(teacher.state_dict().items(), student.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=0, msg=k)
+
+
+def test_classifier_beats_chance_and_rebuilds(tmp_path):
+    run = RunContext(tmp_path, device="cpu", progress=False)
+    data = DatasetSpec(name="digits")
+    path = train_classifier(clf_cfg(steps=120, eval_interval=40), data, run)
+    test = load_dataset(data, "test")
+    model = load_classifier(path)
+    acc = accuracy(model, test, torch.device("cpu"))
+    assert acc > 3 / test.num_classes  # well above chance
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["extra"]["accuracy"] == acc and ckpt["extra"]["role"] == "distill"
+    assert any("test_acc" in r for r in read_metrics(metrics_path(tmp_path, "classifier", "distill")))
+
+
+def test_rcfd_round_runs_logs_every_term_and_decreases(trained):
+    run, base, clf = trained
+    cfg = distill_cfg(RCFDStageConfig, start_T=8, final_T=4, steps_per_round=40, lr=1e-3)
+    (path,) = train_rcfd(cfg, base, clf, DATA, run)
+    assert load_diffusion_checkpoint(path)[1].T == 4
+    log = metrics_path(run.run_dir, "rcfd", "T4")
+    rows = read_metrics(log)
+    assert {"loss", "cfd", "ent", "div", "reg", "pd", "lr", "grad_norm"} <= set(rows[0])
+    assert mean_loss(log, rows=slice(-10, None)) < mean_loss(log, rows=slice(0, 10))
+
+
+def test_rcfd_classifier_is_frozen_and_passes_gradients(trained, monkeypatch, tmp_path):
+    run, base, clf = trained
+    net = frozen(load_classifier(clf))
+    stats = {k: v.clone() for k, v in net.state_dict().items()}
+    student_grads = []
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *a, **k):  # the student's gradients, checked before the update
+        student_grads.append(sum(float(p.grad.abs().sum()) for g in self.param_groups
+                                 for p in g["params"] if p.grad is not None))
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    cfg = distill_cfg(RCFDStageConfig, start_T=8, final_T=4, steps_per_round=3)
+    train_rcfd(cfg, base, net, DATA, dataclasses.replace(run, run_dir=tmp_path))
+    assert not net.training and not net.classifier.training
+    assert all(p.grad is None and not p.requires_grad for p in net.parameters())
+    for k, v in net.state_dict().items():  # BatchNorm running stats untouched
+        assert torch.equal(v, stats[k]), k
+    assert len(student_grads) == 3 and all(g > 0 for g in student_grads)
+
+
+def test_rcfd_checks_teacher_and_classifier(trained):
+    run, base, clf = trained
+    data = load_dataset(DATA, "train")
+    cfg = distill_cfg(RCFDStageConfig, start_T=8, final_T=4)
+    with pytest.raises(ValueError, match=r"T=4 \(rcfd.start_T\)"):
+        train_rcfd(dataclasses.replace(cfg, start_T=4, final_T=2), base, clf, DATA, run)
+    rgb = frozen(ClassifierConfig("resnet18", width=8, in_channels=3).build())
+    with pytest.raises(ValueError, match="3-channel images but the model makes 1-channel"):
+        check_classifier_fits(rgb, data, cfg)
+    with pytest.raises(ValueError, match="trained on 16x16 images"):
+        check_classifier_fits(frozen(load_classifier(clf)), data, cfg, trained_size=16)
+    five = frozen(ClassifierConfig("resnet18", width=8, in_channels=1, num_classes=5).build())
+    with pytest.raises(ValueError, match="predicts 5 classes but the digits data has 10"):
+        check_classifier_fits(five, data, cfg)
+    cfd_only = dataclasses.replace(cfg, loss=losses.RCFDLossConfig(alpha=0.0))
+    check_classifier_fits(five, data, cfd_only)  # CFD alone does not need the data's classes
+
+
+# --------------------------------------------------------------------------- loop contracts
+
+
+def test_finished_stage_is_refused_unless_resume_or_overwrite(trained, monkeypatch):
+    run, base, _ = trained
+    with pytest.raises(StageExistsError, match="already holds a finished base stage.*--resume"):
+        train_base(base_cfg(), DATA, run)
+    stamp = base.stat().st_mtime_ns
+    assert train_base(base_cfg(), DATA, dataclasses.replace(run, resume=True)) == base
+    assert base.stat().st_mtime_ns == stamp  # skipped, not retrained
+    with pytest.raises(ValueError, match="exclude each other"):
+        RunContext(run.run_dir, resume=True, overwrite=True)
+
+
+def test_overwrite_trains_again(tmp_path):
+    run = RunContext(tmp_path, device="cpu", progress=False)
+    cfg = base_cfg(steps=2)
+    train_base(cfg, DATA, run)
+    again = train_base(cfg, DATA, dataclasses.replace(run, overwrite=True))
+    assert len(read_metrics(metrics_path(tmp_path, "base", "model"))) == 2
+    assert again.exists()
+
+
+def _nan_at(step_to_break):
+    calls = {"n": 0}
+    real = base_mod.base_objective
+
+    def objective(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] == step_to_break else loss
+    return objective
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(base_mod, "base_objective", _nan_at(4))
+    run = RunContext(tmp_path, device="cpu", progress=False)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 4.*loss.*nan.*"
+                                                 r"last good checkpoint is .*model\.train\.pt"):
+        train_base(base_cfg(steps=10, checkpoint_interval=2), DATA, run)
+    state = torch.load(tmp_path / "base" / "model.train.pt", weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(v).all()
+                                      for v in state["model"].values())
+
+
+def test_nonfinite_steps_can_be_skipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(base_mod, "base_objective", _nan_at(3))
+    run = RunContext(tmp_path, device="cpu", progress=False, skip_nonfinite=1)
+    path = train_base(base_cfg(steps=6), DATA, run)
+    rows = read_metrics(metrics_path(tmp_path, "base", "model"))
+    assert [r["step"] for r in rows if r.get("skipped")] == [3]
+    model, _ = load_diffusion_checkpoint(path)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_loop_runs_a_plain_job(tmp_path):
+    """The loop is generic: a linear regression job converges."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 1)
+
+    class Data:
+        batch_size = 16
+
+        def __next__(self):
+            x = torch.randn(16, 4)
+            return x, x @ w
+
+        def state_dict(self):
+            return {}
+
+    def loss_fn(net, x, y, info):
+        return torch.nn.functional.mse_loss(net(x), y), {}
+
+    saved = {}
+    job = Job(stage="toy", unit="lin", model=torch.nn.Linear(4, 1), loss_fn=loss_fn,
+              batches=Data(), steps=200, optim=OptimSpec(lr=0.05), config={},
+              finalize=lambda m, e, x, p: saved.setdefault("path", p))
+    run_job(job, RunContext(tmp_path, device="cpu", progress=False))
+    rows = read_metrics(metrics_path(tmp_path, "toy", "lin"))
+    assert rows[-1]["loss"] < 1e-3 * rows[0]["loss"] and saved["path"].name == "lin.pt"
+    assert all(math.isfinite(r["grad_norm"]) for r in rows)
+
+
+@pytest.mark.cuda
+def test_gpu_options_end_to_end(tmp_path):
+    """bf16 autocast, channels_last, fused Adam/SGD and the Triton KL on a GPU: every stage
+    runs, stays finite, and resumes."""
+    fast = TrainOptions(bf16=True, channels_last=True, fused=True, compile=False)
+    run = RunContext(tmp_path, device="cuda", progress=False)
+    clf = train_classifier(clf_cfg(options=fast, steps=20), DATA, run)
+    with pytest.raises(Exception) as stopped:
+        train_base(base_cfg(options=fast, steps=40), DATA, dataclasses.replace(run, stop_after=20))
+    assert getattr(stopped.value, "code", None) == 0
+    base = train_base(base_cfg(options=fast, steps=40), DATA, dataclasses.replace(run, resume=True))
+    cfg = distill_cfg(RCFDStageConfig, start_T=8, final_T=4, options=fast)
+    train_rcfd(cfg, base, clf, DATA, run)
+    for stage, unit in (("base", "model"), ("rcfd", "T4"), ("classifier", "distill")):
+        rows = read_metrics(metrics_path(tmp_path, stage, unit))
+        assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    log = metrics_path(tmp_path, "base", "model")
+    assert mean_loss(log, rows=slice(-10, None)) < mean_loss(log, rows=slice(0, 10))
+
+
+def test_configure_threads():
+    from rcfd.trainers.loop import configure_threads
+
+    n = torch.get_num_threads()
+    try:
+        assert configure_threads(1) == 1 == torch.get_num_threads()
+        auto = configure_threads(None)
+        assert 1 <= auto <= (os.cpu_count() or 1) and torch.get_num_threads() == auto
+    finally:
+        torch.set_num_threads(n)
