@@ -1,0 +1,233 @@
+"""The command lines: `python -m rcfd.train` (config resolution, --dry-run, user errors),
+`python -m rcfd.sample` (PNG grid, .npz) and `python -m rcfd.evaluate` (IS/FID/KID with a
+named extractor), on tiny hand-made checkpoints. Expected user errors exit with code 2 and
+one line on stderr, without a traceback."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rcfd import evaluate, metrics, report, sample, train
+from rcfd.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, save_diffusion_checkpoint
+from rcfd.classifiers import ClassifierConfig
+from rcfd.config import PipelineConfig, get_preset
+from rcfd.unet import UNet, UNetConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+T = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small batches run faster on one thread, and much faster on a CPU shared with others."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """A tiny 16 px one-channel diffusion model (T=4) and two different classifiers."""
+    d = tmp_path_factory.mktemp("ckpts")
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(image_size=16, in_channels=1, ch=32, ch_mult=(1,), attn=(), num_res_blocks=1,
+                           dropout=0.0, num_time_indices=T + 1))
+    save_diffusion_checkpoint(d / "model.pt", unet, T=T, time_scale=1)
+    for name, arch, seed in (("eval", "densenet_small", 1), ("distill", "resnet18", 2)):
+        torch.manual_seed(seed)
+        cfg = ClassifierConfig(name=arch, in_channels=1, width=8)
+        save_checkpoint(make_checkpoint("classifier", cfg.to_dict(), cfg.build().state_dict()), d / f"{name}.pt")
+    return d
+
+
+def expect_usage_error(capsys, fn, argv, *needles):
+    code = fn(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and err.startswith("error: ") or "usage:" in err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+# --------------------------------------------------------------------------- rcfd.train
+
+
+def test_dry_run_round_trips(capsys):
+    assert train.main(["--preset", "smoke", "--set", "base.steps=3", "--set", "rcfd.loss.tau=0.9",
+                       "--seed", "5", "--device", "cpu", "--dry-run"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    cfg = PipelineConfig.from_dict(d)
+    assert cfg.to_dict() == d
+    assert (cfg.name, cfg.base.steps, cfg.rcfd.loss.tau, cfg.seed, cfg.device) == ("smoke", 3, 0.9, 5, "cpu")
+    assert cfg == get_preset("smoke").with_overrides({"base.steps": 3, "rcfd.loss.tau": 0.9, "seed": 5,
+                                                      "device": "cpu"})
+
+
+def test_default_is_digits(capsys):
+    assert train.main(["--dry-run"]) == 0
+    assert PipelineConfig.from_dict(json.loads(capsys.readouterr().out)) == get_preset("digits")
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_config_file(tmp_path, capsys, suffix):
+    body = {"preset": "smoke", "base": {"steps": 7}, "eval": {"num_samples": 32}}
+    path = tmp_path / f"c{suffix}"
+    path.write_text(json.dumps(body))  # JSON is YAML too
+    assert train.main(["--config", str(path), "--set", "pd.lr=1e-4", "--dry-run"]) == 0
+    cfg = PipelineConfig.from_dict(json.loads(capsys.readouterr().out))
+    assert (cfg.name, cfg.base.steps, cfg.eval.num_samples, cfg.pd.lr) == ("smoke", 7, 32, 1e-4)
+
+
+def test_bad_preset(capsys):
+    expect_usage_error(capsys, train.main, ["--preset", "nope"], "invalid choice", "smoke")
+
+
+def test_unknown_set_key(capsys):
+    expect_usage_error(capsys, train.main, ["--set", "base.stepz=3"], "base.stepz", "valid keys")
+    expect_usage_error(capsys, train.main, ["--set", "base.steps"], "KEY=VALUE")
+    expect_usage_error(capsys, train.main, ["--set", "base.steps=-1"], "steps")
+
+
+def test_missing_config_file_and_bad_flags(tmp_path, capsys):
+    expect_usage_error(capsys, train.main, ["--config", str(tmp_path / "none.yaml")], "does not exist")
+    expect_usage_error(capsys, train.main, ["--resume", "--overwrite"], "pick one")
+    expect_usage_error(capsys, train.main, ["--preset", "smoke", "--config", "x.yaml"], "not allowed")
+
+
+def test_missing_data_path(tmp_path, capsys):
+    argv = ["--preset", "smoke", "--out", str(tmp_path / "run"), "--device", "cpu",
+            "--set", "data.name=cifar10", "--set", f"data.path={tmp_path / 'no-cifar'}",
+            "--set", "data.image_size=16", "--set", "data.channels=1"]
+    expect_usage_error(capsys, train.main, argv, "no-cifar", "does not exist")
+    assert not (tmp_path / "run" / "classifier").exists()  # failed before training anything
+
+
+def test_module_entry_point_exit_code():
+    """The real `python -m rcfd.train` path (a fresh interpreter): exit 2, one line, no traceback."""
+    p = subprocess.run([sys.executable, "-m", "rcfd.train", "--set", "nope=1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "unknown config key 'nope'" in p.stderr and "Traceback" not in p.stderr
+
+
+# --------------------------------------------------------------------------- rcfd.sample
+
+
+def test_sample_png_grid(ckpts, tmp_path):
+    out = tmp_path / "grid.png"
+    assert sample.main([str(ckpts / "model.pt"), "--steps", "2", "--num", "10", "--out", str(out),
+                        "--device", "cpu", "--no-progress"]) == 0
+    with Image.open(out) as im:
+        assert im.size == report.grid_shape(10, 16, scale=report.display_scale(16)) and im.mode == "L"
+
+
+def test_sample_npz_count_shape_and_seed(ckpts, tmp_path):
+    def run(name, seed, steps):
+        out = tmp_path / name
+        assert sample.main([str(ckpts / "model.pt"), "--steps", str(steps), "--num", "7", "--batch-size", "3",
+                            "--seed", str(seed), "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+        with np.load(out) as z:
+            return {k: z[k] for k in z.files}
+
+    a, b, c = run("a.npz", 0, 4), run("b.npz", 0, 4), run("c.npz", 1, 4)
+    assert a["arr_0"].shape == (7, 16, 16, 1) and a["arr_0"].dtype == np.uint8
+    assert (int(a["steps"]), int(a["T"]), int(a["time_scale"]), int(a["seed"])) == (4, T, 1, 0)
+    np.testing.assert_array_equal(a["arr_0"], b["arr_0"])  # same seed, same images
+    assert not np.array_equal(a["arr_0"], c["arr_0"])
+
+
+def test_sample_reference_format_checkpoint(ckpts, tmp_path):
+    """A checkpoint in the reference implementation's layout samples like ours."""
+    ours = load_checkpoint(ckpts / "model.pt")
+    ref = tmp_path / "reference.pt"
+    torch.save({"ema_model": ours["state_dict"], "T": T, "time_scale": 1, "x_T": torch.randn(2, 1, 16, 16)}, ref)
+    for path, name in ((ckpts / "model.pt", "ours.npz"), (ref, "ref.npz")):
+        assert sample.main([str(path), "--steps", "2", "--num", "3", "--image-size", "16", "--out",
+                            str(tmp_path / name), "--device", "cpu", "--no-progress"]) == 0
+    with np.load(tmp_path / "ours.npz") as a, np.load(tmp_path / "ref.npz") as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_sample_errors(ckpts, tmp_path, capsys):
+    expect_usage_error(capsys, sample.main, [str(tmp_path / "none.pt"), "--device", "cpu"], "none.pt", "does not exist")
+    expect_usage_error(capsys, sample.main, [str(ckpts / "model.pt"), "--steps", "3", "--device", "cpu"], "divide")
+    expect_usage_error(capsys, sample.main, [str(ckpts / "model.pt"), "--out", "x.jpg"], ".png", ".npz")
+    expect_usage_error(capsys, sample.main, [str(ckpts / "eval.pt"), "--device", "cpu"], "classifier")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    expect_usage_error(capsys, sample.main, [str(garbage), "--device", "cpu"], "garbage.pt")
+
+
+# --------------------------------------------------------------------------- rcfd.evaluate
+
+
+def no_inception(monkeypatch, tmp_path):
+    """As on a machine without torch-fidelity's Inception weights in torch hub's cache."""
+    monkeypatch.setattr(metrics, "inception_cache_path", lambda: str(tmp_path / "no-inception.pth"))
+
+
+def test_evaluate_names_extractor(ckpts, tmp_path, capsys, monkeypatch):
+    no_inception(monkeypatch, tmp_path)
+    out = tmp_path / "r.json"
+    assert evaluate.main([str(ckpts / "model.pt"), "--steps", "1", "2", "--num-samples", "20", "--device", "cpu",
+                          "--classifier", str(ckpts / "eval.pt"), "--distillation-classifier",
+                          str(ckpts / "distill.pt"), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert [r["steps"] for r in results] == [1, 2]
+    for r in results:
+        assert r["extractor"].startswith("classifier:densenet_small:") and r["extractor"] in printed
+        assert r["num_samples"] == 20 and np.isfinite(r["fid"]) and r["isc_mean"] >= 1 - 1e-6
+
+
+def test_evaluate_refuses_distillation_classifier(ckpts, tmp_path, capsys, monkeypatch):
+    no_inception(monkeypatch, tmp_path)
+    expect_usage_error(capsys, evaluate.main, [str(ckpts / "model.pt"), "--num-samples", "20", "--device", "cpu",
+                                               "--classifier", str(ckpts / "distill.pt"),
+                                               "--distillation-classifier", str(ckpts / "distill.pt")], "circular")
+
+
+def test_evaluate_errors(ckpts, tmp_path, capsys, monkeypatch):
+    no_inception(monkeypatch, tmp_path)
+    model = str(ckpts / "model.pt")
+    expect_usage_error(capsys, evaluate.main, [str(tmp_path / "none.pt"), "--device", "cpu"], "none.pt")
+    expect_usage_error(capsys, evaluate.main, [model, "--device", "cpu"], "no feature extractor", "--classifier")
+    expect_usage_error(capsys, evaluate.main, [model, "--device", "cpu", "--classifier", str(tmp_path / "c.pt")],
+                       "c.pt", "does not exist")
+    expect_usage_error(capsys, evaluate.main, [model, "--device", "cpu", "--inception-weights",
+                                               str(tmp_path / "inc.pth")], "inc.pth")
+    expect_usage_error(capsys, evaluate.main, [model, "--device", "cpu", "--data", "cifar10", "--data-path",
+                                               str(tmp_path / "cifar"), "--classifier", str(ckpts / "eval.pt")],
+                       "does not exist")
+
+
+def test_package_entry_point(capsys):
+    from rcfd.__main__ import main as rcfd_main
+
+    assert rcfd_main(["train", "--preset", "smoke", "--dry-run"]) == 0
+    assert PipelineConfig.from_dict(json.loads(capsys.readouterr().out)) == get_preset("smoke")
+    assert rcfd_main(["nope"]) == 2 and "unknown command" in capsys.readouterr().err
+    assert rcfd_main([]) == 0 and "usage" in capsys.readouterr().out
+
+
+@pytest.mark.cuda
+def test_sample_cuda_graph_matches_eager(ckpts, tmp_path):
+    """On a GPU the sample CLI replays a captured CUDA graph; it draws the same images as the
+    eager loop (same noise from the CPU generator), up to a rare one-level rounding change."""
+    def run(name, *extra):
+        out = tmp_path / name
+        assert sample.main([str(ckpts / "model.pt"), "--steps", "4", "--num", "40", "--batch-size", "16",
+                            "--out", str(out), "--device", "cuda", "--no-progress", *extra]) == 0
+        with np.load(out) as z:
+            return z["arr_0"].astype(np.int16)
+
+    graph, eager = run("graph.npz"), run("eager.npz", "--no-cuda-graph")
+    assert graph.shape == (40, 16, 16, 1)
+    assert np.abs(graph - eager).max() <= 1 and (graph != eager).mean() < 1e-3

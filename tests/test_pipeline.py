@@ -1,0 +1,207 @@
+"""`python -m rcfd.train` end to end on the CPU: every artifact of a run directory exists and
+is well-formed, finished stages are protected, single stages and --resume work, and a
+multi-seed study aggregates. The default run uses the `smoke` preset shrunk further with
+--set; the full `smoke` preset and the multi-seed study are marked slow."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from rcfd import report, sample, train
+from rcfd.checkpoint import load_checkpoint, load_diffusion_checkpoint
+from rcfd.config import PipelineConfig, get_preset
+from rcfd.evaluate import load_classifier
+from rcfd.metrics import module_fingerprint
+from rcfd.pipeline import evaluation_pairs
+
+TINY = ["--set", "distill_classifier.steps=2", "--set", "eval_classifier.steps=2",
+        "--set", "base.steps=2", "--set", "base.checkpoint_interval=1",
+        "--set", "pd.steps_per_round=1", "--set", "pd.long_round_steps=1",
+        "--set", "rcfd.steps_per_round=1", "--set", "rcfd.long_round_steps=1",
+        "--set", "eval.num_samples=16", "--set", "eval.steps=[1,2,8]", "--set", "eval.batch_size=16",
+        "--set", "threads=1"]  # one thread: small batches on a shared CPU
+
+
+def run_train(*argv):
+    return train.main(["--device", "cpu", "--no-progress", *argv])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "smoke"
+    assert run_train("--preset", "smoke", "--out", str(out), *TINY) == 0
+    return out
+
+
+def check_run_dir(out: Path, cfg: PipelineConfig) -> dict:
+    """Every artifact of a finished run, opened and checked."""
+    saved = json.loads((out / "config.json").read_text())
+    assert PipelineConfig.from_dict(saved) == cfg and PipelineConfig.from_dict(saved).to_dict() == saved
+    ckpts = [out / "classifier" / "distill.pt", out / "classifier" / "eval.pt", out / "base" / "model.pt"]
+    ckpts += [out / "pd" / f"T{t}.pt" for t in (8, 4, 2, 1)] + [out / "rcfd" / f"T{t}.pt" for t in (4, 2, 1)]
+    for p in ckpts:
+        assert isinstance(load_checkpoint(p), dict), p  # weights_only load
+    for p in ckpts[2:]:
+        model, info = load_diffusion_checkpoint(p)
+        assert info.T == int(p.stem[1:]) if p.stem.startswith("T") else info.T == cfg.base.T
+    results = json.loads((out / report.RESULTS_JSON).read_text())
+    pairs = {(m, s) for m, s, _, _ in evaluation_pairs(cfg)}
+    assert {(e["method"], e["steps"]) for e in results["entries"]} == pairs
+    assert pairs >= {("pd", 1), ("pd", 8), ("rcfd", 1), ("base", cfg.eval.base_steps[0])}
+    size = cfg.data.image_size
+    for e in results["entries"]:
+        assert isinstance(e["fid"], float) and isinstance(e["isc_mean"], float)
+        assert e["extractor"] == results["extractor"] and e["num_samples"] == cfg.eval.num_samples
+        with Image.open(out / e["grid"]) as im:
+            n = min(64, cfg.eval.num_samples)
+            assert im.format == "PNG" and im.size == report.grid_shape(n, size, scale=report.display_scale(size))
+    # honest evaluation: the evaluation classifier, never the distillation one
+    fp = {r: module_fingerprint(load_classifier(out / "classifier" / f"{r}.pt")[0]) for r in ("eval", "distill")}
+    assert results["extractor"] == f"classifier:{cfg.eval_classifier.arch}:{fp['eval'][:12]}"
+    assert fp["distill"][:12] not in results["extractor"]
+    md = (out / report.RESULTS_MD).read_text()
+    assert report.results_table(results) in md and results["extractor"] in md
+    for name in (report.FID_PLOT, report.LOSS_PLOT):
+        with Image.open(out / name) as im:
+            assert im.format == "PNG"
+    assert set(json.loads((out / "timings.json").read_text())) == {"classifier", "base", "pd", "rcfd", "evaluate"}
+    return results
+
+
+def test_tiny_smoke_run_artifacts(tiny_run, capsys):
+    cfg = get_preset("smoke").with_overrides(train.parse_overrides(TINY[1::2]) | {"device": "cpu"})
+    check_run_dir(tiny_run, cfg)
+
+
+def test_finished_stage_needs_resume_or_overwrite(tiny_run, capsys):
+    capsys.readouterr()
+    assert run_train("base", "--preset", "smoke", "--out", str(tiny_run), *TINY) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "finished base stage" in err and "--resume" in err and "--overwrite" in err
+
+
+def test_resume_keeps_finished_stages_and_reevaluates(tiny_run, capsys):
+    before = (tiny_run / "pd" / "T1.pt").stat().st_mtime_ns
+    assert run_train("--preset", "smoke", "--out", str(tiny_run), "--resume", *TINY) == 0
+    assert (tiny_run / "pd" / "T1.pt").stat().st_mtime_ns == before
+    out = capsys.readouterr().out
+    assert "results:" in out and str(tiny_run / report.RESULTS_MD) in out
+
+
+def test_header_names_device_backends_and_preset(tiny_run, capsys):
+    assert run_train("evaluate", "--preset", "smoke", "--out", str(tiny_run), *TINY) == 0
+    out = capsys.readouterr().out
+    for needle in ("device   cpu", "threads", "ddim_update ->", "feature_kl ->", "preset smoke", "run dir",
+                   "evaluate done in"):
+        assert needle in out, needle
+
+
+def test_single_stage_reuses_the_run_config(tiny_run, capsys):
+    """A stage of an existing run, without --preset/--config, runs with RUN_DIR/config.json."""
+    assert run_train("evaluate", "--out", str(tiny_run), "--set", "eval.steps=[1]") == 0
+    assert f"config file {tiny_run / 'config.json'} + 2 overrides" in capsys.readouterr().out
+    results = json.loads((tiny_run / report.RESULTS_JSON).read_text())
+    assert results["num_samples"] == 16 and {e["steps"] for e in results["entries"] if e["method"] != "base"} == {1}
+    assert run_train("evaluate", "--out", str(tiny_run), *TINY) == 0  # back to the fixture's pairs
+
+
+def test_sample_cli_on_a_distilled_checkpoint(tiny_run, tmp_path):
+    out = tmp_path / "one_step.npz"
+    assert sample.main([str(tiny_run / "rcfd" / "T1.pt"), "--num", "5", "--out", str(out), "--device", "cpu",
+                        "--no-progress"]) == 0
+    import numpy as np
+
+    with np.load(out) as z:
+        assert z["arr_0"].shape == (5, 16, 16, 1) and int(z["steps"]) == 1
+
+
+def test_stage_without_its_inputs(tmp_path, capsys):
+    assert run_train("pd", "--preset", "smoke", "--out", str(tmp_path / "empty"), *TINY) == 2
+    err = capsys.readouterr().err
+    assert "base" in err and "model.pt" in err and "Traceback" not in err
+    assert run_train("evaluate", "--preset", "smoke", "--out", str(tmp_path / "empty"), *TINY) == 2
+    assert "missing checkpoint" in capsys.readouterr().err
+
+
+def test_missing_extractor_fails_before_training(tmp_path, capsys, monkeypatch):
+    from rcfd import metrics
+
+    monkeypatch.setattr(metrics, "inception_cache_path", lambda: str(tmp_path / "no-inception.pth"))
+    out = tmp_path / "run"
+    assert run_train("--preset", "smoke", "--out", str(out), "--set", "eval.extractor=inception", *TINY) == 2
+    err = capsys.readouterr().err
+    assert "Inception weights are not on this machine" in err and "Traceback" not in err
+    assert not (out / "classifier").exists()
+
+
+@pytest.mark.cuda
+def test_tiny_run_on_gpu(tmp_path):
+    """The whole pipeline on a GPU: trainers, CUDA-graph sampling for evaluation, metrics."""
+    out = tmp_path / "gpu"
+    assert train.main(["--device", "cuda", "--no-progress", "--preset", "smoke", "--out", str(out), *TINY]) == 0
+    cfg = get_preset("smoke").with_overrides(train.parse_overrides(TINY[1::2]) | {"device": "cuda"})
+    assert json.loads((out / report.RESULTS_JSON).read_text())["device"].startswith("cuda")
+    check_run_dir(out, cfg)
+
+
+@pytest.mark.slow
+def test_smoke_preset_end_to_end(tmp_path):
+    out = tmp_path / "smoke"
+    assert run_train("--preset", "smoke", "--out", str(out), "--set", "threads=1") == 0
+    check_run_dir(out, get_preset("smoke").with_overrides({"device": "cpu", "threads": 1}))
+
+
+@pytest.mark.slow
+def test_multi_seed_study(tmp_path, capsys):
+    out = tmp_path / "study"
+    assert run_train("--preset", "smoke", "--out", str(out), "--seeds", "2", *TINY) == 0
+    per_seed = [json.loads((out / f"seed{s}" / report.RESULTS_JSON).read_text()) for s in (0, 1)]
+    agg = json.loads((out / report.RESULTS_JSON).read_text())
+    assert agg["seeds"] == [0, 1] and agg["runs"] == ["seed0", "seed1"]
+    for e in agg["entries"]:
+        fids = [next(x["fid"] for x in r["entries"] if (x["method"], x["steps"]) == (e["method"], e["steps"]))
+                for r in per_seed]
+        assert e["fid"] == pytest.approx(sum(fids) / 2) and e["per_seed"]["fid"] == fids
+        assert e["fid_seed_std"] == pytest.approx(abs(fids[0] - fids[1]) / 2 ** 0.5)
+    md = (out / report.RESULTS_MD).read_text()
+    assert "±" in md and "seed0/results.md" in md
+    assert torch.is_tensor(load_checkpoint(out / "seed1" / "base" / "model.pt")["state_dict"]["head.weight"])
+
+
+def _sharded_sampling(rank, world, ckpt, port, out):
+    import os
+
+    import torch.distributed as tdist
+
+    from rcfd.distributed import DistInfo
+    from rcfd.evaluate import sample_images
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model, info = load_diffusion_checkpoint(ckpt)
+        images = sample_images(model, info, num_samples=7, num_steps=1, batch_size=2, seed=3,
+                               dist=DistInfo(rank, world, rank, "gloo"), progress=False)
+        torch.save(images, f"{out}/rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_evaluation_sampling_is_sharded_over_ranks(tiny_run, tmp_path):
+    """Under torchrun each rank samples its block and rank 0 gathers all of them."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sharded_sampling, args=(2, str(tiny_run / "pd" / "T1.pt"), port, str(tmp_path)), nprocs=2)
+    gathered, other = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert gathered.shape == (7, 1, 16, 16) and gathered.dtype == torch.uint8 and other is None
+    assert not torch.equal(gathered[:3], gathered[4:])  # the ranks drew different noise
