@@ -103,6 +103,8 @@ def test_sampler_throughput(benchmark, cuda_sync, net, mode, batch, steps, dtype
     benchmark.group = f"sampler b={batch} N={steps} {dtype_name}"
     benchmark.pedantic(timed(lambda: sampler(x_T), cuda_sync), rounds=ROUNDS, iterations=1,
                        warmup_rounds=int(CUDA))
+    if benchmark.stats is None:  # --benchmark-disable: the sampler ran once, nothing timed
+        return
     ips = batch / benchmark.stats.stats.median
     key = (batch, steps, dtype_name)
     info = {"mode": mode, "batch": batch, "steps": steps, "dtype": dtype_name,
@@ -150,6 +152,8 @@ def test_time_for_50k_one_step_images(benchmark, cuda_sync, net):
     benchmark.group = "50k one-step images"
     benchmark.pedantic(timed(lambda: sampler(x_T), cuda_sync), rounds=ROUNDS, iterations=1,
                        warmup_rounds=int(CUDA))
+    if benchmark.stats is None:
+        return
     ips = batch / benchmark.stats.stats.median
     benchmark.extra_info.update({
         "device": device, "best": best, "images_per_s": ips,
