@@ -79,6 +79,31 @@ def halving_rounds(teacher_T: int, final_T: int) -> list[tuple[int, int]]:
     return out
 
 
+# --------------------------------------------------------------------------- YAML
+
+
+def _yaml_load(text: str):
+    """``yaml.safe_load`` that also reads ``1e-4`` as a float: PyYAML follows YAML 1.1, where
+    a float needs a dot (``1.0e-4``), so learning rates written the usual way came back as
+    strings."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+        list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)
+
+
 # --------------------------------------------------------------------------- dict round trip
 
 
@@ -156,8 +181,6 @@ class _Config:
         """A copy with dotted-path overrides, e.g. ``{"base.steps": 100, "rcfd.loss.tau":
         0.9}``. String values for non-string fields are parsed as YAML scalars (``"100"``,
         ``"1e-4"``, ``"null"``, ``"[1, 2]"``), so CLI ``key=value`` pairs pass through."""
-        import yaml
-
         d = self.to_dict()
         for key, value in overrides.items():
             node, cls, parts = d, type(self), key.split(".")
@@ -168,7 +191,7 @@ class _Config:
                                      f"at that level: {', '.join(valid)}")
                 if i == len(parts) - 1:
                     if isinstance(value, str) and not isinstance(node.get(part), str):
-                        value = yaml.safe_load(value)
+                        value = _yaml_load(value)
                     node[part] = _plain(value)
                     break
                 sub = getattr(cls, "_nested", {}).get(part)
@@ -480,6 +503,13 @@ class PipelineConfig(_Config):
             raise ValueError("rcfd.classifier='eval' needs an eval_classifier stage")
         if self.eval.extractor == "classifier" and e is None:
             raise ValueError("eval.extractor='classifier' needs an eval_classifier stage")
+        if data.name == "folder" and self.classifier_stages():
+            raise ValueError("a folder of images has no labels, so no classifier can be trained on "
+                             "it: set distill_classifier and eval_classifier to null and "
+                             "rcfd.classifier to a classifier checkpoint (or imagenet_resnet50)")
+        if self.rcfd.classifier == "distill" and d is None:
+            raise ValueError("rcfd.classifier='distill' needs a distill_classifier stage; or set "
+                             "rcfd.classifier to a checkpoint path or an imagenet_* name")
 
     def classifier_stages(self) -> list[ClassifierStageConfig]:
         return [c for c in (self.distill_classifier, self.eval_classifier) if c is not None]
@@ -501,9 +531,7 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     if suffix == ".json":
         d = json.loads(text)
     else:
-        import yaml
-
-        d = yaml.safe_load(text)
+        d = _yaml_load(text)
     if not isinstance(d, dict):
         raise ValueError(f"config file {path} must hold a mapping, got {type(d).__name__}")
     preset = d.pop("preset", None)
@@ -595,7 +623,8 @@ def _smoke() -> PipelineConfig:
     return PipelineConfig(
         name="smoke", data=DatasetSpec(name="digits"),
         distill_classifier=ClassifierStageConfig(role="distill", **clf),
-        eval_classifier=ClassifierStageConfig(role="eval", seed_offset=1, **clf),
+        eval_classifier=ClassifierStageConfig(role="eval", seed_offset=1,
+                                              **{**clf, "arch": "densenet_small"}),
         base=BaseStageConfig(unet=unet, T=T, lr=1e-3, warmup=2, batch_size=32, steps=8,
                              ema_decay=0.9, sample_interval=8, num_sample_images=16,
                              checkpoint_interval=4, log_interval=1),

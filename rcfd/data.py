@@ -112,8 +112,8 @@ class DatasetSpec:
             raise ValueError(f"DatasetSpec.channels must be 1 or 3, got {channels!r}")
         object.__setattr__(self, "image_size", size)
         object.__setattr__(self, "channels", channels)
-        if self.path is not None:
-            object.__setattr__(self, "path", os.fspath(self.path))
+        if self.path is not None:  # "~/data/cifar" works from a config file or --set too
+            object.__setattr__(self, "path", os.path.expanduser(os.fspath(self.path)))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

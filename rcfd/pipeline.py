@@ -294,8 +294,11 @@ def setup(cfg):
         device = distributed.resolve_device(cfg.device, dist)
     except (RuntimeError, ValueError) as e:
         raise UsageError(f"device {cfg.device!r}: {e}") from None
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    if device.type == "cpu" or cfg.threads is not None:
+        from rcfd.trainers.loop import configure_threads
+
+        # torchrun's processes on this machine share its cores
+        configure_threads(cfg.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if not logging.getLogger().handlers and not log.handlers:
         logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     return dist, device
@@ -334,12 +337,7 @@ def run_pipeline(cfg, run_dir: str | os.PathLike, *, stage: str = "all",
         if s == "evaluate":
             results = evaluate_run(cfg, run_dir, device, dist, options)
         else:
-            try:
-                paths = run_stage(s, cfg, run)
-            except ValueError as e:  # a training state made with another config
-                if str(e).startswith("cannot resume"):
-                    raise UsageError(str(e)) from None
-                raise
+            paths = run_stage(s, cfg, run)
             _say(f"   checkpoints: {', '.join(str(p) for p in paths)}", dist)
         seconds = time.perf_counter() - t0
         if dist.is_main:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -41,10 +40,10 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     shown as one line (missing files, unreadable checkpoints, a stage the run directory
     already holds)."""
     from rcfd.checkpoint import CheckpointError, StateDictMismatchError
-    from rcfd.trainers.loop import StageExistsError
+    from rcfd.trainers.loop import ResumeError, StageExistsError
 
     return (UsageError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-            CheckpointError, StateDictMismatchError, StageExistsError)
+            CheckpointError, StateDictMismatchError, StageExistsError, ResumeError)
 
 
 def _failed_training() -> tuple[type[BaseException], ...]:
@@ -132,19 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_EXPONENT_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
-
-
 def parse_overrides(pairs: Sequence[str]) -> dict[str, object]:
     """``["a.b=1", "c=x"]`` -> ``{"a.b": "1", "c": "x"}``: values stay text for the config to
-    parse, except numbers in exponent notation (``1e-4``), which YAML 1.1 would read as text."""
+    parse (as YAML scalars, ``1e-4`` included)."""
     out: dict[str, object] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--set takes KEY=VALUE (e.g. --set base.steps=500), got {pair!r}")
         value = value.strip()
-        out[key.strip()] = float(value) if _EXPONENT_FLOAT.fullmatch(value) else value
+        out[key.strip()] = value
     return out
 
 

@@ -71,9 +71,9 @@ def test_overrides_are_dotted_and_parse_strings():
     cfg = get_preset("digits")
     new = cfg.with_overrides({"base.steps": "100", "rcfd.loss.tau": "0.9",
                               "eval.steps": "[1, 2]", "base.ema_decay": "null",
-                              "pd.lr": 1e-4})
+                              "pd.lr": "1e-4", "rcfd.lr": "2E-5"})
     assert new.base.steps == 100 and new.rcfd.loss.tau == 0.9 and new.eval.steps == (1, 2)
-    assert new.base.ema_decay is None and new.pd.lr == 1e-4
+    assert new.base.ema_decay is None and new.pd.lr == 1e-4 and new.rcfd.lr == 2e-5
     assert cfg.base.steps != 100  # frozen: the original is unchanged
     with pytest.raises(ValueError, match=r"'base\.stepz'.*steps"):
         cfg.with_overrides({"base.stepz": 1})
@@ -92,9 +92,10 @@ def test_unknown_keys_name_the_key_and_the_valid_ones():
 
 def test_load_config_merges_over_a_preset(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("preset: smoke\nbase:\n  steps: 3\n")
+    p.write_text("preset: smoke\nbase:\n  steps: 3\npd:\n  lr: 1e-4\n")
     cfg = load_config(p)
     assert cfg.base.steps == 3 and cfg.name == "smoke"
+    assert cfg.pd.lr == 1e-4  # YAML 1.1 alone would read 1e-4 as a string
     assert cfg.base.unet == get_preset("smoke").base.unet
     with pytest.raises(ValueError, match="must end in"):
         load_config(tmp_path / "c.txt")

@@ -53,6 +53,10 @@ class StageExistsError(RuntimeError):
     """The run directory already holds this stage (finished or in progress)."""
 
 
+class ResumeError(ValueError):
+    """A training state cannot be resumed as asked (another config, another world size)."""
+
+
 class NonFiniteLossError(RuntimeError):
     """A loss (or gradient norm) became NaN or infinite."""
 
@@ -152,17 +156,19 @@ def unit_done(run: RunContext, stage: str, unit: str) -> bool:
                            "(--overwrite) to train it again from scratch")
 
 
-def configure_threads(threads: int | None = None) -> int:
-    """Set torch's intra-op threads for a CPU run and return the number. ``None``: one per
-    core that is idle now (cores in this process's affinity minus the 1-minute load
-    average, at least 1): on a busy machine, threads that wait for each other's cores
-    make a step many times slower than one thread does."""
+def configure_threads(threads: int | None = None, processes: int = 1) -> int:
+    """Set torch's intra-op threads for a CPU run and return the number. ``None``: an equal
+    share, among the ``processes`` of this job on the machine, of the cores that are idle
+    now (cores in this process's affinity minus the 1-minute load average, at least 1): on
+    a busy machine, threads that wait for each other's cores make a step many times slower
+    than one thread does."""
     if threads is None:
         import os
 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        threads = max(1, min(cores or 1, int(round((cores or 1) - load))))
+        idle = max(1, min(cores or 1, int(round((cores or 1) - load))))
+        threads = max(1, idle // max(1, processes))
     torch.set_num_threads(threads)
     return threads
 
@@ -517,7 +523,7 @@ def _load_state(path, job, model, ema, optimizer, generator, info):
         raise StageExistsError(f"{path} is not a training state of rcfd; delete it or use overwrite")
     if s["config"] != job.config or s["steps"] != job.steps:
         diff = _diff(s["config"], job.config)
-        raise ValueError(f"cannot resume {path}: it was made with a different config "
+        raise ResumeError(f"cannot resume {path}: it was made with a different config "
                          f"({', '.join(diff[:5]) or 'steps'}); resume with the same config, "
                          "or pass overwrite=True to start again")
     unwrap_model(model).load_state_dict(s["model"])
@@ -526,7 +532,7 @@ def _load_state(path, job, model, ema, optimizer, generator, info):
     optimizer.load_state_dict(s["optimizer"])
     job.batches.load_state_dict(s["data"])
     if len(s["rng"]) != info.world_size:
-        raise ValueError(f"cannot resume {path}: it was written by {len(s['rng'])} processes, "
+        raise ResumeError(f"cannot resume {path}: it was written by {len(s['rng'])} processes, "
                          f"this run has {info.world_size}; resume with the same world size")
     set_rng_state(s["rng"][info.rank], generator)
     job.extra.update(s["extra"])
