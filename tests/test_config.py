@@ -121,6 +121,8 @@ def test_load_config_merges_over_a_preset(tmp_path):
     ({"distill_classifier.steps": None, "distill_classifier.epochs": None}, "exactly one"),
     ({"eval_classifier.seed_offset": 0, "eval_classifier.arch": "resnet18"}, "circular"),
     ({"eval_classifier.role": "distill"}, r"eval_classifier\.role"),
+    ({"data.name": "folder", "data.path": "/images"}, "has no labels"),
+    ({"distill_classifier": None}, r"rcfd\.classifier='distill' needs a distill_classifier"),
     ({"pd.ema_decay": 1.0}, "ema_decay"),
     ({"pd.grad_clip": 0}, "grad_clip"),
     ({"base.loss": "l1"}, "loss must be one of"),
