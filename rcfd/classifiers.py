@@ -13,15 +13,13 @@ CIFAR-style networks (3x3 stride-1 stem, no max-pool) take any ``in_channels`` a
 in the reference), so ``resnet18`` at width 16 and ``densenet_small`` train on 16x16 digits in
 seconds on a CPU. ``imagenet_*`` wrap torchvision's ImageNet networks: inputs are resized
 bilinearly to ``input_size`` (224); weights come from a local file or torchvision's cache and
-are never downloaded here.
+are never downloaded here. The wrapper and its weight loading are in :mod:`rcfd.imagenet`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -128,6 +126,8 @@ class ClassifierConfig:
     def build(self) -> nn.Module:
         """A freshly initialised classifier (``imagenet_*``: with the ImageNet weights)."""
         if self.name in _IMAGENET:
+            from rcfd.imagenet import ImageNetClassifier  # it builds on this module
+
             return ImageNetClassifier(self)
         return CifarResNet(self) if _CIFAR[self.name][0] == "resnet" else CifarDenseNet(self)
 
@@ -329,67 +329,6 @@ class CifarDenseNet(_Classifier):
         h = F.relu(self.final_norm(getattr(self, f"block{self._num_stages}")(h)))
         features = h.mean(dim=(2, 3))
         return self.fc(features), features
-
-
-# --------------------------------------------------------------- ImageNet wrap
-
-
-def _imagenet_state_dict(arch: str, weights: str | None) -> dict[str, torch.Tensor]:
-    """Load torchvision's ImageNet weights from ``weights`` or from torchvision's cache
-    (``torch.hub.get_dir()/checkpoints``); never downloads."""
-    from torchvision.models import DenseNet201_Weights, ResNet50_Weights
-
-    url = {"resnet50": ResNet50_Weights.IMAGENET1K_V1,
-           "densenet201": DenseNet201_Weights.IMAGENET1K_V1}[arch].url
-    path = weights or os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"ImageNet weights for {arch} not found at {path!r}; weights are never downloaded at "
-            f"run time. Fetch {url} to that path (or pass weights=<local file>), or use "
-            f"pretrained=False for a randomly initialised network.")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(sd.get("model"), Mapping):
-        sd = sd["model"]
-    # torchvision's DenseNet files use the legacy names "denselayerN.norm.1" -> "norm1".
-    legacy = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))\.(\d)\.")
-    return {legacy.sub(r"\1\2.", k): v for k, v in sd.items()}
-
-
-class ImageNetClassifier(_Classifier):
-    """torchvision ResNet50 / DenseNet201 with ImageNet weights. ``[-1, 1]`` images (1-channel
-    ones repeated to RGB) are resized bilinearly to ``input_size`` and normalised with the
-    ImageNet mean/std; returns (logits over 1000 classes, pooled 2048 / 1920 features)."""
-
-    def __init__(self, config: ClassifierConfig):
-        super().__init__()
-        import torchvision
-
-        arch = config.name.removeprefix("imagenet_")
-        self._setup(config, _IMAGENET[config.name], 3)
-        self.input_size = config.input_size
-        self.net = getattr(torchvision.models, arch)(weights=None)
-        if config.pretrained:
-            self.net.load_state_dict(_imagenet_state_dict(arch, config.weights))
-
-    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, h, w]`` in ``[-1, 1]`` -> normalised ``[B, 3, input_size, input_size]``."""
-        _check_images(x, self.in_channels)
-        x = x.expand(-1, 3, -1, -1)
-        if x.shape[-2:] != (self.input_size, self.input_size):
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
-                              align_corners=False, antialias=x.shape[-1] > self.input_size)
-        return self.normalize(x)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        net, h = self.net, self.preprocess(x)
-        if not hasattr(net, "fc"):  # DenseNet: features -> relu -> pool -> classifier
-            h = F.relu(net.features(h))
-            features = h.mean(dim=(2, 3))
-            return net.classifier(features), features
-        h = net.maxpool(net.relu(net.bn1(net.conv1(h))))
-        h = net.layer4(net.layer3(net.layer2(net.layer1(h))))
-        features = h.mean(dim=(2, 3))
-        return net.fc(features), features
 
 
 # ----------------------------------------------------------- import & freezing

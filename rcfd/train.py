@@ -100,7 +100,7 @@ def resolve_device(device: str | None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rcfd.config import DEFAULT_PRESET, PRESETS
+    from rcfd.presets import DEFAULT_PRESET, PRESETS
 
     p = argparse.ArgumentParser(prog="python -m rcfd.train", description=__doc__.split("\n\n")[0],
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]),
@@ -153,6 +153,7 @@ def resolve_config(args: argparse.Namespace):
     the default preset; then ``--device``/``--seed`` and every ``--set`` are applied as
     dotted overrides."""
     from rcfd import config as C
+    from rcfd import presets as P
 
     overrides: dict[str, object] = {}
     if args.device is not None:
@@ -161,7 +162,7 @@ def resolve_config(args: argparse.Namespace):
         overrides["seed"] = args.seed
     overrides.update(parse_overrides(args.overrides))
     file = Path(args.config) if args.config else None
-    preset = args.preset or C.DEFAULT_PRESET
+    preset = args.preset or P.DEFAULT_PRESET
     out = Path(args.out) if args.out else None
     if file is None and args.preset is None and (args.stage != "all" or args.resume):
         saved = (out or Path("runs") / preset) / "config.json"
@@ -175,7 +176,7 @@ def resolve_config(args: argparse.Namespace):
                 raise FileNotFoundError(f"config file {file} does not exist")
             cfg = C.load_config(file, overrides)
         else:
-            cfg = C.get_preset(preset).with_overrides(overrides)
+            cfg = P.get_preset(preset).with_overrides(overrides)
     except (ValueError, TypeError, KeyError) as e:
         raise UsageError(f"invalid configuration: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from None
     except __import__("yaml").YAMLError as e:

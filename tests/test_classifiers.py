@@ -15,11 +15,11 @@ from rcfd.classifiers import (
     IMAGENET_STD,
     ClassifierConfig,
     FrozenClassifier,
-    _imagenet_state_dict,
     build_classifier,
     frozen,
     load_reference_classifier,
 )
+from rcfd.imagenet import _imagenet_state_dict
 
 def reference_keys(name):
     return read_reference_keys(name)[0]

@@ -6,19 +6,18 @@ import pytest
 import yaml
 
 from rcfd.config import (
-    PRESETS,
     BaseStageConfig,
     ClassifierStageConfig,
     EvalStageConfig,
     PDStageConfig,
     PipelineConfig,
     RCFDStageConfig,
-    get_preset,
     halving_rounds,
     load_config,
     save_config,
 )
 from rcfd.losses import RCFDLossConfig
+from rcfd.presets import PRESETS, get_preset
 from rcfd.unet import UNetConfig
 
 

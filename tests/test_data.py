@@ -1,5 +1,5 @@
-"""rcfd.data: the digits default, the CIFAR-10 reader (safe unpickling), image folders, and
-the resumable, shardable batch iterator."""
+"""rcfd.data: the digits default, the CIFAR-10 reader (safe unpickling), image folders; and
+rcfd.loader: the resumable, shardable batch iterator."""
 
 import os
 import pickle
@@ -14,13 +14,12 @@ import torch.nn.functional as F
 from rcfd.data import (
     DatasetSpec,
     ImageDataset,
-    batches,
     digits_split,
-    epoch_seed,
     load_dataset,
     to_float,
     to_uint8,
 )
+from rcfd.loader import batches, epoch_seed
 
 # --------------------------------------------------------------------------- conversions
 

@@ -60,7 +60,7 @@ SCRIPT = textwrap.dedent("""
     import json, sys, torch
     torch.set_num_threads(1)
     from rcfd import distributed as dist
-    from rcfd.config import get_preset
+    from rcfd.presets import get_preset
     from rcfd.trainers import RunContext, train_base, train_pd
 
     info = dist.init_distributed("cpu")

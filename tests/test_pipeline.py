@@ -12,7 +12,8 @@ from PIL import Image
 
 from rcfd import report, sample, train
 from rcfd.checkpoint import load_checkpoint, load_diffusion_checkpoint
-from rcfd.config import PipelineConfig, get_preset
+from rcfd.config import PipelineConfig
+from rcfd.presets import get_preset
 from rcfd.evaluate import load_classifier
 from rcfd.metrics import module_fingerprint
 from rcfd.pipeline import evaluation_pairs

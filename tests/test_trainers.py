@@ -34,7 +34,8 @@ from rcfd.trainers import (
 from rcfd.trainers import base as base_mod
 from rcfd.trainers.base import base_objective, draw_noise, pd_objective
 from rcfd.trainers.classifier import accuracy
-from rcfd.trainers.loop import EMA, Job, OptimSpec, StepInfo, lr_at, read_metrics, run_job
+from rcfd.trainers.loop import Job, StepInfo, read_metrics, run_job
+from rcfd.trainers.optim import EMA, OptimSpec, lr_at
 from rcfd.trainers.rcfd import check_classifier_fits
 from rcfd.unet import UNet, UNetConfig
 

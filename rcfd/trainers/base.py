@@ -3,7 +3,7 @@ stage shares: the noise of a step, the explicit-noise objectives, sample grids.
 
 The noise of a step (``t``, ``eps``) is drawn for the whole GLOBAL batch from the stage's
 generator, in the order :mod:`rcfd.losses` draws it, and each rank keeps its own share
-(the same rows :class:`rcfd.data.Batches` gives it). So a run on ``N`` processes sees
+(the same rows :class:`rcfd.loader.Batches` gives it). So a run on ``N`` processes sees
 exactly the data and noise of a single process with the same global batch, and on one
 process :func:`base_objective` / :func:`pd_objective` equal ``losses.base_loss`` /
 ``losses.pd_loss`` called with the same generator (tests/test_trainers.py checks both).
@@ -19,13 +19,13 @@ import torch
 
 from rcfd.checkpoint import save_diffusion_checkpoint
 from rcfd.config import BaseStageConfig
-from rcfd.data import DatasetSpec, ImageDataset, batches, load_dataset
+from rcfd.data import DatasetSpec, ImageDataset, load_dataset
+from rcfd.loader import batches
 from rcfd.losses import PDOutput, denoising_loss, pd_target, predict, schedule_at
 from rcfd.sampling import sample_ddim
 from rcfd.schedule import Schedule, cosine_schedule
 from rcfd.trainers.loop import (
     Job,
-    OptimSpec,
     RunContext,
     StepInfo,
     checkpoint_path,
@@ -33,6 +33,7 @@ from rcfd.trainers.loop import (
     stage_seed,
     unit_done,
 )
+from rcfd.trainers.optim import OptimSpec
 from rcfd.unet import UNet
 
 STAGE = "base"

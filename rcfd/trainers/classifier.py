@@ -28,13 +28,13 @@ from rcfd.data import DatasetSpec, ImageDataset, load_dataset, to_float
 from rcfd.trainers.base import _data_dict, data_batches
 from rcfd.trainers.loop import (
     Job,
-    OptimSpec,
     RunContext,
     checkpoint_path,
     run_job,
     stage_seed,
     unit_done,
 )
+from rcfd.trainers.optim import OptimSpec
 
 STAGE = "classifier"
 

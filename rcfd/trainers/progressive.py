@@ -32,7 +32,6 @@ from rcfd.trainers.base import (
 )
 from rcfd.trainers.loop import (
     Job,
-    OptimSpec,
     RunContext,
     _log,
     checkpoint_path,
@@ -40,6 +39,7 @@ from rcfd.trainers.loop import (
     stage_seed,
     unit_done,
 )
+from rcfd.trainers.optim import OptimSpec
 from rcfd.unet import UNet
 
 STAGE = "pd"
