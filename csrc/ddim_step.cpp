@@ -76,6 +76,16 @@ DdimCoefs make_ddim_coefs(const at::Tensor& alpha_s, const at::Tensor& sigma_s,
   return c;
 }
 
+DdimCoefs make_scalar_coefs(double alpha_s, double sigma_s, double alpha_t, double sigma_t) {
+  check_positive(sigma_t, "sigma_t");
+  DdimCoefs c;
+  c.scalar[0] = static_cast<float>(alpha_s);
+  c.scalar[1] = static_cast<float>(sigma_s);
+  c.scalar[2] = static_cast<float>(alpha_t);
+  c.scalar[3] = static_cast<float>(sigma_t);
+  return c;
+}
+
 namespace {
 
 // z_s = c0 * x0 + c1 * z_t over one contiguous run; arithmetic in fp32. Written as plain
@@ -160,13 +170,8 @@ at::Tensor ddim_step_cpu(const at::Tensor& z_t, const at::Tensor& x0, const at::
 
 at::Tensor ddim_step_scalar_cpu(const at::Tensor& z_t, const at::Tensor& x0, double alpha_s,
                                 double sigma_s, double alpha_t, double sigma_t, bool clip) {
-  check_positive(sigma_t, "sigma_t");
+  const DdimCoefs c = make_scalar_coefs(alpha_s, sigma_s, alpha_t, sigma_t);
   DdimProblem p = make_ddim_problem(z_t, x0);
-  DdimCoefs c;
-  c.scalar[0] = static_cast<float>(alpha_s);
-  c.scalar[1] = static_cast<float>(sigma_s);
-  c.scalar[2] = static_cast<float>(alpha_t);
-  c.scalar[3] = static_cast<float>(sigma_t);
   dispatch_cpu(p, c, clip);
   return p.out;
 }

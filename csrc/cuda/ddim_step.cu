@@ -155,14 +155,9 @@ at::Tensor ddim_step_cuda(const at::Tensor& z_t, const at::Tensor& x0, const at:
 
 at::Tensor ddim_step_scalar_cuda(const at::Tensor& z_t, const at::Tensor& x0, double alpha_s,
                                  double sigma_s, double alpha_t, double sigma_t, bool clip) {
-  check_positive(sigma_t, "sigma_t");
+  const DdimCoefs c = make_scalar_coefs(alpha_s, sigma_s, alpha_t, sigma_t);
   const c10::cuda::CUDAGuard guard(z_t.device());
   DdimProblem p = make_ddim_problem(z_t, x0);
-  DdimCoefs c;
-  c.scalar[0] = static_cast<float>(alpha_s);
-  c.scalar[1] = static_cast<float>(sigma_s);
-  c.scalar[2] = static_cast<float>(alpha_t);
-  c.scalar[3] = static_cast<float>(sigma_t);
   ddim_step_cuda_launch(p, c, clip);
   return p.out;
 }
