@@ -5,37 +5,12 @@ import warnings
 
 import pytest
 import torch
+from standins import GaussianDenoiser, TinyNet
 
 from rcfd import sampling
 from rcfd.schedule import cosine_schedule, step_indices
 
 F64 = torch.float64
-
-
-class GaussianDenoiser:
-    """Exact ``E[x0 | z_t]`` for data ``x0 ~ N(mu, var I)`` (``var = 0``: the point ``mu``)."""
-
-    def __init__(self, schedule, mu, var=0.0, prediction="x0"):
-        self.schedule, self.mu, self.var, self.prediction = schedule, mu, var, prediction
-
-    def __call__(self, z, t_index):
-        view = (-1, *[1] * (z.dim() - 1))
-        a = self.schedule.alpha.to(z)[t_index.cpu()].view(view)
-        s = self.schedule.sigma.to(z)[t_index.cpu()].view(view)
-        x0 = self.mu + a * self.var / (a * a * self.var + s * s) * (z - a * self.mu)
-        return x0 if self.prediction == "x0" else (z - a * x0) / s
-
-
-class TinyNet(torch.nn.Module):
-    def __init__(self, ch=3, width=8, n_index=1025):
-        super().__init__()
-        self.emb = torch.nn.Embedding(n_index, width)
-        self.inp = torch.nn.Conv2d(ch, width, 3, padding=1)
-        self.out = torch.nn.Conv2d(width, ch, 3, padding=1)
-
-    def forward(self, z, t_index):
-        h = self.inp(z) + self.emb(t_index)[:, :, None, None].to(z.dtype)
-        return self.out(torch.nn.functional.silu(h))
 
 
 def ref_step(model, z, t, s, sched, ts, clip=True):
@@ -51,7 +26,7 @@ def ref_step(model, z, t, s, sched, ts, clip=True):
 def test_eager_sampler_is_its_explicit_steps(num_steps):
     T, ts = 8, 4
     sched = cosine_schedule(T, ts)
-    model = TinyNet().eval()
+    model = TinyNet(ch=3, width=8).eval()
     x_T = torch.randn(3, 3, 5, 7)
     got = sampling.sample_ddim(model, x_T, T, ts, num_steps)
     steps = step_indices(T, num_steps)
@@ -123,7 +98,7 @@ def test_eps_prediction_samples_like_x0_prediction():
 
 
 def test_bad_step_arguments_are_refused():
-    model = TinyNet().eval()
+    model = TinyNet(ch=3, width=8).eval()
     x_T = torch.randn(1, 3, 4, 4)
     with pytest.raises(ValueError, match="exactly one"):
         sampling.sample_ddim(model, x_T, 8, 1, 2, steps=[8, 0])
@@ -137,7 +112,7 @@ def test_bad_step_arguments_are_refused():
 
 def test_graph_sampler_falls_back_to_eager_on_cpu_and_warns_once():
     sampling._warn_eager.cache_clear()
-    model = TinyNet().eval()
+    model = TinyNet(ch=3, width=8).eval()
     sampler = sampling.CUDAGraphSampler(model, 8, 2, 4)
     x_T = torch.randn(2, 3, 5, 5)
     with warnings.catch_warnings(record=True) as caught:
@@ -151,11 +126,11 @@ def test_graph_sampler_falls_back_to_eager_on_cpu_and_warns_once():
 
 def test_graph_sampler_needs_eval_mode():
     with pytest.raises(ValueError, match="eval"):
-        sampling.CUDAGraphSampler(TinyNet().train(), 8, 1, 2)
+        sampling.CUDAGraphSampler(TinyNet(ch=3, width=8).train(), 8, 1, 2)
 
 
 def test_generate_yields_n_reproducible_images():
-    model = TinyNet().eval()
+    model = TinyNet(ch=3, width=8).eval()
     kw = dict(shape=(3, 4, 5), T=8, time_scale=1, num_steps=2, progress=False)
     a = list(sampling.generate(model, 7, 3, seed=5, **kw))
     b = list(sampling.generate(model, 7, 3, seed=5, **kw))
@@ -175,7 +150,7 @@ def test_generate_yields_n_reproducible_images():
 @pytest.mark.cuda
 @pytest.mark.parametrize("prediction", ["x0", "eps"])
 def test_graph_sampler_equals_eager_on_cuda(prediction):
-    model = TinyNet(width=16).cuda().eval()
+    model = TinyNet(ch=3).cuda().eval()
     sampler = sampling.CUDAGraphSampler(model, 16, 2, 4, prediction=prediction)
     for batch in (1, 5, 5, 33):
         x_T = torch.randn(batch, 3, 8, 8, device="cuda")
@@ -190,7 +165,7 @@ def test_graph_sampler_equals_eager_on_cuda(prediction):
 
 @pytest.mark.cuda
 def test_graph_sampler_sees_in_place_weight_updates_and_recaptures_reallocated_ones():
-    model = TinyNet(width=16).cuda().eval()
+    model = TinyNet(ch=3).cuda().eval()
     sampler = sampling.CUDAGraphSampler(model, 8, 1, 2)
     x_T = torch.randn(4, 3, 8, 8, device="cuda")
     before = sampler(x_T)
@@ -208,7 +183,7 @@ def test_graph_sampler_sees_in_place_weight_updates_and_recaptures_reallocated_o
 
 @pytest.mark.cuda
 def test_graph_sampler_bf16_autocast_matches_eager_bf16():
-    model = TinyNet(width=16).cuda().eval()
+    model = TinyNet(ch=3).cuda().eval()
     sampler = sampling.CUDAGraphSampler(model, 8, 1, 4, autocast_dtype=torch.bfloat16)
     x_T = torch.randn(6, 3, 8, 8, device="cuda")
     got = sampler(x_T)
