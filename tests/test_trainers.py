@@ -358,3 +358,15 @@ def test_configure_threads():
         assert 1 <= auto <= (os.cpu_count() or 1) and torch.get_num_threads() == auto
     finally:
         torch.set_num_threads(n)
+
+
+def test_a_teacher_that_cannot_halve_is_refused():
+    from rcfd.checkpoint import DiffusionInfo
+    from rcfd.trainers.progressive import check_halving
+
+    info = lambda T: DiffusionInfo(T=T, time_scale=1, prediction="x0", config=None, source="rcfd", weights="state_dict")  # noqa: E731
+    assert check_halving(info(8), 2, "t.pt") == [(8, 4), (4, 2)]
+    with pytest.raises(ValueError, match="t.pt is a T=12 sampler.*power of two"):
+        check_halving(info(12), 1, "t.pt")
+    with pytest.raises(ValueError, match="above 4"):
+        check_halving(info(4), 4, "t.pt")
