@@ -125,6 +125,23 @@ def test_aggregate_mean_std_over_seeds():
         report.aggregate([])
 
 
+def test_paired_comparison_and_per_seed_extractors():
+    fids = [{("pd", 1): 30.0, ("rcfd", 1): 25.0, ("pd", 2): 20.0, ("rcfd", 2): 21.0},
+            {("pd", 1): 60.0, ("rcfd", 1): 57.0, ("pd", 2): 40.0, ("rcfd", 2): 38.0}]
+    runs = [_results(f, seed=s, extractor=f"classifier:densenet_small:{s}") for s, f in enumerate(fids)]
+    agg = report.aggregate(runs)
+    paired = {r["steps"]: r for r in agg["paired"]}
+    assert paired[1]["per_seed"] == [-5.0, -3.0] and paired[1]["rcfd_better"] == 2
+    assert paired[1]["fid_diff_mean"] == pytest.approx(-4.0)
+    assert paired[1]["fid_diff_std"] == pytest.approx(math.sqrt(2.0))
+    assert paired[2]["per_seed"] == [1.0, -2.0] and paired[2]["rcfd_better"] == 1
+    # two seeds, two evaluation classifiers: both named, and the note says to pair by seed
+    assert agg["extractor"] == "per-seed extractors: classifier:densenet_small:0, classifier:densenet_small:1"
+    md = report.results_markdown(agg)
+    assert "| 1 | -4.000 ± 1.414 | 2 of 2 seeds | -5.000, -3.000 |" in md
+    assert "mixes the extractors' scales" in md
+
+
 def test_write_results_round_trips(tmp_path):
     r = _results(FIDS)
     r["entries"][0]["grid"] = "samples/base_8.png"
