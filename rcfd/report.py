@@ -288,7 +288,10 @@ def plot_fid_vs_steps(results: Mapping, path: str | os.PathLike) -> Path:
     ax.minorticks_off()
     ax.set_xlabel("sampling steps")
     ax.set_ylabel("FID")
-    ax.set_title(f"FID against steps ({results.get('extractor', 'extractor ?')})", fontsize=8)
+    name = str(results.get("extractor", "extractor ?"))
+    if name.startswith("per-seed"):
+        name = "each seed's evaluation classifier; bars: spread over seeds"
+    ax.set_title(f"FID against steps ({name})", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
