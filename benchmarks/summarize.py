@@ -23,7 +23,8 @@ def fmt_time(seconds: float) -> str:
 
 
 def impl_name(bench: dict) -> str:
-    return str(bench.get("extra_info", {}).get("impl") or bench["name"])
+    extra = bench.get("extra_info", {})
+    return str(extra.get("impl") or extra.get("mode") or bench["name"])
 
 
 def summarize(data: dict) -> str:
@@ -39,7 +40,7 @@ def summarize(data: dict) -> str:
     for group in sorted(groups):
         benches = groups[group]
         # the baseline is the eager PyTorch implementation of the group
-        base = next((b for b in benches if impl_name(b).startswith("eager")), None)
+        base = next((b for b in benches if "eager" in impl_name(b)), None)
         out += [f"### {group}", "", "| impl | mean | speed-up vs " + (impl_name(base) if base else "-")
                 + " | rounds | notes |", "|---|---|---|---|---|"]
         for b in sorted(benches, key=lambda b: b["stats"]["mean"], reverse=True):
