@@ -24,13 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 T = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small batches run faster on one thread, and much faster on a CPU shared with others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

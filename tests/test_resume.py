@@ -38,12 +38,7 @@ BASE = BaseStageConfig(unet=UNET, T=8, lr=1e-3, warmup=3, batch_size=16, steps=1
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_ctx(path, **kw):

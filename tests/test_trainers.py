@@ -45,14 +45,7 @@ UNET = UNetConfig(image_size=8, in_channels=1, ch=32, ch_mult=(1,), attn=(), num
                   dropout=0.0, num_time_indices=9)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the models are tiny, and on a shared CPU several threads per
-    process spin against each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def base_cfg(**kw):
