@@ -275,6 +275,81 @@ def test_kernel_refuses_float64():
         fk.feature_kl_triton(features(2, 5, torch.float64), features(2, 5, torch.float64))
 
 
+# --------------------------------------------------------------------------- backward
+
+SCALE_PATHS = ["kernel", "torch"]  # the skip-if-one Triton kernel, or one PyTorch multiply
+
+
+@pytest.fixture(params=SCALE_PATHS)
+def scale_path(request, monkeypatch):
+    """Run the eager backward's in-place scaling through each of its two paths."""
+    if request.param == "kernel":
+        monkeypatch.setattr(fk, "INPLACE_KERNEL_MIN_BYTES", 0)
+    else:
+        monkeypatch.setattr(fk, "INPLACE_KERNEL_MIN_BYTES", 1 << 62)
+    return request.param
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction,grad_output", [
+    ("batchmean", 1.0), ("batchmean", 0.25), ("sum", -3.0),
+    ("none", [1.0, 2.0, 1.0, -0.5, 1.0]), ("none", [1.0] * 5)], ids=str)
+def test_backward_scales_by_grad_output(scale_path, reduction, grad_output, dtype):
+    """Every row is scaled by its own grad_output, rows of exactly 1 included."""
+    go = torch.tensor(grad_output, device=DEVICE)
+    assert_matches_reference(5, 300, dtype=dtype, reduction=reduction, grad_output=go)
+
+
+@pytest.mark.triton
+@needs_triton
+def test_backward_per_row_grad_output_with_stride_zero(scale_path):
+    """``rows.mean().backward()`` hands the per-row backward an expanded (stride 0) scale."""
+    s, t = features(4, 130), features(4, 130)
+    leaf = s.clone().requires_grad_()
+    fk.feature_kl_triton(leaf, t, 0.9, 1.0, "none").mean().backward()
+    _, want = float64_reference(s, t, 0.9, 1.0, "batchmean")
+    torch.testing.assert_close(leaf.grad.double(), want, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.triton
+@needs_triton
+def test_second_backward_through_one_forward_recomputes(scale_path):
+    """The first backward hands its saved gradient over; ``retain_graph`` backwards after
+    it run the kernel again, so each one gets the gradient for its own grad_output."""
+    s, t = features(3, 200).requires_grad_(), features(3, 200)
+    loss = fk.feature_kl_triton(s, t)
+    (g1,) = torch.autograd.grad(loss, s, torch.tensor(2.0), retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, s, retain_graph=True)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    _, want = float64_reference(s, t, 0.9, 1.0, "batchmean")
+    torch.testing.assert_close(g1.double(), 2 * want, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(g2.double(), want, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(s.grad.double(), 2 * want, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.triton
+@needs_triton
+def test_scale_in_place_per_row_and_shared(scale_path):
+    """The scaling alone: rows scaled by 1 keep their values exactly, a NaN scale spreads,
+    a shared scale ([] or an expanded [B]) reaches every row; the tensor is written in place.
+    (Triton's interpreter rounds fp32 -> bf16 toward zero, a GPU to nearest: hence the
+    tolerance of one bf16 rounding.)"""
+    grad = features(4, 70, torch.bfloat16)
+    rows = torch.tensor([1.0, 2.0, float("nan"), -0.5], device=DEVICE)
+    out = fk._scale_in_place(grad.clone(), rows, "none")
+    want = (grad.float() * rows[:, None]).to(torch.bfloat16)
+    assert torch.equal(out[0], grad[0]) and out[2].isnan().all()
+    torch.testing.assert_close(out[[0, 1, 3]], want[[0, 1, 3]])  # one bf16 rounding
+    for shared in (torch.tensor(3.0, device=DEVICE), torch.tensor(3.0, device=DEVICE).expand(4)):
+        buf = grad.clone()
+        out = fk._scale_in_place(buf, shared, "none" if shared.dim() else "sum")
+        assert out.data_ptr() == buf.data_ptr()
+        torch.testing.assert_close(out, (grad.float() * 3).to(torch.bfloat16))
+
+
 # --------------------------------------------------------------------------- plumbing
 
 
@@ -380,7 +455,7 @@ def test_cuda_torch_compile_inductor(dynamic):
 @pytest.mark.cuda
 @pytest.mark.triton
 @pytest.mark.parametrize("shape", [(128, 1920), (2, 65536)], ids=str)
-def test_cuda_graph_capture_and_replay(shape):
+def test_cuda_graph_capture_and_replay(shape, scale_path):
     static_s = features(*shape).requires_grad_()
     static_t = features(*shape)
 

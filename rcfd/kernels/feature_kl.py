@@ -31,10 +31,14 @@ Layers (DESIGN.md, house style 5):
 Bytes moved per element, for bandwidth figures: ``_kl_rows_kernel`` reads ``student`` and
 ``teacher`` once and writes the gradient once (``3 * itemsize``), plus 4 bytes of loss
 per row; ``_kl_online_kernel`` reads both inputs twice (``5 * itemsize``; the second read
-may come from L2). The backward reads the gradient and writes the result
-(``2 * itemsize``). Nothing here reads a tensor's value on the host, so every path can be
-captured in a CUDA graph.
+may come from L2). The eager backward scales the saved gradient in place and hands it over
+(:func:`_scale_in_place`): on large gradients a Triton kernel whose programs skip rows whose
+``grad_output`` is exactly 1, so the usual ``loss.backward()`` (or a sum of losses) moves
+no further bytes, and any other scale costs ``2 * itemsize``. Nothing here reads a tensor's
+value on the host, so every path can be captured in a CUDA graph.
 """
+
+from __future__ import annotations
 
 import math
 from typing import NamedTuple
@@ -59,6 +63,10 @@ ROW_TILE = 2048  # elements per program when several short rows share one
 ELEMS_PER_THREAD = 16  # per input; sets num_warps from the block size
 MIN_BLOCK = 16
 MAX_WARPS = 16
+# Gradients from this size on are scaled by the skip-if-one Triton kernel (the saved pass
+# outweighs a Triton launch); smaller ones, launch-bound, by one in-place PyTorch multiply.
+INPLACE_KERNEL_MIN_BYTES = 8 << 20
+SCALE_BLOCK = 4096  # columns per program of the scaling kernel
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
 
@@ -224,6 +232,20 @@ if triton is not None:
         tl.store(loss_ptr + row, kl2 * (loss_scale * 0.6931471805599453))  # nats: * ln 2
 
 
+    @triton.jit
+    def _scale_rows_kernel(g_ptr, scale_ptr, n_cols, scale_stride, BLOCK: tl.constexpr):
+        """``g[row] *= scale[row * scale_stride]`` in place, over a ``(rows, column blocks)``
+        grid; a program whose scale is exactly 1 returns without touching memory."""
+        row = tl.program_id(0).to(tl.int64)
+        scale = tl.load(scale_ptr + row * scale_stride)
+        if scale != 1.0:
+            cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+            ok = cols < n_cols
+            ptrs = g_ptr + row * n_cols + cols
+            g = tl.load(ptrs, mask=ok).to(tl.float32)
+            tl.store(ptrs, (g * scale).to(g_ptr.dtype.element_ty), mask=ok)
+
+
 # --------------------------------------------------------------------------- launchers
 
 
@@ -256,10 +278,12 @@ def launch_config(n_rows: int, n_cols: int, block_limit: int = MAX_ROW_BLOCK,
     return LaunchConfig(False, block, rows, _warps(rows * block), -(-n_rows // rows))
 
 
-def _forward(student, teacher, tau_teacher, tau_student, reduction, compute_grad):
+def _forward(student, teacher, tau_teacher, tau_student, reduction, compute_grad,
+             config: LaunchConfig | None = None):
     """Launch the forward kernel: returns ``(loss, grad)`` with ``loss`` fp32 (``[]`` or
     ``[B]``) and ``grad = dloss/dstudent`` (``[B, D]``, contiguous, input dtype) when
-    ``compute_grad``, else an empty tensor."""
+    ``compute_grad``, else an empty tensor. ``config`` overrides :func:`launch_config`
+    (benchmarks/tune_feature_kl.py sweeps it)."""
     n_rows, n_cols = student.shape
     s = student if student.stride(1) == 1 else student.contiguous()
     t = teacher if teacher.stride(1) == 1 else teacher.contiguous()
@@ -269,7 +293,7 @@ def _forward(student, teacher, tau_teacher, tau_student, reduction, compute_grad
     loss_scale = 1.0 / n_rows if reduction == "batchmean" else 1.0
     scalars = (1.0 / tau_student * _LOG2E, 1.0 / tau_teacher * _LOG2E,
                loss_scale / tau_student, loss_scale)
-    cfg = launch_config(n_rows, n_cols, MAX_ROW_BLOCK, ONLINE_CHUNK)
+    cfg = config or launch_config(n_rows, n_cols, MAX_ROW_BLOCK, ONLINE_CHUNK)
     grad_arg = grad if compute_grad else per_row  # never written when not compute_grad
     if cfg.online:
         _kl_online_kernel[(cfg.grid,)](
@@ -284,33 +308,65 @@ def _forward(student, teacher, tau_teacher, tau_student, reduction, compute_grad
     return loss, grad
 
 
-def _backward(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: str) -> torch.Tensor:
-    """``dL/dstudent = grad * grad_output`` (per row for ``reduction="none"``)."""
+def _check_saved(grad: torch.Tensor) -> None:
     if grad.numel() == 0:
         raise RuntimeError("feature_kl: backward through a forward that ran without grad")
+
+
+def _backward(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``dL/dstudent = grad * grad_output`` (per row for ``reduction="none"``), out of place:
+    the form the compiled op's backward traces, which Inductor fuses into its consumer."""
+    _check_saved(grad)
     scale = grad_loss[:, None] if reduction == "none" else grad_loss
     return grad * scale.to(grad.dtype)
+
+
+def _scale_in_place(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``grad *= grad_output`` (per row for ``reduction="none"``) in place, and return it:
+    the eager backward owns the saved gradient and hands it over. Gradients of at least
+    ``INPLACE_KERNEL_MIN_BYTES`` go through :func:`_scale_rows_kernel`, which leaves rows
+    whose scale is exactly 1 untouched (the ``1`` of ``loss.backward()``); smaller ones take
+    one PyTorch multiply. Either way the decision is on the device: no host sync."""
+    _check_saved(grad)
+    n_rows, n_cols = grad.shape
+    col_blocks = -(-n_cols // SCALE_BLOCK)
+    if (triton is None or grad.numel() * grad.element_size() < INPLACE_KERNEL_MIN_BYTES
+            or col_blocks > 65535):  # the CUDA limit of a grid's second axis
+        return grad.mul_(grad_loss[:, None] if reduction == "none" else grad_loss)
+    scale = grad_loss.reshape(-1).float()  # [] -> [1]; [B] keeps its stride (0 if expanded)
+    stride = scale.stride(0) if reduction == "none" else 0
+    block = min(SCALE_BLOCK, max(MIN_BLOCK, _next_pow2(n_cols)))
+    _scale_rows_kernel[(n_rows, -(-n_cols // block))](
+        grad, scale, n_cols, stride, BLOCK=block, num_warps=_warps(block))
+    return grad
 
 
 # --------------------------------------------------------------------------- autograd
 
 
 class _FeatureKLFunction(torch.autograd.Function):
-    """Eager path: the forward kernel saves the gradient; backward scales it."""
+    """Eager path: the forward kernel keeps the gradient; the first backward scales it in
+    place and hands it over. A second backward through the same graph
+    (``retain_graph=True``) finds it gone and runs the kernel again on the saved inputs."""
 
     @staticmethod
     def forward(ctx, student, teacher, tau_teacher, tau_student, reduction, compute_grad):
         loss, grad = _forward(student, teacher, tau_teacher, tau_student, reduction,
                               compute_grad)
-        ctx.reduction = reduction
-        ctx.save_for_backward(grad)
+        ctx.args = (tau_teacher, tau_student, reduction)
+        ctx.grad = grad  # owned here, not a saved tensor: backward may write into it
+        ctx.save_for_backward(student, teacher)  # read only by a second backward
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return _backward(grad, grad_loss, ctx.reduction), None, None, None, None, None
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            student, teacher = ctx.saved_tensors
+            _, grad = _forward(student, teacher, *ctx.args, True)
+        grad = _scale_in_place(grad, grad_loss, ctx.args[2])
+        return grad, None, None, None, None, None
 
 
 if triton is not None:
