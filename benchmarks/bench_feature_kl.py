@@ -13,19 +13,23 @@ Run: ``pytest benchmarks/bench_feature_kl.py --benchmark-only``.
   and its share of a device-to-device copy measured in the same session.
 
 At the launch-bound shapes each timing runs 16 forward + backward calls and synchronises once
-(``extra_info["ops_per_call"]``; the summary's ``per_op`` is one call).
+(``extra_info["ops_per_call"]``; the summary's ``per_op`` is one call). The ``CUDA graph``
+groups replay those 16 calls captured in one graph: the GPU work alone, without the host
+costs (autograd engine, Python, launches) that the plain groups include.
 
 Bytes: any fused forward + backward must read ``student`` and ``teacher`` and write the
 student gradient, ``3 * itemsize`` per element (``bytes_min``, the basis of
-``GBps_effective`` for every implementation). Ours moves ``5 * itemsize`` per element
-(``bytes_ours``): the forward writes the gradient, the backward reads it back and scales
-it (see :mod:`rcfd.kernels.feature_kl`). Every timed call ends with a device
-synchronisation and takes the next pair from a pool of inputs larger than the L2 cache.
+``GBps_effective`` for every implementation). Ours moves exactly that when ``grad_output``
+is 1 (a plain ``loss.backward()``): the forward writes the gradient and the backward hands
+it over untouched. Any other ``grad_output`` (the ``-go0.5`` group) adds a scaling pass,
+``5 * itemsize`` in all (``bytes_ours``; see :mod:`rcfd.kernels.feature_kl`). Every timed
+call takes the next pair from a pool of inputs larger than the L2 cache.
 """
 
 import itertools
 import math
 
+import gpu_timing
 import pytest
 import torch
 import torch.nn.functional as F
@@ -60,38 +64,35 @@ IMPLS = {
     "rcfd_triton": lambda: rcfd_triton,
 }
 GPU_IMPLS = ("compiled_kl_div", "rcfd_triton")
-CASES = [(128, 512, torch.float32), (128, 1920, torch.float32), (128, 2048, torch.float32),
-         (16384, 4096, torch.float32), (16384, 4096, torch.bfloat16)]
+# (B, D, dtype, grad_output): the real shapes, then the bandwidth-bound one
+CASES = [(128, 512, torch.float32, 1.0), (128, 1920, torch.float32, 1.0),
+         (128, 2048, torch.float32, 1.0), (16384, 4096, torch.float32, 1.0),
+         (16384, 4096, torch.float32, 0.5), (16384, 4096, torch.bfloat16, 1.0)]
+GRAPH_IMPLS = ("eager_kl_div", "rcfd_triton")  # timed captured at the launch-bound shapes
+
+
+def _large(case) -> bool:
+    return case[0] * case[1] > 1 << 22
 
 
 def _case_id(case):
-    b, d, dtype = case
-    return f"{b}x{d}-{str(dtype).removeprefix('torch.')}"
+    b, d, dtype, go = case
+    return f"{b}x{d}-{str(dtype).removeprefix('torch.')}" + ("" if go == 1 else f"-go{go}")
 
 
 def _params():
     for case, impl in itertools.product(CASES, IMPLS):
-        large = case[0] * case[1] > 1 << 22
-        marks = [gpu_only] if (large or impl in GPU_IMPLS) else []
-        yield pytest.param(case, impl, id=f"{_case_id(case)}-{impl}", marks=marks)
+        marks = [gpu_only] if (_large(case) or impl in GPU_IMPLS) else []
+        yield pytest.param(case, impl, False, id=f"{_case_id(case)}-{impl}", marks=marks)
+    for case, impl in itertools.product(CASES, GRAPH_IMPLS):
+        if not _large(case):
+            yield pytest.param(case, impl, True, id=f"{_case_id(case)}-{impl}-graph",
+                               marks=[gpu_only])
 
 
 @pytest.fixture(scope="session")
 def copy_bandwidth_gbps():
-    """Device-to-device copy of 1 GiB, bytes read + written per second (CUDA events)."""
-    src = torch.randn(1 << 28, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    reps = 20
-    start.record()
-    for _ in range(reps):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    seconds = start.elapsed_time(end) / 1e3 / reps
-    return 2 * src.nbytes / seconds / 1e9
+    return gpu_timing.copy_bandwidth_gbps()
 
 
 def _input_pool(b, d, dtype):
@@ -105,37 +106,53 @@ def _input_pool(b, d, dtype):
     return pool
 
 
-@pytest.mark.parametrize("case,impl", list(_params()))
-def test_feature_kl_forward_backward(benchmark, case, impl, request):
-    b, d, dtype = case
+@pytest.mark.parametrize("case,impl,captured", list(_params()))
+def test_feature_kl_forward_backward(benchmark, case, impl, captured, request):
+    b, d, dtype, go = case
     fn = IMPLS[impl]()
-    pool = itertools.cycle(_input_pool(b, d, dtype))
+    pool = _input_pool(b, d, dtype)
     sync = torch.cuda.synchronize if CUDA else (lambda: None)
+    grad_output = None if go == 1 else torch.tensor(go, device=DEVICE)
 
     # Launch-bound shapes: several calls per timing and one synchronisation, so the figure is
     # the time a training step spends per call (launches and autograd included), not the
     # latency of a synchronisation. Bandwidth-bound shapes: one call, then synchronise.
-    calls = 1 if b * d > 1 << 22 else CALLS_PER_TIMING
+    calls = 1 if _large(case) else CALLS_PER_TIMING
+    if captured:  # the same calls on fixed inputs, captured: the GPU time alone
+        pairs = [pool[i % len(pool)] for i in range(calls)]
 
-    def step():
-        for _ in range(calls):
-            s, t = next(pool)
-            loss = fn(s, t)
-            (grad,) = torch.autograd.grad(loss, s)
-        sync()
-        return grad
+        def run():
+            for s, t in pairs:
+                torch.autograd.grad(fn(s, t), s, grad_output)
+
+        graph = gpu_timing.capture(run)
+
+        def step():
+            graph.replay()
+            sync()
+    else:
+        cycle = itertools.cycle(pool)
+
+        def step():
+            for _ in range(calls):
+                s, t = next(cycle)
+                loss = fn(s, t)
+                (grad,) = torch.autograd.grad(loss, s, grad_output)
+            sync()
+            return grad
 
     for _ in range(3):  # JIT / compile / allocator warm-up, outside the timing
         step()
-    benchmark.group = f"feature_kl fwd+bwd {_case_id(case)}"
+    benchmark.group = f"feature_kl fwd+bwd {_case_id(case)}" + (" (CUDA graph)" * captured)
     itemsize = torch.empty((), dtype=dtype).element_size()
     bytes_min = 3 * itemsize * b * d
-    benchmark.extra_info.update(impl=impl, B=b, D=d, dtype=str(dtype), bytes_min=bytes_min,
-                                ops_per_call=calls)
+    benchmark.extra_info.update(impl=impl, B=b, D=d, dtype=str(dtype), grad_output=go,
+                                bytes_min=bytes_min, ops_per_call=calls, graph=captured)
     if impl == "rcfd_triton":
-        benchmark.extra_info["bytes_ours"] = 5 * itemsize * b * d + 4 * b
+        passes = 3 if go == 1 else 5
+        benchmark.extra_info["bytes_ours"] = passes * itemsize * b * d + 4 * b
     benchmark(step)
-    if benchmark.stats is not None and b * d > 1 << 22:  # bandwidth only where it binds
+    if benchmark.stats is not None and _large(case):  # bandwidth only where it binds
         seconds = benchmark.stats.stats.median
         copy = request.getfixturevalue("copy_bandwidth_gbps")
         gbps = bytes_min / seconds / 1e9
