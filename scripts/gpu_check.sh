@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared check for a machine with a CUDA GPU: build the extension for this card, run
-# the CUDA tests, run the benchmarks, and leave everything under $OUT (default ./gpu-check).
+# the CUDA tests, run the benchmarks and the feature-KL launch sweep, and leave everything
+# under $OUT (default ./gpu-check).
 # Finishes in under 8 minutes on an H100/H200; every section has its own time limit so that a
 # hang in one still leaves the others' results.
 #
@@ -45,5 +46,10 @@ timeout 200 $PY -m pytest benchmarks --benchmark-only -q -p no:cacheprovider -k 
   --benchmark-json="$OUT/benchmarks.json" >"$OUT/benchmarks.log" 2>&1
 echo "benchmarks exit $?"; tail -3 "$OUT/benchmarks.log"
 $PY benchmarks/summarize.py "$OUT/benchmarks.json" >"$OUT/summary.md" && cat "$OUT/summary.md"
+
+section "feature KL launch settings (forward kernel alone, CUDA-graph timed)"
+{ timeout 60 $PY benchmarks/tune_feature_kl.py --dtypes float32 --json "$OUT/tune_kl_fp32.json"
+  timeout 30 $PY benchmarks/tune_feature_kl.py --shapes 16384x4096 --dtypes bfloat16 \
+    --json "$OUT/tune_kl_bf16.json"; } 2>&1 | tee "$OUT/tune_feature_kl.md"
 
 section "done"
