@@ -5,13 +5,14 @@
 
 For each shape and dtype it times the forward kernel alone (loss and gradient, as a training
 step runs it) under every launch setting worth trying: rows per program and ``num_warps`` for
-the whole-row kernel, keeping 8 to 32 elements per thread per input. Each setting runs 16
-calls over a pool of inputs larger than L2, captured in a CUDA graph so the GPU time is
-measured without host overhead; the figure is the median of 10 replays. The table marks the
-setting that :func:`rcfd.kernels.feature_kl.launch_config` picks today and the fastest one,
-with bandwidth on the ``3 * itemsize`` minimum traffic against a device copy measured in the
-same run. When the fastest differs from today's pick by more than noise, retune
-``ROW_TILE`` / ``ELEMS_PER_THREAD`` in ``rcfd/kernels/feature_kl.py``.
+the whole-row kernel, chunk width and ``num_warps`` for the two-pass online kernel on long
+rows, keeping 8 to 32 elements per thread per input. Each setting runs 16 calls over a pool
+of inputs larger than L2, captured in a CUDA graph so that the GPU time is measured without
+host overhead; the figure is the median of 10 replays. The table marks the setting that
+:func:`rcfd.kernels.feature_kl.launch_config` picks today and the fastest one, with
+bandwidth on the ``3 * itemsize`` minimum traffic against a device copy measured in the same
+run. When the fastest beats today's pick by more than noise, retune ``ROW_TILE`` /
+``ELEMS_PER_THREAD`` / ``MAX_ROW_BLOCK`` in ``rcfd/kernels/feature_kl.py``.
 """
 
 import argparse
@@ -31,22 +32,29 @@ POOL_BYTES = 256 << 20  # input pool per shape: well past any L2
 DEFAULT_SHAPES = ("128x512", "128x2048", "16384x4096")
 ROWS = (1, 2, 4, 8, 16, 32)
 WARPS = (1, 2, 4, 8, 16)
+ONLINE_CHUNKS = (512, 1024, 2048)
 ELEMS_PER_THREAD = (8, 32)  # inclusive bounds, per input
 
 
+def _fits(elems: int, warps: int) -> bool:
+    return ELEMS_PER_THREAD[0] <= elems // (32 * warps) <= ELEMS_PER_THREAD[1]
+
+
 def candidates(n_rows: int, n_cols: int) -> list[fk.LaunchConfig]:
-    """Every whole-row launch setting inside the per-thread bounds (rows kernel only)."""
+    """Every launch setting inside the per-thread bounds: whole rows (several per program)
+    and, for rows of 2048 columns or more, the two-pass online kernel over narrower chunks
+    (lighter programs, more of them per SM; the second pass re-reads from L2)."""
     if n_cols > fk.MAX_ROW_BLOCK:
-        raise SystemExit(f"{n_cols} columns take the online kernel; this sweep tunes the "
-                         f"whole-row kernel (D <= {fk.MAX_ROW_BLOCK})")
+        raise SystemExit(f"{n_cols} columns take the online kernel; this sweep tunes rows "
+                         f"of up to {fk.MAX_ROW_BLOCK} columns")
     block = max(fk.MIN_BLOCK, 1 << (n_cols - 1).bit_length())
     out = []
     for rows, warps in itertools.product(ROWS, WARPS):
-        per_thread = rows * block // (32 * warps)
-        if rows > n_rows or rows * block > 32768:
-            continue
-        if ELEMS_PER_THREAD[0] <= per_thread <= ELEMS_PER_THREAD[1]:
+        if rows <= n_rows and rows * block <= 32768 and _fits(rows * block, warps):
             out.append(fk.LaunchConfig(False, block, rows, warps, -(-n_rows // rows)))
+    for chunk, warps in itertools.product(ONLINE_CHUNKS, WARPS):
+        if 2 * chunk <= n_cols and _fits(chunk, warps):
+            out.append(fk.LaunchConfig(True, chunk, 1, warps, n_rows))
     current = fk.launch_config(n_rows, n_cols)
     if current not in out:
         out.append(current)
@@ -75,7 +83,8 @@ def sweep(shape: str, dtype: torch.dtype, copy_gbps: float) -> list[dict]:
         seconds = time_config(pool, cfg)
         gbps = 3 * itemsize * n_rows * n_cols / seconds / 1e9
         records.append(dict(shape=shape, dtype=str(dtype).removeprefix("torch."),
-                            rows=cfg.rows, num_warps=cfg.num_warps, block_d=cfg.block_d,
+                            kernel="online" if cfg.online else "rows", rows=cfg.rows,
+                            num_warps=cfg.num_warps, block_d=cfg.block_d,
                             us=round(seconds * 1e6, 2), GBps=round(gbps, 1),
                             pct_of_copy=round(100 * gbps / copy_gbps, 1),
                             current=cfg == current))
@@ -84,12 +93,13 @@ def sweep(shape: str, dtype: torch.dtype, copy_gbps: float) -> list[dict]:
 
 def table(records: list[dict]) -> str:
     best = min(r["us"] for r in records)
-    lines = ["| rows | warps | us per call | GB/s | % of copy | |", "|---|---|---|---|---|---|"]
+    lines = ["| kernel | block | rows | warps | us per call | GB/s | % of copy | |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: r["us"]):
         mark = ", ".join(m for m, on in (("today's pick", r["current"]),
                                          ("fastest", r["us"] == best)) if on)
-        lines.append(f"| {r['rows']} | {r['num_warps']} | {r['us']} | {r['GBps']} | "
-                     f"{r['pct_of_copy']} | {mark} |")
+        lines.append(f"| {r['kernel']} | {r['block_d']} | {r['rows']} | {r['num_warps']} | "
+                     f"{r['us']} | {r['GBps']} | {r['pct_of_copy']} | {mark} |")
     return "\n".join(lines)
 
 
@@ -112,10 +122,10 @@ def main(argv=None) -> int:
         rows = sweep(shape, getattr(torch, dtype), copy_gbps)
         records += rows
         print(f"### {shape} {dtype}\n\n{table(rows)}\n", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), copy_GBps=copy_gbps,
-                           torch=torch.__version__, results=records), f, indent=1)
+        if args.json:  # after every shape, so a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(dict(device=torch.cuda.get_device_name(), copy_GBps=copy_gbps,
+                               torch=torch.__version__, results=records), f, indent=1)
     return 0
 
 

@@ -48,8 +48,8 @@ echo "benchmarks exit $?"; tail -3 "$OUT/benchmarks.log"
 $PY benchmarks/summarize.py "$OUT/benchmarks.json" >"$OUT/summary.md" && cat "$OUT/summary.md"
 
 section "feature KL launch settings (forward kernel alone, CUDA-graph timed)"
-{ timeout 60 $PY benchmarks/tune_feature_kl.py --dtypes float32 --json "$OUT/tune_kl_fp32.json"
-  timeout 30 $PY benchmarks/tune_feature_kl.py --shapes 16384x4096 --dtypes bfloat16 \
+{ timeout 90 $PY benchmarks/tune_feature_kl.py --dtypes float32 --json "$OUT/tune_kl_fp32.json"
+  timeout 45 $PY benchmarks/tune_feature_kl.py --shapes 16384x4096 --dtypes bfloat16 \
     --json "$OUT/tune_kl_bf16.json"; } 2>&1 | tee "$OUT/tune_feature_kl.md"
 
 section "done"
