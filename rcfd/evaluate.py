@@ -17,7 +17,6 @@ Every number is printed with the extractor's name. Samples come from
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import warnings
@@ -134,25 +133,26 @@ def sample_images(model: nn.Module, info, *, num_samples: int, num_steps: int, b
     """``num_samples`` images (uint8 ``[N, C, H, W]`` on the CPU) from a diffusion model with
     an ``num_steps``-step DDIM sampler, through :func:`rcfd.sampling.generate`. Under
     ``torchrun`` (``dist``: a :class:`rcfd.distributed.DistInfo`) each rank makes its block
-    of :func:`rcfd.distributed.shard_range` from its own seed and rank 0 gets them all, in
-    rank order (the other ranks get ``None``); a single process draws from ``seed``."""
+    of :func:`rcfd.distributed.shard_range` and rank 0 gets them all, in rank order (the
+    other ranks get ``None``). Every block starts from the noise one process would draw
+    from ``seed`` for those samples, so the set is the same for any number of processes."""
     from rcfd import distributed
     from rcfd.data import to_uint8
     from rcfd.sampling import generate
 
     dist = dist or distributed.SINGLE
     device = torch.device(device)
-    n = len(distributed.shard_range(num_samples, dist))
+    block = distributed.shard_range(num_samples, dist)
+    n = len(block)
     cfg = info.config
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
-    rank_seed = seed if not dist.enabled else int.from_bytes(
-        hashlib.sha256(f"{seed}:sample-rank:{dist.rank}".encode()).digest()[:8], "little") >> 1
     out, bad = [], 0
     if n:
-        for x in generate(model, n, min(batch_size, n), shape=shape, T=info.T,
-                          time_scale=info.time_scale, num_steps=num_steps, device=device,
-                          seed=rank_seed, prediction=info.prediction, use_cuda_graph=use_cuda_graph,
-                          progress=progress and dist.is_main):
+        for x in generate(model, num_samples, min(batch_size, num_samples), shape=shape,
+                          T=info.T, time_scale=info.time_scale, num_steps=num_steps,
+                          device=device, seed=seed, prediction=info.prediction,
+                          use_cuda_graph=use_cuda_graph, progress=progress and dist.is_main,
+                          indices=block):
             finite = torch.isfinite(x).flatten(1).all(1)
             bad += int((~finite).sum())
             out.append(to_uint8(torch.nan_to_num(x, nan=0.0)).cpu())

@@ -194,7 +194,8 @@ def _sharded_sampling(rank, world, ckpt, port, out):
 
 @pytest.mark.slow
 def test_evaluation_sampling_is_sharded_over_ranks(tiny_run, tmp_path):
-    """Under torchrun each rank samples its block and rank 0 gathers all of them."""
+    """Under torchrun each rank samples its block and rank 0 gathers all of them: the same
+    images one process makes from the same seed."""
     import socket
 
     import torch.multiprocessing as mp
@@ -206,3 +207,9 @@ def test_evaluation_sampling_is_sharded_over_ranks(tiny_run, tmp_path):
     gathered, other = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert gathered.shape == (7, 1, 16, 16) and gathered.dtype == torch.uint8 and other is None
     assert not torch.equal(gathered[:3], gathered[4:])  # the ranks drew different noise
+    from rcfd.evaluate import sample_images
+
+    model, info = load_diffusion_checkpoint(str(tiny_run / "pd" / "T1.pt"))
+    alone = sample_images(model, info, num_samples=7, num_steps=1, batch_size=2, seed=3,
+                          progress=False)
+    torch.testing.assert_close(gathered, alone, rtol=0, atol=1)  # uint8: one level of rounding

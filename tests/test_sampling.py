@@ -8,6 +8,7 @@ import torch
 from standins import GaussianDenoiser, TinyNet
 
 from rcfd import sampling
+from rcfd.distributed import DistInfo, shard_range
 from rcfd.schedule import cosine_schedule, step_indices
 
 F64 = torch.float64
@@ -142,6 +143,46 @@ def test_generate_yields_n_reproducible_images():
     g = torch.Generator().manual_seed(5)
     first = sampling.sample_ddim(model, torch.randn(3, 3, 4, 5, generator=g), 8, 1, 2)
     torch.testing.assert_close(torch.cat(a)[:3], first)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5), (1, 16, 16)], ids=str)
+def test_noise_blocks_equal_one_process_noise_for_any_world_size(shape):
+    """Each rank's block holds the noise one process draws for those samples, so the union
+    over ranks is the same sample set for 1, 2, 3 or 4 processes (60 values per image
+    included: not a multiple of the 16 that CPU randn fills at a time)."""
+    n, batch = 23, 5
+
+    def noise(indices=None):
+        g = torch.Generator().manual_seed(11)
+        return list(sampling.noise_batches(n, batch, shape, g, indices))
+
+    whole = noise()
+    assert [x.shape[0] for x in whole] == [5, 5, 5, 5, 3]
+    for world in (1, 2, 3, 4):
+        blocks = []
+        for rank in range(world):
+            block = shard_range(n, DistInfo(rank=rank, world_size=world))
+            got = noise(block)
+            sizes = [x.shape[0] for x in got]
+            assert sum(sizes) == len(block) and all(s == batch for s in sizes[:-1])
+            blocks += got
+        assert torch.equal(torch.cat(blocks), torch.cat(whole)), f"world size {world}"
+
+
+def test_noise_blocks_must_be_contiguous_and_inside():
+    g = torch.Generator()
+    for bad in (range(0, 10, 2), range(5, 11), range(-1, 3)):
+        with pytest.raises(ValueError, match="contiguous block"):
+            next(sampling.noise_batches(10, 4, (1, 2, 2), g, bad))
+    assert list(sampling.noise_batches(10, 4, (1, 2, 2), g, range(3, 3))) == []
+
+
+def test_generate_block_equals_its_slice_of_all():
+    model = TinyNet(ch=3, width=8).eval()
+    kw = dict(shape=(3, 4, 5), T=8, time_scale=1, num_steps=2, progress=False, seed=3)
+    whole = torch.cat(list(sampling.generate(model, 9, 4, **kw)))
+    part = torch.cat(list(sampling.generate(model, 9, 4, indices=range(2, 7), **kw)))
+    torch.testing.assert_close(part, whole[2:7])
 
 
 # --------------------------------------------------------------------------- CUDA
