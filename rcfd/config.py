@@ -5,24 +5,33 @@ composes them. The presets (``smoke``, ``digits``, ``cifar10-paper``, ...) are i
 Every config round-trips through plain dicts (``to_dict`` / ``from_dict``; unknown keys are
 an error naming the key and listing the valid ones), loads from JSON or YAML
 (:func:`load_config`), takes dotted overrides (``cfg.with_overrides({"base.steps": 100})``)
-and validates itself on construction, so an invalid value fails before any training runs.
+and validates itself on construction, so an invalid value fails before any training runs
+(the machinery is :mod:`rcfd.typedconfig`).
 The numbers of the paper's settings come from METHOD.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 from rcfd.classifiers import CLASSIFIER_NAMES
 from rcfd.data import DatasetSpec
 from rcfd.losses import LOSS_KINDS, PREDICTIONS, RCFDLossConfig
+from rcfd.typedconfig import (
+    Config,
+    check_choice,
+    check_float,
+    check_int,
+    check_pow2,
+    is_pow2,
+    merge,
+    read_mapping,
+    save_config,
+)
 from rcfd.unet import UNetConfig
 
 TRAINABLE_CLASSIFIERS = tuple(n for n in CLASSIFIER_NAMES if not n.startswith("imagenet_"))
@@ -32,40 +41,7 @@ METHODS = ("base", "pd", "rcfd")
 LR_SCHEDULES = ("constant", "cosine")
 
 
-# --------------------------------------------------------------------------- checks
-
-
-def _int(name: str, v: Any, lo: int = 1, none: bool = False) -> None:
-    if v is None and none:
-        return
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-
-
-def _float(name: str, v: Any, lo: float = 0.0, hi: float = math.inf, *, lo_open=False,
-           hi_open=False, none=False) -> None:
-    if v is None and none:
-        return
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    if not ok:
-        lb, hb = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise ValueError(f"{name} must be a number in {lb}{lo}, {hi}{hb}, got {v!r}")
-
-
-def _pow2(name: str, v: Any) -> None:
-    _int(name, v)
-    if v & (v - 1):
-        raise ValueError(f"{name} must be a power of two (1, 2, 4, ...), got {v}")
-
-
-def _choice(name: str, v: Any, choices: tuple) -> None:
-    if v not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {v!r}")
-
-
-def is_pow2(v: int) -> bool:
-    return isinstance(v, int) and v >= 1 and not v & (v - 1)
+# --------------------------------------------------------------------------- PD rounds
 
 
 def halving_rounds(teacher_T: int, final_T: int) -> list[tuple[int, int]]:
@@ -78,132 +54,6 @@ def halving_rounds(teacher_T: int, final_T: int) -> list[tuple[int, int]]:
         out.append((t, t // 2))
         t //= 2
     return out
-
-
-# --------------------------------------------------------------------------- YAML
-
-
-def _yaml_load(text: str):
-    """``yaml.safe_load`` that also reads ``1e-4`` as a float: PyYAML follows YAML 1.1, where
-    a float needs a dot (``1.0e-4``), so learning rates written the usual way came back as
-    strings."""
-    import re
-
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                    |[-+]?\.(?:inf|Inf|INF)
-                    |\.(?:nan|NaN|NAN))$""", re.X),
-        list("-+0123456789."))
-    return yaml.load(text, Loader=Loader)
-
-
-# --------------------------------------------------------------------------- dict round trip
-
-
-def _foreign_to_dict(v: Any) -> Any:
-    if hasattr(v, "to_dict"):
-        return v.to_dict()
-    return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-
-
-def _plain(v: Any) -> Any:
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return _foreign_to_dict(v)
-    if isinstance(v, tuple):
-        return [_plain(e) for e in v]
-    return v
-
-
-def _strict_keys(cls, d: Mapping, where: str) -> None:
-    if not isinstance(d, Mapping):
-        raise TypeError(f"{where or cls.__name__} must be a mapping, got {type(d).__name__}")
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in d if k not in valid]
-    if unknown:
-        raise ValueError(f"unknown key {_dot(where, unknown[0])!r} in {cls.__name__}; "
-                         f"valid keys: {', '.join(valid)}")
-
-
-def _dot(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
-
-
-def _build(cls, d: Mapping, where: str):
-    """``cls(**d)`` with nested configs built from dicts, lists made tuples where the default
-    is a tuple, strict keys, and errors prefixed by the dotted path."""
-    _strict_keys(cls, d, where)
-    nested = getattr(cls, "_nested", {})
-    kwargs = {}
-    defaults = {f.name: f for f in dataclasses.fields(cls)}
-    for k, v in d.items():
-        sub = nested.get(k)
-        if sub is not None and isinstance(v, Mapping):
-            v = _build(sub, v, _dot(where, k))
-        elif isinstance(v, list):
-            f = defaults[k]
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            if isinstance(default, tuple) or default is None:
-                v = tuple(v)
-        kwargs[k] = v
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        msg = str(e)
-        raise ValueError(f"{where}: {msg}" if where and not msg.startswith(where) else msg) from None
-
-
-class _Config:
-    """Shared behaviour of the stage configs: dict/JSON round trip and dotted overrides."""
-
-    _nested: ClassVar[dict] = {}
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of JSON/``weights_only``-safe values (tuples become lists)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]):
-        """Inverse of :meth:`to_dict`; missing keys take their defaults, unknown keys are an
-        error naming the key and the valid ones."""
-        return _build(cls, d, "")
-
-    def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
-
-    def with_overrides(self, overrides: Mapping[str, Any]):
-        """A copy with dotted-path overrides, e.g. ``{"base.steps": 100, "rcfd.loss.tau":
-        0.9}``. String values for non-string fields are parsed as YAML scalars (``"100"``,
-        ``"1e-4"``, ``"null"``, ``"[1, 2]"``), so CLI ``key=value`` pairs pass through."""
-        d = self.to_dict()
-        for key, value in overrides.items():
-            node, cls, parts = d, type(self), key.split(".")
-            for i, part in enumerate(parts):
-                valid = [f.name for f in dataclasses.fields(cls)]
-                if part not in valid:
-                    raise ValueError(f"unknown config key {'.'.join(parts[:i + 1])!r}; valid keys "
-                                     f"at that level: {', '.join(valid)}")
-                if i == len(parts) - 1:
-                    if isinstance(value, str) and not isinstance(node.get(part), str):
-                        value = _yaml_load(value)
-                    node[part] = _plain(value)
-                    break
-                sub = getattr(cls, "_nested", {}).get(part)
-                if sub is None or not isinstance(node.get(part), dict):
-                    raise ValueError(f"config key {'.'.join(parts[:i + 1])!r} is a value, not a "
-                                     f"section; cannot set {key!r}")
-                node, cls = node[part], sub
-        return type(self).from_dict(d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
 
 # --------------------------------------------------------------------------- stages
@@ -221,7 +71,7 @@ class TrainOptions:
 
 
 @dataclass(frozen=True)
-class ClassifierStageConfig(_Config):
+class ClassifierStageConfig(Config):
     """A classifier trained with SGD (METHOD.md, "Classifiers"): ``lr`` divided by
     ``1 / lr_decay`` at each fraction of training in ``milestones``. Train for ``epochs``
     or for ``steps`` (exactly one is set). ``role`` says which classifier this is
@@ -251,30 +101,30 @@ class ClassifierStageConfig(_Config):
     _nested: ClassVar[dict] = {"options": TrainOptions}
 
     def __post_init__(self):
-        _choice("role", self.role, CLASSIFIER_ROLES)
-        _choice("arch", self.arch, TRAINABLE_CLASSIFIERS)
-        _int("width", self.width, none=True)
+        check_choice("role", self.role, CLASSIFIER_ROLES)
+        check_choice("arch", self.arch, TRAINABLE_CLASSIFIERS)
+        check_int("width", self.width, none=True)
         if (self.epochs is None) == (self.steps is None):
             raise ValueError(f"set exactly one of epochs or steps, got epochs={self.epochs!r}, "
                              f"steps={self.steps!r}")
-        _int("epochs", self.epochs, none=True)
-        _int("steps", self.steps, none=True)
-        _int("batch_size", self.batch_size)
-        _float("lr", self.lr, lo_open=True)
-        _float("momentum", self.momentum, 0.0, 1.0, hi_open=True)
-        _float("weight_decay", self.weight_decay)
-        _float("lr_decay", self.lr_decay, 0.0, 1.0, lo_open=True)
+        check_int("epochs", self.epochs, none=True)
+        check_int("steps", self.steps, none=True)
+        check_int("batch_size", self.batch_size)
+        check_float("lr", self.lr, lo_open=True)
+        check_float("momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        check_float("weight_decay", self.weight_decay)
+        check_float("lr_decay", self.lr_decay, 0.0, 1.0, lo_open=True)
         if any(not (isinstance(m, (int, float)) and 0 < m < 1) for m in self.milestones) or \
                 list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"milestones must be increasing fractions of training in (0, 1), "
                              f"got {self.milestones!r}")
-        _int("seed_offset", self.seed_offset, lo=0)
-        _int("eval_interval", self.eval_interval, none=True)
-        _int("log_interval", self.log_interval)
+        check_int("seed_offset", self.seed_offset, lo=0)
+        check_int("eval_interval", self.eval_interval, none=True)
+        check_int("log_interval", self.log_interval)
 
 
 @dataclass(frozen=True)
-class BaseStageConfig(_Config):
+class BaseStageConfig(Config):
     """The base diffusion model (METHOD.md, "Base training"): sampler ``(T, 1)``, Adam with
     a linear ``warmup``, EMA ``ema_decay`` (``None``: no EMA), grad-norm clip ``grad_clip``
     (``None``: no clipping), random horizontal ``flip`` of the data. Dropout is
@@ -304,32 +154,32 @@ class BaseStageConfig(_Config):
     def __post_init__(self):
         if isinstance(self.unet, Mapping):
             object.__setattr__(self, "unet", UNetConfig.from_dict(self.unet))
-        _pow2("T", self.T)
+        check_pow2("T", self.T)
         if self.T < 2:
             raise ValueError(f"T must be >= 2 (a base model of at least two steps), got {self.T}")
         if self.unet.num_time_indices < self.T + 1:
             raise ValueError(f"unet.num_time_indices={self.unet.num_time_indices} is too small for "
                              f"T={self.T}: it needs T + 1 = {self.T + 1} rows")
-        _choice("loss", self.loss, LOSS_KINDS)
-        _choice("prediction", self.prediction, PREDICTIONS)
-        _float("lr", self.lr, lo_open=True)
-        _int("warmup", self.warmup, lo=0)
-        _int("batch_size", self.batch_size)
-        _int("steps", self.steps)
-        _float("ema_decay", self.ema_decay, 0.0, 1.0, hi_open=True, none=True)
-        _float("grad_clip", self.grad_clip, lo_open=True, none=True)
-        _int("sample_interval", self.sample_interval)
-        _int("num_sample_images", self.num_sample_images, lo=0)
-        _int("checkpoint_interval", self.checkpoint_interval)
-        _int("log_interval", self.log_interval)
+        check_choice("loss", self.loss, LOSS_KINDS)
+        check_choice("prediction", self.prediction, PREDICTIONS)
+        check_float("lr", self.lr, lo_open=True)
+        check_int("warmup", self.warmup, lo=0)
+        check_int("batch_size", self.batch_size)
+        check_int("steps", self.steps)
+        check_float("ema_decay", self.ema_decay, 0.0, 1.0, hi_open=True, none=True)
+        check_float("grad_clip", self.grad_clip, lo_open=True, none=True)
+        check_int("sample_interval", self.sample_interval)
+        check_int("num_sample_images", self.num_sample_images, lo=0)
+        check_int("checkpoint_interval", self.checkpoint_interval)
+        check_int("log_interval", self.log_interval)
         if self.sample_steps is not None:
-            _pow2("sample_steps", self.sample_steps)
+            check_pow2("sample_steps", self.sample_steps)
             if self.sample_steps > self.T:
                 raise ValueError(f"sample_steps={self.sample_steps} exceeds T={self.T}")
 
 
 @dataclass(frozen=True)
-class _DistillStage(_Config):
+class _DistillStage(Config):
     """Fields shared by PD and RCFD: rounds halve ``T`` down to ``final_T``; a round whose
     student has ``T <= long_round_max_T`` trains ``long_round_steps``, the others
     ``steps_per_round``; Adam at ``lr``, cosine-annealed to 0 (or constant), no EMA by
@@ -360,20 +210,20 @@ class _DistillStage(_Config):
         return self.long_round_steps if student_T <= self.long_round_max_T else self.steps_per_round
 
     def _check_common(self):
-        _pow2("final_T", self.final_T)
-        _int("steps_per_round", self.steps_per_round)
-        _int("long_round_steps", self.long_round_steps)
-        _int("long_round_max_T", self.long_round_max_T, lo=0)
-        _float("lr", self.lr, lo_open=True)
-        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _int("warmup", self.warmup, lo=0)
-        _int("batch_size", self.batch_size)
-        _float("grad_clip", self.grad_clip, lo_open=True, none=True)
-        _float("ema_decay", self.ema_decay, 0.0, 1.0, hi_open=True, none=True)
-        _float("dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        check_pow2("final_T", self.final_T)
+        check_int("steps_per_round", self.steps_per_round)
+        check_int("long_round_steps", self.long_round_steps)
+        check_int("long_round_max_T", self.long_round_max_T, lo=0)
+        check_float("lr", self.lr, lo_open=True)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_int("warmup", self.warmup, lo=0)
+        check_int("batch_size", self.batch_size)
+        check_float("grad_clip", self.grad_clip, lo_open=True, none=True)
+        check_float("ema_decay", self.ema_decay, 0.0, 1.0, hi_open=True, none=True)
+        check_float("dropout", self.dropout, 0.0, 1.0, hi_open=True)
         for name in ("sample_interval", "checkpoint_interval", "log_interval"):
-            _int(name, getattr(self, name))
-        _int("num_sample_images", self.num_sample_images, lo=0)
+            check_int(name, getattr(self, name))
+        check_int("num_sample_images", self.num_sample_images, lo=0)
 
 
 @dataclass(frozen=True)
@@ -385,7 +235,7 @@ class PDStageConfig(_DistillStage):
 
     def __post_init__(self):
         self._check_common()
-        _choice("loss", self.loss, LOSS_KINDS)
+        check_choice("loss", self.loss, LOSS_KINDS)
 
 
 @dataclass(frozen=True)
@@ -405,7 +255,7 @@ class RCFDStageConfig(_DistillStage):
 
     def __post_init__(self):
         self._check_common()
-        _pow2("start_T", self.start_T)
+        check_pow2("start_T", self.start_T)
         if self.final_T >= self.start_T:
             raise ValueError(f"final_T={self.final_T} must be below start_T={self.start_T} "
                              "(each round halves T)")
@@ -413,11 +263,11 @@ class RCFDStageConfig(_DistillStage):
             raise ValueError("classifier must be 'distill', 'eval', an imagenet_* name or a "
                              f"checkpoint path; got {self.classifier!r}")
         if self.classifier_arch is not None:
-            _choice("classifier_arch", self.classifier_arch, TRAINABLE_CLASSIFIERS)
+            check_choice("classifier_arch", self.classifier_arch, TRAINABLE_CLASSIFIERS)
 
 
 @dataclass(frozen=True)
-class EvalStageConfig(_Config):
+class EvalStageConfig(Config):
     """Evaluation (METHOD.md, "Evaluation"): IS/FID of ``num_samples`` samples of each
     method's ``steps``-step sampler (``base_steps``: DDIM steps of the base model).
     ``extractor``: ``"inception"`` (needs its weights), ``"classifier"`` (the eval
@@ -434,16 +284,16 @@ class EvalStageConfig(_Config):
     def __post_init__(self):
         for name in ("steps", "base_steps"):
             for s in getattr(self, name):
-                _pow2(f"{name} entries", s)
+                check_pow2(f"{name} entries", s)
         for m in self.methods:
-            _choice("methods entries", m, METHODS)
-        _int("num_samples", self.num_samples, lo=2)
-        _int("batch_size", self.batch_size)
-        _choice("extractor", self.extractor, EXTRACTORS)
+            check_choice("methods entries", m, METHODS)
+        check_int("num_samples", self.num_samples, lo=2)
+        check_int("batch_size", self.batch_size)
+        check_choice("extractor", self.extractor, EXTRACTORS)
 
 
 @dataclass(frozen=True)
-class PipelineConfig(_Config):
+class PipelineConfig(Config):
     """The whole study: data -> classifiers -> base -> PD -> RCFD -> evaluation. ``threads``:
     torch intra-op threads on the CPU (``None``: one per idle core, see
     :func:`rcfd.trainers.loop.configure_threads`). ``device``: ``"auto"`` (CUDA when
@@ -470,8 +320,8 @@ class PipelineConfig(_Config):
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")
-        _int("seed", self.seed, lo=0)
-        _int("threads", self.threads, none=True)
+        check_int("seed", self.seed, lo=0)
+        check_int("threads", self.threads, none=True)
         if not isinstance(self.device, str) or not (
                 self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
@@ -524,42 +374,16 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     """A config from a JSON (``.json``) or YAML (``.yaml``/``.yml``) file, with optional
     dotted overrides. A file may name a preset to start from: ``{"preset": "digits",
     "base": {"steps": 500}}`` merges its keys over the preset's."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".json", ".yaml", ".yml"):
-        raise ValueError(f"config file {path} must end in .json, .yaml or .yml")
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".json":
-        d = json.loads(text)
-    else:
-        d = _yaml_load(text)
-    if not isinstance(d, dict):
-        raise ValueError(f"config file {path} must hold a mapping, got {type(d).__name__}")
+    d = read_mapping(path)
     preset = d.pop("preset", None)
     if preset is not None:
         from rcfd.presets import get_preset  # rcfd.presets builds on this module
 
         if cls is not PipelineConfig:
             raise ValueError("'preset' is only valid in a pipeline config file")
-        d = _merge(get_preset(preset).to_dict(), d)
+        d = merge(get_preset(preset).to_dict(), d)
     cfg = cls.from_dict(d)
     return cfg.with_overrides(overrides) if overrides else cfg
-
-
-def save_config(cfg: _Config, path: str | os.PathLike) -> Path:
-    """Write ``cfg`` as JSON (atomically enough: a temp file renamed over ``path``)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(cfg.to_json() + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def _merge(base: dict, top: Mapping) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
-    return out
 
 
 __all__ = ["BaseStageConfig", "ClassifierStageConfig", "EvalStageConfig", "PDStageConfig",
