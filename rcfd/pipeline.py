@@ -6,7 +6,7 @@
 samples every (method, steps) pair, measures IS/FID/KID and writes the report;
 :func:`run_study` repeats the pipeline per seed and aggregates mean ± std. The run
 directory holds, besides the trainers' checkpoints and metric logs (see
-:mod:`rcfd.trainers.loop`): ``config.json``, ``timings.json``, ``samples/<method>_<steps>steps.png``,
+:mod:`rcfd.trainers.rundir`): ``config.json``, ``timings.json``, ``samples/<method>_<steps>steps.png``,
 ``loss_curves.png``, ``fid_vs_steps.png``, ``results.json`` and ``results.md``.
 """
 
@@ -127,7 +127,7 @@ def header(cfg, run_dir: Path, device: torch.device, dist, source: str) -> str:
 
 
 def _ckpt(run_dir: Path, stage: str, unit: str) -> Path:
-    from rcfd.trainers.loop import checkpoint_path
+    from rcfd.trainers.rundir import checkpoint_path
 
     return checkpoint_path(run_dir, stage, unit)
 

@@ -40,7 +40,8 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     shown as one line (missing files, unreadable checkpoints, a stage the run directory
     already holds)."""
     from rcfd.checkpoint import CheckpointError, StateDictMismatchError
-    from rcfd.trainers.loop import ResumeError, StageExistsError
+    from rcfd.trainers.loop import ResumeError
+    from rcfd.trainers.rundir import StageExistsError
 
     return (UsageError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
             CheckpointError, StateDictMismatchError, StageExistsError, ResumeError)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rcfd import distributed as dist
-from rcfd.trainers.loop import metrics_path, read_metrics
+from rcfd.trainers.rundir import metrics_path, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ from rcfd.trainers import (
     train_classifier,
     train_pd,
 )
-from rcfd.trainers.loop import read_metrics
+from rcfd.trainers.rundir import read_metrics
 from rcfd.unet import UNetConfig
 
 CPU = TrainOptions(bf16=False, channels_last=False, fused=False, compile=False)

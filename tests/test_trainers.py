@@ -34,9 +34,10 @@ from rcfd.trainers import (
 from rcfd.trainers import base as base_mod
 from rcfd.trainers.base import base_objective, draw_noise, pd_objective
 from rcfd.trainers.classifier import accuracy
-from rcfd.trainers.loop import Job, StepInfo, read_metrics, run_job
+from rcfd.trainers.loop import Job, StepInfo, run_job
 from rcfd.trainers.optim import EMA, OptimSpec, lr_at
 from rcfd.trainers.rcfd import check_classifier_fits
+from rcfd.trainers.rundir import read_metrics
 from rcfd.unet import UNet, UNetConfig
 
 CPU = TrainOptions(bf16=False, channels_last=False, fused=False, compile=False)

@@ -24,16 +24,9 @@ from rcfd.loader import batches
 from rcfd.losses import PDOutput, denoising_loss, pd_target, predict, schedule_at
 from rcfd.sampling import sample_ddim
 from rcfd.schedule import Schedule, cosine_schedule
-from rcfd.trainers.loop import (
-    Job,
-    RunContext,
-    StepInfo,
-    checkpoint_path,
-    run_job,
-    stage_seed,
-    unit_done,
-)
+from rcfd.trainers.loop import Job, StepInfo, run_job, stage_seed
 from rcfd.trainers.optim import OptimSpec
+from rcfd.trainers.rundir import RunContext, checkpoint_path, unit_done
 from rcfd.unet import UNet
 
 STAGE = "base"

@@ -26,15 +26,9 @@ from rcfd.classifiers import ClassifierConfig, load_reference_classifier
 from rcfd.config import ClassifierStageConfig
 from rcfd.data import DatasetSpec, ImageDataset, load_dataset, to_float
 from rcfd.trainers.base import _data_dict, data_batches
-from rcfd.trainers.loop import (
-    Job,
-    RunContext,
-    checkpoint_path,
-    run_job,
-    stage_seed,
-    unit_done,
-)
+from rcfd.trainers.loop import Job, run_job, stage_seed
 from rcfd.trainers.optim import OptimSpec
+from rcfd.trainers.rundir import RunContext, checkpoint_path, unit_done
 
 STAGE = "classifier"
 

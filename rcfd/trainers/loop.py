@@ -1,18 +1,8 @@
 """The one training loop every stage runs through.
 
-Run directory layout (``run_dir``; ``<unit>`` is one resumable training job)::
-
-    classifier/distill.pt  classifier/eval.pt      classifiers (role of the stage config)
-    base/model.pt                                  base model: weights + EMA
-    pd/T<k>.pt  (T512.pt ... T1.pt)                PD students, one per round
-    rcfd/T<k>.pt (T4.pt, T2.pt, T1.pt)             RCFD students, one per round
-    <stage>/<unit>.train.pt                        resumable training state (while unfinished)
-    <stage>/<unit>.jsonl                           metrics: one line per logged step
-    <stage>/<unit>_step<N>.png                     sample grids (diffusion stages)
-
-A ``<unit>.pt`` file is written once, when its training finished; it is what later stages
-and the report read (:func:`checkpoint_path`). The ``.train.pt`` state holds the model,
-EMA, optimizer, step, every RNG state (as tensors and lists, so it stays ``weights_only``
+:func:`run_job` trains one resumable unit (a :class:`Job`) in a run directory laid out as
+:mod:`rcfd.trainers.rundir` describes. The ``.train.pt`` state holds the model, EMA,
+optimizer, step, every RNG state (as tensors and lists, so it stays ``weights_only``
 loadable), the data position and the config, so a resumed run continues exactly (on the
 CPU: the same losses, bit for bit). SIGINT/SIGTERM finish the current step, write the
 state and raise :class:`Interrupted` (a ``SystemExit`` with code 0). Only rank 0 writes.
@@ -23,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import random
 import signal
@@ -42,15 +31,20 @@ from torch import nn
 from rcfd import distributed as dist
 from rcfd.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
 from rcfd.trainers.optim import EMA, OptimSpec, grad_norm, lr_at, make_optimizer
+from rcfd.trainers.rundir import (
+    RunContext,
+    StageExistsError,
+    append_metrics,
+    checkpoint_path,
+    metrics_path,
+    state_path,
+    trim_metrics,
+)
 
 STATE_FORMAT = "rcfd-train-state"
 
 
 # --------------------------------------------------------------------------- errors
-
-
-class StageExistsError(RuntimeError):
-    """The run directory already holds this stage (finished or in progress)."""
 
 
 class ResumeError(ValueError):
@@ -71,89 +65,6 @@ class Interrupted(SystemExit):
 
     def __str__(self) -> str:
         return self.message
-
-
-# --------------------------------------------------------------------------- run context
-
-
-@dataclass
-class RunContext:
-    """Where and how a stage runs. ``resume``: continue unfinished units from their state
-    and skip finished ones; ``overwrite``: train finished/unfinished units again from
-    scratch (exclusive with ``resume``). ``skip_nonfinite``: skip up to that many steps
-    whose loss is not finite (per unit) before failing. ``stop_after``: stop (checkpoint +
-    :class:`Interrupted`) after this many steps of this call, e.g. to time-box a job.
-    ``dist``: from :func:`rcfd.distributed.init_distributed`."""
-
-    run_dir: Path
-    device: str | torch.device = "auto"
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    skip_nonfinite: int = 0
-    progress: bool = True
-    dist: dist.DistInfo = field(default_factory=dist.DistInfo)
-    stop_after: int | None = None
-    handle_signals: bool = True
-
-    def __post_init__(self):
-        self.run_dir = Path(self.run_dir)
-        if self.resume and self.overwrite:
-            raise ValueError("resume and overwrite exclude each other: resume keeps the run "
-                             "directory's stages, overwrite trains them again")
-        if not isinstance(self.skip_nonfinite, int) or self.skip_nonfinite < 0:
-            raise ValueError(f"skip_nonfinite must be an integer >= 0, got {self.skip_nonfinite!r}")
-
-    @property
-    def torch_device(self) -> torch.device:
-        return dist.resolve_device(self.device, self.dist)
-
-    @property
-    def is_main(self) -> bool:
-        return self.dist.is_main
-
-
-def checkpoint_path(run_dir: Path | str, stage: str, unit: str) -> Path:
-    """``run_dir/<stage>/<unit>.pt``: e.g. ``("base", "model")``, ``("pd", "T8")``,
-    ``("rcfd", "T1")``, ``("classifier", "distill")``."""
-    return Path(run_dir) / stage / f"{unit}.pt"
-
-
-def state_path(run_dir: Path | str, stage: str, unit: str) -> Path:
-    return Path(run_dir) / stage / f"{unit}.train.pt"
-
-
-def metrics_path(run_dir: Path | str, stage: str, unit: str) -> Path:
-    return Path(run_dir) / stage / f"{unit}.jsonl"
-
-
-def unit_files(run_dir: Path, stage: str, unit: str) -> list[Path]:
-    d = Path(run_dir) / stage
-    fixed = [checkpoint_path(run_dir, stage, unit), state_path(run_dir, stage, unit),
-             metrics_path(run_dir, stage, unit)]
-    return fixed + sorted(d.glob(f"{unit}_step*.png")) if d.is_dir() else fixed
-
-
-def unit_done(run: RunContext, stage: str, unit: str) -> bool:
-    """Whether ``stage/unit`` is finished and should be skipped (``resume``); raises
-    :class:`StageExistsError` when it exists (finished or started) and neither resume nor
-    overwrite was asked; with ``overwrite``, deletes it (rank 0) and returns False."""
-    final, state = checkpoint_path(run.run_dir, stage, unit), state_path(run.run_dir, stage, unit)
-    if not (final.exists() or state.exists()):
-        return False
-    if run.overwrite:
-        if run.is_main:
-            for p in unit_files(run.run_dir, stage, unit):
-                p.unlink(missing_ok=True)
-        dist.barrier()
-        return False
-    if run.resume:
-        return final.exists()
-    what = (f"a finished {stage} stage ({final})" if final.exists()
-            else f"an unfinished {stage} stage ({state})")
-    raise StageExistsError(f"{run.run_dir} already holds {what}. Pass resume=True "
-                           "(--resume) to keep it and continue, or overwrite=True "
-                           "(--overwrite) to train it again from scratch")
 
 
 def configure_threads(threads: int | None = None, processes: int = 1) -> int:
@@ -314,7 +225,7 @@ def run_job(job: Job, run: RunContext) -> Path:
                                               generator, info)
         _log(run, f"resuming {job.stage}/{job.unit} at step {start} from {paths['state']}")
     if run.is_main:
-        _trim_log(paths["log"], start)
+        trim_metrics(paths["log"], start)
     trained = model
     if info.enabled:
         trained = nn.parallel.DistributedDataParallel(
@@ -381,13 +292,13 @@ def run_job(job: Job, run: RunContext) -> Path:
                        "time": round(elapsed + time.perf_counter() - t0, 3)}
                 if not finite:
                     row["skipped"] = True
-                _append(paths["log"], row)
+                append_metrics(paths["log"], row)
                 bar.set_postfix(loss=f"{reduced['loss']:.4g}", refresh=False)
             if job.eval_fn is not None and run.is_main and job.eval_interval and (
                     step % job.eval_interval == 0 or step == job.steps):
                 metrics = job.eval_fn(model, job.extra, step)
                 if run.is_main and metrics:
-                    _append(paths["log"], {"step": step, **metrics})
+                    append_metrics(paths["log"], {"step": step, **metrics})
             if job.sample_fn is not None and run.is_main and job.sample_interval and (
                     step % job.sample_interval == 0 or step == job.steps):
                 _save_samples(job, ema.model if ema is not None else model, step, run)
@@ -457,36 +368,6 @@ def _diff(a, b, prefix="") -> list[str]:
             out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
-
-
-def _append(path: Path, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _rows(path: Path) -> list[dict]:
-    """The rows of a metrics log; a torn last line (a process killed while appending) is
-    dropped."""
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def _trim_log(path: Path, step: int) -> None:
-    """Keep the metrics rows of steps ``<= step`` (those after the resumed checkpoint are
-    trained again); a fresh start (``step == 0``) empties the log."""
-    if path.exists():
-        keep = [r for r in _rows(path) if step and r.get("step", 0) <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
-
-
-def read_metrics(path: Path | str) -> list[dict]:
-    """The rows of a metrics log (for loss-curve plots)."""
-    return _rows(Path(path))
 
 
 def _save_samples(job: Job, model: nn.Module, step: int, run: RunContext) -> None:

@@ -16,7 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rcfd.checkpoint import DiffusionInfo, load_diffusion_checkpoint, save_diffusion_checkpoint
+from rcfd.checkpoint import (
+    DiffusionInfo,
+    load_diffusion_checkpoint,
+    save_diffusion_checkpoint,
+)
 from rcfd.config import PDStageConfig, halving_rounds
 from rcfd.data import DatasetSpec, ImageDataset
 from rcfd.schedule import cosine_schedule
@@ -30,16 +34,9 @@ from rcfd.trainers.base import (
     pd_objective,
     student_config,
 )
-from rcfd.trainers.loop import (
-    Job,
-    RunContext,
-    _log,
-    checkpoint_path,
-    run_job,
-    stage_seed,
-    unit_done,
-)
+from rcfd.trainers.loop import Job, _log, run_job, stage_seed
 from rcfd.trainers.optim import OptimSpec
+from rcfd.trainers.rundir import RunContext, checkpoint_path, unit_done
 from rcfd.unet import UNet
 
 STAGE = "pd"

@@ -24,8 +24,8 @@ from rcfd.data import DatasetSpec, ImageDataset
 from rcfd.losses import rcfd_loss
 from rcfd.trainers.base import draw_noise, load_train, pd_objective
 from rcfd.trainers.classifier import classifier_info, load_classifier
-from rcfd.trainers.loop import RunContext, checkpoint_path
 from rcfd.trainers.progressive import distill_rounds, load_teacher
+from rcfd.trainers.rundir import RunContext, checkpoint_path
 
 STAGE = "rcfd"
 

@@ -1,0 +1,146 @@
+"""Where a run keeps its files, and how a stage finds out what is already there.
+
+Run directory layout (``run_dir``; ``<unit>`` is one resumable training job)::
+
+    classifier/distill.pt  classifier/eval.pt      classifiers (role of the stage config)
+    base/model.pt                                  base model: weights + EMA
+    pd/T<k>.pt  (T512.pt ... T1.pt)                PD students, one per round
+    rcfd/T<k>.pt (T4.pt, T2.pt, T1.pt)             RCFD students, one per round
+    <stage>/<unit>.train.pt                        resumable training state (while unfinished)
+    <stage>/<unit>.jsonl                           metrics: one line per logged step
+    <stage>/<unit>_step<N>.png                     sample grids (diffusion stages)
+
+A ``<unit>.pt`` file is written once, when its training finished; it is what later stages
+and the report read (:func:`checkpoint_path`); the ``.train.pt`` state is what
+:func:`rcfd.trainers.loop.run_job` resumes from.
+
+Only rank 0 writes. :class:`RunContext` says where and how a stage runs; :func:`unit_done`
+decides whether a unit is skipped (resumed), trained again (overwritten) or refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rcfd import distributed as dist
+
+
+class StageExistsError(RuntimeError):
+    """The run directory already holds this stage (finished or in progress)."""
+
+
+@dataclass
+class RunContext:
+    """Where and how a stage runs. ``resume``: continue unfinished units from their state
+    and skip finished ones; ``overwrite``: train finished/unfinished units again from
+    scratch (exclusive with ``resume``). ``skip_nonfinite``: skip up to that many steps
+    whose loss is not finite (per unit) before failing. ``stop_after``: stop (checkpoint +
+    :class:`Interrupted`) after this many steps of this call, e.g. to time-box a job.
+    ``dist``: from :func:`rcfd.distributed.init_distributed`."""
+
+    run_dir: Path
+    device: str | torch.device = "auto"
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    skip_nonfinite: int = 0
+    progress: bool = True
+    dist: dist.DistInfo = field(default_factory=dist.DistInfo)
+    stop_after: int | None = None
+    handle_signals: bool = True
+
+    def __post_init__(self):
+        self.run_dir = Path(self.run_dir)
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume keeps the run "
+                             "directory's stages, overwrite trains them again")
+        if not isinstance(self.skip_nonfinite, int) or self.skip_nonfinite < 0:
+            raise ValueError(f"skip_nonfinite must be an integer >= 0, got {self.skip_nonfinite!r}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        return dist.resolve_device(self.device, self.dist)
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+
+def checkpoint_path(run_dir: Path | str, stage: str, unit: str) -> Path:
+    """``run_dir/<stage>/<unit>.pt``: e.g. ``("base", "model")``, ``("pd", "T8")``,
+    ``("rcfd", "T1")``, ``("classifier", "distill")``."""
+    return Path(run_dir) / stage / f"{unit}.pt"
+
+
+def state_path(run_dir: Path | str, stage: str, unit: str) -> Path:
+    return Path(run_dir) / stage / f"{unit}.train.pt"
+
+
+def metrics_path(run_dir: Path | str, stage: str, unit: str) -> Path:
+    return Path(run_dir) / stage / f"{unit}.jsonl"
+
+
+def unit_files(run_dir: Path, stage: str, unit: str) -> list[Path]:
+    d = Path(run_dir) / stage
+    fixed = [checkpoint_path(run_dir, stage, unit), state_path(run_dir, stage, unit),
+             metrics_path(run_dir, stage, unit)]
+    return fixed + sorted(d.glob(f"{unit}_step*.png")) if d.is_dir() else fixed
+
+
+def unit_done(run: RunContext, stage: str, unit: str) -> bool:
+    """Whether ``stage/unit`` is finished and should be skipped (``resume``); raises
+    :class:`StageExistsError` when it exists (finished or started) and neither resume nor
+    overwrite was asked; with ``overwrite``, deletes it (rank 0) and returns False."""
+    final, state = checkpoint_path(run.run_dir, stage, unit), state_path(run.run_dir, stage, unit)
+    if not (final.exists() or state.exists()):
+        return False
+    if run.overwrite:
+        if run.is_main:
+            for p in unit_files(run.run_dir, stage, unit):
+                p.unlink(missing_ok=True)
+        dist.barrier()
+        return False
+    if run.resume:
+        return final.exists()
+    what = (f"a finished {stage} stage ({final})" if final.exists()
+            else f"an unfinished {stage} stage ({state})")
+    raise StageExistsError(f"{run.run_dir} already holds {what}. Pass resume=True "
+                           "(--resume) to keep it and continue, or overwrite=True "
+                           "(--overwrite) to train it again from scratch")
+
+
+# --------------------------------------------------------------------------- metrics log
+
+
+def append_metrics(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _rows(path: Path) -> list[dict]:
+    """The rows of a metrics log; a torn last line (a process killed while appending) is
+    dropped."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the metrics rows of steps ``<= step`` (those after the resumed checkpoint are
+    trained again); a fresh start (``step == 0``) empties the log."""
+    if path.exists():
+        keep = [r for r in _rows(path) if step and r.get("step", 0) <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+
+
+def read_metrics(path: Path | str) -> list[dict]:
+    """The rows of a metrics log (for loss-curve plots)."""
+    return _rows(Path(path))
