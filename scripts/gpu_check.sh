@@ -52,8 +52,9 @@ echo "benchmarks exit $?"; tail -3 "$OUT/benchmarks.log"
 $PY benchmarks/summarize.py "$OUT/benchmarks.json" >"$OUT/summary.md" && cat "$OUT/summary.md"
 
 section "feature KL launch settings (forward kernel alone, CUDA-graph timed)"
-{ timeout $(lim 90) $PY benchmarks/tune_feature_kl.py --dtypes float32 --json "$OUT/tune_kl_fp32.json"
-  timeout $(lim 45) $PY benchmarks/tune_feature_kl.py --shapes 16384x4096 --dtypes bfloat16 \
-    --json "$OUT/tune_kl_bf16.json"; } 2>&1 | tee "$OUT/tune_feature_kl.md"
+{ timeout $(lim 120) $PY benchmarks/tune_feature_kl.py --shapes 16384x4096 \
+    --dtypes float32 bfloat16 --json "$OUT/tune_kl_large.json"
+  timeout $(lim 45) $PY benchmarks/tune_feature_kl.py --shapes 128x512 128x2048 \
+    --dtypes float32 --json "$OUT/tune_kl_real.json"; } 2>&1 | tee "$OUT/tune_feature_kl.md"
 
 section "done"

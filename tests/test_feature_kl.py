@@ -275,6 +275,31 @@ def test_kernel_refuses_float64():
         fk.feature_kl_triton(features(2, 5, torch.float64), features(2, 5, torch.float64))
 
 
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("programs,stages", [(1, 1), (3, 2), (1000, 3)], ids=str)
+@pytest.mark.parametrize("shape", [(33, 123), (128, 512), (3, 1920)], ids=str)
+def test_persistent_rows_kernel(shape, programs, stages, monkeypatch):
+    """Persistent programs looping over the row tiles (fewer programs than tiles, one, or
+    more than tiles) give the loss and gradient of one tile per program."""
+    plain = fk.launch_config
+    monkeypatch.setattr(fk, "launch_config",
+                        lambda *a: fk.persistent(plain(*a), programs, stages))
+    assert fk.launch_config(*shape).stages == stages
+    go = torch.rand(shape[0], device=DEVICE) + 0.5
+    assert_matches_reference(*shape, reduction="none", grad_output=go)
+    assert_matches_reference(*shape, dtype=torch.bfloat16)
+
+
+def test_persistent_needs_a_whole_row_setting():
+    with pytest.raises(ValueError, match="whole-row"):
+        fk.persistent(fk.launch_config(2, 65536), 4, 2)
+    for programs, stages in ((0, 2), (4, 0)):
+        with pytest.raises(ValueError, match="programs >= 1 and stages >= 1"):
+            fk.persistent(fk.launch_config(128, 512), programs, stages)
+    assert fk.persistent(fk.launch_config(128, 512), 4, 2).grid == 4
+
+
 # --------------------------------------------------------------------------- backward
 
 SCALE_PATHS = ["kernel", "torch"]  # the skip-if-one Triton kernel, or one PyTorch multiply

@@ -24,11 +24,13 @@ MAX_REGS = 255  # per thread, the hardware limit
 TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 SCALARS = {"n_rows", "n_cols", "s_stride", "t_stride", "scale_stride"}  # i32, the rest fp32
 
-# The training shapes, the bandwidth-bound shape, the longest whole row, tiny rows.
+# The training shapes, the bandwidth-bound shape, the longest whole row, tiny rows; the
+# persistent variant at the bandwidth-bound shape.
 ROW_SHAPES = [(128, 512), (128, 1920), (128, 2048), (16384, 4096), (4, fk.MAX_ROW_BLOCK),
               (3, 7)]
 ROW_CASES = [(shape, dtype, arch) for shape in ROW_SHAPES for dtype in ("float32", "bfloat16")
              for arch in (80, 90)]
+PERSISTENT_CASES = [(dtype, stages) for dtype in ("float32", "bfloat16") for stages in (2, 3)]
 ONLINE_CASES = [(dtype, write) for dtype in ("float32", "bfloat16", "float16")
                 for write in (True, False)]
 SCALE_CASES = ["float32", "bfloat16"]
@@ -40,8 +42,13 @@ def _specs() -> dict:
     for shape, dtype, arch in ROW_CASES:
         cfg = fk.launch_config(*shape)
         specs[f"rows-{shape}-{dtype}-{arch}"] = (
-            "_kl_rows_kernel", {"ROWS": cfg.rows, "BLOCK_D": cfg.block_d, "WRITE_GRAD": True},
-            dtype, cfg.num_warps, arch)
+            "_kl_rows_kernel", {"ROWS": cfg.rows, "BLOCK_D": cfg.block_d, "WRITE_GRAD": True,
+                                "STAGES": 0}, dtype, cfg.num_warps, arch)
+    cfg = fk.launch_config(16384, 4096)
+    for dtype, stages in PERSISTENT_CASES:
+        specs[f"persistent-{dtype}-{stages}"] = (
+            "_kl_rows_kernel", {"ROWS": cfg.rows, "BLOCK_D": cfg.block_d, "WRITE_GRAD": True,
+                                "STAGES": stages}, dtype, cfg.num_warps, 90)
     cfg = fk.launch_config(2, 65536)
     for dtype, write in ONLINE_CASES:
         specs[f"online-{dtype}-{write}"] = (
@@ -107,6 +114,12 @@ def assert_fits(build: dict):
 def test_rows_kernel_compiles_without_spills(builds, shape, dtype, arch):
     assert not fk.launch_config(*shape).online
     assert_fits(builds[f"rows-{shape}-{dtype}-{arch}"])
+
+
+@pytest.mark.parametrize("dtype,stages", PERSISTENT_CASES, ids=str)
+def test_persistent_rows_kernel_compiles_without_spills(builds, dtype, stages):
+    """The persistent loop over row tiles at 16384 x 4096, loads pipelined 2 or 3 deep."""
+    assert_fits(builds[f"persistent-{dtype}-{stages}"])
 
 
 @pytest.mark.parametrize("dtype,write_grad", ONLINE_CASES, ids=str)

@@ -16,12 +16,14 @@ multiplied by ``ln 2`` at the end. The reduction sets the scale: ``batchmean`` i
 
 Layers (DESIGN.md, house style 5):
 
-* ``_kl_rows_kernel`` holds whole rows in registers, ``rows`` rows per program when the
-  rows are short; ``_kl_online_kernel`` handles rows longer than ``MAX_ROW_BLOCK`` with
-  one program per row: a first pass over column chunks keeps a running max and a running
-  sum of exponentials (online softmax), a second pass forms ``p``, ``q``, the loss and
-  the gradient. Both write the gradient ``(q - p) * scale / tau_S`` in the input dtype, so
-  the backward pass is one multiplication by ``grad_output``.
+* ``_kl_rows_kernel`` holds whole rows in registers, ``rows`` rows per tile when the rows
+  are short, one tile per program (or, :func:`persistent`, fewer programs that loop over
+  the tiles with their loads software-pipelined); ``_kl_online_kernel`` handles rows
+  longer than ``MAX_ROW_BLOCK`` with one program per row: a first pass over column chunks
+  keeps a running max and a running sum of exponentials (online softmax), a second pass
+  forms ``p``, ``q``, the loss and the gradient. Both write the gradient
+  ``(q - p) * scale / tau_S`` in the input dtype, so the backward pass is one
+  multiplication by ``grad_output``.
 * ``_forward`` picks the kernel (:func:`launch_config`) and launches it.
 * :class:`_FeatureKLFunction` (eager) and the custom op ``rcfd::feature_kl`` (what
   torch.compile sees: opaque, with a fake kernel and an autograd formula) wrap ``_forward``.
@@ -155,11 +157,11 @@ def feature_kl_reference(student, teacher, tau_teacher=0.9, tau_student=1.0,
 if triton is not None:
 
     @triton.jit
-    def _kl_rows_kernel(s_ptr, t_ptr, grad_ptr, loss_ptr, n_rows, n_cols, s_stride,
-                        t_stride, coef_s, coef_t, grad_scale, loss_scale,
-                        ROWS: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_GRAD: tl.constexpr):
-        """``ROWS`` whole rows (``n_cols <= BLOCK_D``) per program."""
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    def _kl_rows_tile(tile, s_ptr, t_ptr, grad_ptr, loss_ptr, n_rows, n_cols, s_stride,
+                      t_stride, coef_s, coef_t, grad_scale, loss_scale,
+                      ROWS: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_GRAD: tl.constexpr):
+        """Rows ``tile * ROWS ...`` (whole rows, ``n_cols <= BLOCK_D``): loss and gradient."""
+        rows = tile * ROWS + tl.arange(0, ROWS)
         row_ok = rows < n_rows
         rows = tl.minimum(rows, n_rows - 1).to(tl.int64)  # tail rows recompute the last one
         cols = tl.arange(0, BLOCK_D)
@@ -185,6 +187,24 @@ if triton is not None:
             offs = rows[:, None] * n_cols + cols[None, :]
             tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty),
                      mask=mask & row_ok[:, None])
+
+    @triton.jit
+    def _kl_rows_kernel(s_ptr, t_ptr, grad_ptr, loss_ptr, n_rows, n_cols, s_stride,
+                        t_stride, coef_s, coef_t, grad_scale, loss_scale,
+                        ROWS: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                        STAGES: tl.constexpr):
+        """Tiles of ``ROWS`` whole rows: one per program (``STAGES == 0``), or persistent
+        programs that loop over the tiles with their loads pipelined ``STAGES`` deep."""
+        if STAGES == 0:
+            _kl_rows_tile(tl.program_id(0), s_ptr, t_ptr, grad_ptr, loss_ptr, n_rows, n_cols,
+                          s_stride, t_stride, coef_s, coef_t, grad_scale, loss_scale,
+                          ROWS, BLOCK_D, WRITE_GRAD)
+        else:
+            for tile in tl.range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0),
+                                 num_stages=STAGES):
+                _kl_rows_tile(tile, s_ptr, t_ptr, grad_ptr, loss_ptr, n_rows, n_cols,
+                              s_stride, t_stride, coef_s, coef_t, grad_scale, loss_scale,
+                              ROWS, BLOCK_D, WRITE_GRAD)
 
     @triton.jit
     def _kl_online_kernel(s_ptr, t_ptr, grad_ptr, loss_ptr, n_cols, s_stride, t_stride,
@@ -252,9 +272,11 @@ if triton is not None:
 class LaunchConfig(NamedTuple):
     online: bool  # two passes over column chunks (rows longer than the block limit)
     block_d: int  # columns per block: the padded row, or the chunk when online
-    rows: int  # rows per program
+    rows: int  # rows per tile (whole-row kernel)
     num_warps: int
     grid: int  # programs
+    stages: int = 0  # whole-row kernel: 0, a tile per program; > 0, persistent programs
+    #                  looping over the tiles with loads pipelined this deep
 
 
 def _next_pow2(n: int) -> int:
@@ -276,6 +298,15 @@ def launch_config(n_rows: int, n_cols: int, block_limit: int = MAX_ROW_BLOCK,
     block = max(MIN_BLOCK, _next_pow2(n_cols))
     rows = min(max(1, ROW_TILE // block), _next_pow2(n_rows))
     return LaunchConfig(False, block, rows, _warps(rows * block), -(-n_rows // rows))
+
+
+def persistent(cfg: LaunchConfig, programs: int, stages: int) -> LaunchConfig:
+    """``cfg`` (a whole-row setting) run by at most ``programs`` persistent programs that
+    loop over its row tiles, their loads pipelined ``stages`` deep (``stages >= 1``)."""
+    if cfg.online or programs < 1 or stages < 1:
+        raise ValueError(f"persistent needs a whole-row setting, programs >= 1 and stages >= 1; "
+                         f"got {cfg}, programs={programs}, stages={stages}")
+    return cfg._replace(grid=min(cfg.grid, programs), stages=stages)
 
 
 def _forward(student, teacher, tau_teacher, tau_student, reduction, compute_grad,
@@ -302,7 +333,7 @@ def _forward(student, teacher, tau_teacher, tau_student, reduction, compute_grad
     else:
         _kl_rows_kernel[(cfg.grid,)](
             s, t, grad_arg, per_row, n_rows, n_cols, s.stride(0), t.stride(0), *scalars,
-            ROWS=cfg.rows, BLOCK_D=cfg.block_d, WRITE_GRAD=compute_grad,
+            ROWS=cfg.rows, BLOCK_D=cfg.block_d, WRITE_GRAD=compute_grad, STAGES=cfg.stages,
             num_warps=cfg.num_warps)
     loss = per_row if reduction == "none" else per_row.sum()  # batchmean's 1/B is applied
     return loss, grad
