@@ -251,7 +251,6 @@ if triton is not None:
         kl2 = tl.sum(acc, axis=0) + tl.log2(z_c) - tl.log2(z_a)  # KL in bits
         tl.store(loss_ptr + row, kl2 * (loss_scale * 0.6931471805599453))  # nats: * ln 2
 
-
     @triton.jit
     def _scale_rows_kernel(g_ptr, scale_ptr, n_cols, scale_stride, BLOCK: tl.constexpr):
         """``g[row] *= scale[row * scale_stride]`` in place, over a ``(rows, column blocks)``
@@ -360,14 +359,14 @@ def _scale_in_place(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: str)
     one PyTorch multiply. Either way the decision is on the device: no host sync."""
     _check_saved(grad)
     n_rows, n_cols = grad.shape
-    col_blocks = -(-n_cols // SCALE_BLOCK)
+    block = min(SCALE_BLOCK, max(MIN_BLOCK, _next_pow2(n_cols)))
+    col_blocks = -(-n_cols // block)
     if (triton is None or grad.numel() * grad.element_size() < INPLACE_KERNEL_MIN_BYTES
             or col_blocks > 65535):  # the CUDA limit of a grid's second axis
         return grad.mul_(grad_loss[:, None] if reduction == "none" else grad_loss)
     scale = grad_loss.reshape(-1).float()  # [] -> [1]; [B] keeps its stride (0 if expanded)
     stride = scale.stride(0) if reduction == "none" else 0
-    block = min(SCALE_BLOCK, max(MIN_BLOCK, _next_pow2(n_cols)))
-    _scale_rows_kernel[(n_rows, -(-n_cols // block))](
+    _scale_rows_kernel[(n_rows, col_blocks)](
         grad, scale, n_cols, stride, BLOCK=block, num_warps=_warps(block))
     return grad
 
