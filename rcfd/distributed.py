@@ -87,8 +87,13 @@ def init_distributed(device: str | torch.device = "auto") -> DistInfo:
 
 
 def cleanup() -> None:
-    """Leave the process group (no-op when none was joined)."""
+    """Leave the process group (no-op when none was joined) once every rank got here: call
+    it on all ranks at the end of a job, not on an error path (a dead peer would keep the
+    barrier waiting; torchrun stops the others then). A process that exits still in a gloo
+    group can abort while its communication threads are torn down."""
     if tdist.is_available() and tdist.is_initialized():
+        if tdist.get_world_size() > 1:
+            tdist.barrier()
         tdist.destroy_process_group()
 
 

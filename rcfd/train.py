@@ -201,14 +201,21 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.dry_run:
         print(cfg.to_json())
         return 0
-    from rcfd import pipeline
+    from rcfd import distributed, pipeline
+    from rcfd.trainers.loop import Interrupted
 
     options = pipeline.RunOptions(resume=args.resume, overwrite=args.overwrite,
                                   skip_nonfinite=args.skip_nonfinite, progress=not args.no_progress)
-    if args.seeds is not None:
-        pipeline.run_study(cfg, out, num_seeds=args.seeds, stage=args.stage, options=options, source=source)
-    else:
-        pipeline.run_pipeline(cfg, out, stage=args.stage, options=options, source=source)
+    try:
+        if args.seeds is not None:
+            pipeline.run_study(cfg, out, num_seeds=args.seeds, stage=args.stage, options=options,
+                               source=source)
+        else:
+            pipeline.run_pipeline(cfg, out, stage=args.stage, options=options, source=source)
+    except Interrupted:  # under torchrun every rank stops at the same step: leave together
+        distributed.cleanup()
+        raise
+    distributed.cleanup()
     return 0
 
 

@@ -111,3 +111,15 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     assert c["gathered"] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
     assert sorted(p.name for p in (two / "base").iterdir()) == sorted(
         p.name for p in (one / "base").iterdir())
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_exits_cleanly(tmp_path):
+    """`torchrun -m rcfd.train` on 2 gloo processes trains, writes once (rank 0) and leaves
+    the process group before exiting (exit code 0 on both ranks)."""
+    out = tmp_path / "run"
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+          "-m", "rcfd.train", "base", "--preset", "smoke", "--set", "base.steps=4",
+          "--no-progress", "--out", str(out)], tmp_path)
+    assert (out / "base" / "model.pt").is_file()
+    assert len(read_metrics(metrics_path(out, "base", "model"))) >= 1
