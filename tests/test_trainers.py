@@ -342,16 +342,35 @@ def test_gpu_options_end_to_end(tmp_path):
     assert mean_loss(log, rows=slice(-10, None)) < mean_loss(log, rows=slice(0, 10))
 
 
-def test_configure_threads():
-    from rcfd.trainers.loop import configure_threads
+def test_configure_threads(monkeypatch):
+    from rcfd.trainers import loop
 
     n = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
     try:
-        assert configure_threads(1) == 1 == torch.get_num_threads()
-        auto = configure_threads(None)
-        assert 1 <= auto <= (os.cpu_count() or 1) and torch.get_num_threads() == auto
+        assert loop.configure_threads(1) == 1 == torch.get_num_threads()
+        auto = loop.configure_threads(None)
+        assert 1 <= auto <= cores and torch.get_num_threads() == auto
+        monkeypatch.setattr(loop, "busy_cores", lambda: 0.0)  # an idle machine: every core
+        assert loop.configure_threads(None) == cores
+        assert loop.configure_threads(None, processes=2) == max(1, cores // 2)
+        monkeypatch.setattr(loop, "busy_cores", lambda: float(cores))  # all busy: one thread
+        assert loop.configure_threads(None) == 1
+        monkeypatch.setattr(loop, "busy_cores", lambda: None)  # not Linux: the load average
+        assert 1 <= loop.configure_threads(None) <= cores
     finally:
         torch.set_num_threads(n)
+
+
+def test_busy_cores_from_proc_stat():
+    from rcfd.trainers.loop import busy_cores, cpu_times
+
+    text = "cpu  100 5 50 1000 20 1 2 3 7 0\ncpu0 50 2 25 500 10 0 1 1 3 0\nintr 1 2\n"
+    assert cpu_times(text) == (1020, 1181)  # idle + iowait; user .. steal
+    with pytest.raises(ValueError):
+        cpu_times("intr 1 2\n")
+    busy = busy_cores(0.05)
+    assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1)
 
 
 def test_a_teacher_that_cannot_halve_is_refused():

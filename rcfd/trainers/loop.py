@@ -70,18 +70,52 @@ class Interrupted(SystemExit):
 def configure_threads(threads: int | None = None, processes: int = 1) -> int:
     """Set torch's intra-op threads for a CPU run and return the number. ``None``: an equal
     share, among the ``processes`` of this job on the machine, of the cores that are idle
-    now (cores in this process's affinity minus the 1-minute load average, at least 1): on
-    a busy machine, threads that wait for each other's cores make a step many times slower
-    than one thread does."""
+    now (cores in this process's affinity minus those busy, at least 1): on a busy machine,
+    threads that wait for each other's cores make a step many times slower than one thread
+    does. "Busy" is measured over a quarter of a second (:func:`busy_cores`), not taken from
+    the load average, which still counts a build that finished a minute ago."""
     if threads is None:
         import os
 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        idle = max(1, min(cores or 1, int(round((cores or 1) - load))))
+        cores = cores or 1
+        busy = busy_cores()
+        if busy is None:  # no /proc/stat (not Linux): the 1-minute load average
+            busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        idle = max(1, min(cores, int(round(cores - busy))))
         threads = max(1, idle // max(1, processes))
     torch.set_num_threads(threads)
     return threads
+
+
+def cpu_times(stat_text: str) -> tuple[int, int]:
+    """``(idle, total)`` clock ticks of all CPUs from the text of ``/proc/stat`` (idle
+    includes iowait; total is user .. steal, guest time being already in user)."""
+    fields = stat_text.split("\n", 1)[0].split()
+    if not fields or fields[0] != "cpu" or len(fields) < 5:
+        raise ValueError("not a /proc/stat text")
+    ticks = [int(v) for v in fields[1:9]]
+    return ticks[3] + ticks[4], sum(ticks)
+
+
+def busy_cores(window: float = 0.25) -> float | None:
+    """How many of the machine's CPUs were busy over the next ``window`` seconds, from two
+    readings of ``/proc/stat``; ``None`` where it cannot be read."""
+    import os
+
+    def read() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            return cpu_times(f.read(4096))
+
+    try:
+        idle0, total0 = read()
+        time.sleep(window)
+        idle1, total1 = read()
+    except (OSError, ValueError):
+        return None
+    if total1 <= total0:
+        return None
+    return (1.0 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
 
 
 # --------------------------------------------------------------------------- seeds and RNG
