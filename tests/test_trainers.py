@@ -365,10 +365,15 @@ def test_configure_threads(monkeypatch):
 def test_busy_cores_from_proc_stat():
     from rcfd.trainers.loop import busy_cores, cpu_times
 
-    text = "cpu  100 5 50 1000 20 1 2 3 7 0\ncpu0 50 2 25 500 10 0 1 1 3 0\nintr 1 2\n"
+    text = ("cpu  100 5 50 1000 20 1 2 3 7 0\ncpu0 50 2 25 500 10 0 1 1 3 0\n"
+            "cpu1 50 3 25 500 10 1 1 2 4 0\nintr 1 2\n")
     assert cpu_times(text) == (1020, 1181)  # idle + iowait; user .. steal
+    assert cpu_times(text, [0]) == (510, 589)  # the affinity set's own lines
+    assert cpu_times(text, [0, 1]) == (1020, 1181)
     with pytest.raises(ValueError):
         cpu_times("intr 1 2\n")
+    with pytest.raises(ValueError):
+        cpu_times(text, [7])
     busy = busy_cores(0.05)
     assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1)
 

@@ -72,8 +72,9 @@ def configure_threads(threads: int | None = None, processes: int = 1) -> int:
     share, among the ``processes`` of this job on the machine, of the cores that are idle
     now (cores in this process's affinity minus those busy, at least 1): on a busy machine,
     threads that wait for each other's cores make a step many times slower than one thread
-    does. "Busy" is measured over a quarter of a second (:func:`busy_cores`), not taken from
-    the load average, which still counts a build that finished a minute ago."""
+    does. "Busy" is measured on this process's CPUs over a quarter of a second
+    (:func:`busy_cores`), not taken from the machine's load average, which still counts a
+    build that finished a minute ago."""
     if threads is None:
         import os
 
@@ -88,24 +89,37 @@ def configure_threads(threads: int | None = None, processes: int = 1) -> int:
     return threads
 
 
-def cpu_times(stat_text: str) -> tuple[int, int]:
-    """``(idle, total)`` clock ticks of all CPUs from the text of ``/proc/stat`` (idle
-    includes iowait; total is user .. steal, guest time being already in user)."""
-    fields = stat_text.split("\n", 1)[0].split()
-    if not fields or fields[0] != "cpu" or len(fields) < 5:
-        raise ValueError("not a /proc/stat text")
-    ticks = [int(v) for v in fields[1:9]]
-    return ticks[3] + ticks[4], sum(ticks)
+def cpu_times(stat_text: str, cpus=None) -> tuple[int, int]:
+    """``(idle, total)`` clock ticks from the text of ``/proc/stat``: of the CPUs numbered in
+    ``cpus`` (their ``cpuN`` lines), or of all of them (the ``cpu`` line). Idle includes
+    iowait; total is user .. steal (guest time is already in user)."""
+    want = None if cpus is None else {f"cpu{i}" for i in cpus}
+    idle = total = 0
+    found = False
+    for line in stat_text.splitlines():
+        fields = line.split()
+        if not fields or not fields[0].startswith("cpu") or len(fields) < 6:
+            continue
+        if (want is None and fields[0] != "cpu") or (want is not None and fields[0] not in want):
+            continue
+        ticks = [int(v) for v in fields[1:9]]
+        idle, total, found = idle + ticks[3] + ticks[4], total + sum(ticks), True
+    if not found:
+        raise ValueError("no matching cpu lines in the /proc/stat text")
+    return idle, total
 
 
 def busy_cores(window: float = 0.25) -> float | None:
-    """How many of the machine's CPUs were busy over the next ``window`` seconds, from two
-    readings of ``/proc/stat``; ``None`` where it cannot be read."""
+    """How many of this process's CPUs (its affinity set; all CPUs where that is unknown)
+    were busy over the next ``window`` seconds, from two readings of ``/proc/stat``; ``None``
+    where it cannot be read."""
     import os
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
 
     def read() -> tuple[int, int]:
         with open("/proc/stat", encoding="ascii") as f:
-            return cpu_times(f.read(4096))
+            return cpu_times(f.read(), cpus)
 
     try:
         idle0, total0 = read()
@@ -115,7 +129,8 @@ def busy_cores(window: float = 0.25) -> float | None:
         return None
     if total1 <= total0:
         return None
-    return (1.0 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+    count = len(cpus) if cpus else os.cpu_count() or 1
+    return (1.0 - (idle1 - idle0) / (total1 - total0)) * count
 
 
 # --------------------------------------------------------------------------- seeds and RNG
