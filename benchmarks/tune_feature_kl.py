@@ -53,7 +53,7 @@ def candidates(n_rows: int, n_cols: int, sms: int = 0) -> list[fk.LaunchConfig]:
     if n_cols > fk.MAX_ROW_BLOCK:
         raise SystemExit(f"{n_cols} columns take the online kernel; this sweep tunes rows "
                          f"of up to {fk.MAX_ROW_BLOCK} columns")
-    block = max(fk.MIN_BLOCK, 1 << (n_cols - 1).bit_length())
+    block = max(fk.MIN_BLOCK, fk._next_pow2(n_cols))
     out = []
     for rows, warps in itertools.product(ROWS, WARPS):
         if rows <= n_rows and rows * block <= 32768 and _fits(rows * block, warps):

@@ -26,7 +26,14 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from rcfd.train import UsageError, add_common_device_args, resolve_device, run_cli
+from rcfd.train import (
+    UsageError,
+    add_common_device_args,
+    add_model_args,
+    load_model,
+    resolve_device,
+    run_cli,
+)
 
 
 # --------------------------------------------------------------------------- classifiers
@@ -228,8 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", choices=("digits", "cifar10", "folder"), default=None,
                    help="reference (training) set; default: what the checkpoint records, or digits")
     p.add_argument("--data-path", default=None, help="CIFAR-10 copy or image folder")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="image size of a reference-format checkpoint (default 32)")
+    add_model_args(p)
     p.add_argument("--inception-weights", metavar="PATH", default=None,
                    help="torch-fidelity's Inception weights file (pt_inception-2015-12-05)")
     p.add_argument("--classifier", metavar="CKPT", default=None,
@@ -239,8 +245,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the classifier distilled into: refused as the extractor")
     p.add_argument("--extractor", choices=("auto", "inception", "classifier"), default="auto")
     p.add_argument("--no-kid", action="store_true", help="skip KID")
-    p.add_argument("--no-ema", action="store_true", help="use the trained weights, not the EMA copy")
-    p.add_argument("--no-cuda-graph", action="store_true", help="eager sampler on a GPU")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")
     add_common_device_args(p)
     return p
@@ -251,15 +255,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    from rcfd.checkpoint import load_diffusion_checkpoint
     from rcfd.report import METRICS
 
     args = build_parser().parse_args(argv)
     if args.num_samples < 10:
         raise UsageError(f"--num-samples must be at least 10, got {args.num_samples}")
     device = resolve_device(args.device)
-    model, info = load_diffusion_checkpoint(args.checkpoint, device, use_ema=False if args.no_ema else None,
-                                            image_size=args.image_size or 32)
+    model, info = load_model(args, device)
     spec = dataset_spec_for(info, args.data, args.data_path, args.image_size)
     reference = load_reference(spec)
     shape = (reference.channels, reference.image_size, reference.image_size)

@@ -21,7 +21,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from rcfd.train import UsageError, add_common_device_args, resolve_device, run_cli
+from rcfd.train import (
+    UsageError,
+    add_common_device_args,
+    add_model_args,
+    load_model,
+    resolve_device,
+    run_cli,
+)
 
 OUTPUT_SUFFIXES = (".png", ".npz")
 
@@ -67,10 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: a square)")
     p.add_argument("--scale", type=int, default=None, help="enlarge grid images this many times "
                    "(default: to at least 32 px)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="image size of a reference-format checkpoint (default 32)")
-    p.add_argument("--no-ema", action="store_true", help="use the trained weights, not the EMA copy")
-    p.add_argument("--no-cuda-graph", action="store_true", help="eager sampler on a GPU")
+    add_model_args(p)
     p.add_argument("--no-progress", action="store_true")
     add_common_device_args(p)
     return p
@@ -81,7 +85,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    from rcfd.checkpoint import load_diffusion_checkpoint
     from rcfd.evaluate import sample_images
 
     args = build_parser().parse_args(argv)
@@ -91,8 +94,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.out is not None and Path(args.out).suffix.lower() not in OUTPUT_SUFFIXES:
         raise UsageError(f"--out must end in .png (a grid) or .npz (the images), got {args.out}")
     device = resolve_device(args.device)
-    model, info = load_diffusion_checkpoint(args.checkpoint, device, use_ema=False if args.no_ema else None,
-                                            image_size=args.image_size or 32)
+    model, info = load_model(args, device)
     steps = args.steps or info.T
     if steps < 1 or steps > info.T or info.T % steps:
         raise UsageError(f"--steps {steps} must divide the checkpoint's T={info.T} (try a power of two <= {info.T})")

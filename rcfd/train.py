@@ -89,6 +89,23 @@ def add_common_device_args(p: argparse.ArgumentParser) -> None:
                    help="auto (default: CUDA when available), cpu, cuda or cuda:N")
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--image-size``, ``--no-ema`` and ``--no-cuda-graph``: how the CLIs that sample a
+    diffusion checkpoint load and run it (see :func:`load_model`)."""
+    p.add_argument("--image-size", type=int, default=None,
+                   help="image size of a reference-format checkpoint (default 32)")
+    p.add_argument("--no-ema", action="store_true", help="use the trained weights, not the EMA copy")
+    p.add_argument("--no-cuda-graph", action="store_true", help="eager sampler on a GPU")
+
+
+def load_model(args: argparse.Namespace, device):
+    """``(model, info)`` of ``args.checkpoint`` as :func:`add_model_args` asks."""
+    from rcfd.checkpoint import load_diffusion_checkpoint
+
+    return load_diffusion_checkpoint(args.checkpoint, device, use_ema=False if args.no_ema else None,
+                                     image_size=args.image_size or 32)
+
+
 def resolve_device(device: str | None):
     """The torch device for ``--device`` (``None``/``"auto"``: CUDA when available)."""
     from rcfd.distributed import env_info
