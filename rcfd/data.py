@@ -12,6 +12,7 @@ The training iterator over a dataset (:func:`rcfd.loader.batches`) is in :mod:`r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import os
@@ -38,10 +39,17 @@ _MAX_MEMBER_BYTES = 256 << 20  # an official batch is ~31 MiB
 
 
 def to_float(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``uint8`` in ``0..255`` -> float in ``[-1, 1]``: ``x = u / 127.5 - 1``."""
+    """``uint8`` in ``0..255`` -> float in ``[-1, 1]``: ``x = u / 127.5 - 1``, computed once
+    per dtype on the CPU and looked up, so every device gives the same bits (a GPU divides
+    by a scalar as a multiplication by its reciprocal, one rounding off)."""
     if images.dtype != torch.uint8:
         raise TypeError(f"images must be uint8, got {images.dtype}")
-    return images.to(dtype) / 127.5 - 1
+    return _float_table(dtype, images.device)[images.int()]
+
+
+@functools.lru_cache(maxsize=None)
+def _float_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return (torch.arange(256, dtype=torch.uint8).to(dtype) / 127.5 - 1).to(device)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
