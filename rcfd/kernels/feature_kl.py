@@ -61,8 +61,10 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Launch heuristics (see launch_config); retune them with benchmarks/bench_feature_kl.py.
 MAX_ROW_BLOCK = 8192  # longest row held whole in registers
 ONLINE_CHUNK = 4096  # columns per step of the two-pass kernel
-ROW_TILE = 2048  # elements per program when several short rows share one
-ELEMS_PER_THREAD = 16  # per input; sets num_warps from the block size
+# Measured on an H100 (benchmarks/tune_feature_kl.py, benchmarks/RESULTS.md): one row per
+# program from 512 columns on, 32 values per thread and input (4 warps at 4096 columns).
+ROW_TILE = 512  # elements per program when several short rows share one
+ELEMS_PER_THREAD = 32  # per input; sets num_warps from the block size
 MIN_BLOCK = 16
 MAX_WARPS = 16
 # Gradients from this size on are scaled by the skip-if-one Triton kernel (the saved pass
