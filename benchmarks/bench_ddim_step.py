@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rcfd import ops
-from rcfd.schedule import cosine_schedule
+from rcfd.core.schedule import cosine_schedule
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCHES = [16, 128, 512]

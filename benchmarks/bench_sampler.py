@@ -17,10 +17,10 @@ import time
 import pytest
 import torch
 
-unet = pytest.importorskip("rcfd.unet", reason="rcfd.unet (the U-Net) is not in the tree yet")
+unet = pytest.importorskip("rcfd.core.unet", reason="rcfd.core.unet (the U-Net) is not in the tree yet")
 
 from rcfd.sampling import CUDAGraphSampler, sample_ddim  # noqa: E402
-from rcfd.schedule import cosine_schedule  # noqa: E402
+from rcfd.core.schedule import cosine_schedule  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 T, TIME_SCALE = 8, 128  # an 8-step model of the 1024-step lineage; N-step samplers divide it

@@ -30,12 +30,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rcfd.classifiers import ClassifierConfig, frozen
+from rcfd.core.classifiers import ClassifierConfig, frozen
 from rcfd.losses import RCFDLossConfig, diversity_loss, entropy_loss, rcfd_loss
-from rcfd.schedule import cosine_schedule
+from rcfd.core.schedule import cosine_schedule
 from rcfd.trainers.base import draw_noise, pd_objective
 from rcfd.trainers.loop import StepInfo
-from rcfd.unet import UNet, UNetConfig
+from rcfd.core.unet import UNet, UNetConfig
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

@@ -283,7 +283,7 @@ def save_diffusion_checkpoint(path: str | os.PathLike, model: nn.Module, *, T: i
                               time_scale: int, prediction: str = "x0",
                               ema_model: nn.Module | None = None,
                               extra: Mapping[str, Any] | None = None) -> Path:
-    """Save a :class:`~rcfd.unet.UNet` (wrappers removed) and its EMA copy atomically."""
+    """Save a :class:`~rcfd.core.unet.UNet` (wrappers removed) and its EMA copy atomically."""
     model = unwrap_model(model)
     ema = None if ema_model is None else unwrap_model(ema_model).state_dict()
     return save_checkpoint(make_checkpoint(
@@ -317,7 +317,7 @@ class DiffusionInfo:
     T: int
     time_scale: int
     prediction: str
-    config: Any  # rcfd.unet.UNetConfig
+    config: Any  # rcfd.core.unet.UNetConfig
     source: str  # "rcfd" or "reference"
     weights: str  # which state dict was loaded: "state_dict", "ema_state_dict", "net_model", ...
     extra: dict = field(default_factory=dict)
@@ -330,7 +330,7 @@ def import_reference_diffusion(ckpt: Mapping[str, Any], *, image_size: int = 32,
     when ``time_scale == 1`` (a base model) and ``net_model`` otherwise (a distilled one);
     the architecture is read off the state dict; ``x_T`` and other entries go to ``extra``.
     The result's ``extra["reference_weights"]`` names the state dict used."""
-    from rcfd.unet import UNetConfig
+    from rcfd.core.unet import UNetConfig
 
     missing = [k for k in ("T", "time_scale") if k not in ckpt]
     if missing:
@@ -358,11 +358,11 @@ def import_reference_diffusion(ckpt: Mapping[str, Any], *, image_size: int = 32,
 def load_diffusion_checkpoint(path: str | os.PathLike, device: Any = "cpu", *,
                               use_ema: bool | None = None, image_size: int = 32,
                               prediction: str = "x0") -> tuple[nn.Module, DiffusionInfo]:
-    """Build the :class:`~rcfd.unet.UNet` of a checkpoint of either format and load its
+    """Build the :class:`~rcfd.core.unet.UNet` of a checkpoint of either format and load its
     weights strictly; returns ``(model in eval mode on device, info)``. For our format,
     ``use_ema=None`` takes the EMA weights when present. ``image_size`` and ``prediction``
     apply to reference checkpoints only (they do not record them)."""
-    from rcfd.unet import UNet, UNetConfig
+    from rcfd.core.unet import UNet, UNetConfig
 
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, Mapping):

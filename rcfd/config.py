@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from rcfd.classifiers import CLASSIFIER_NAMES
+from rcfd.core.classifiers import CLASSIFIER_NAMES
 from rcfd.data import DatasetSpec
 from rcfd.losses import LOSS_KINDS, PREDICTIONS, RCFDLossConfig
 from rcfd.typedconfig import (
@@ -32,7 +32,7 @@ from rcfd.typedconfig import (
     read_mapping,
     save_config,
 )
-from rcfd.unet import UNetConfig
+from rcfd.core.unet import UNetConfig
 
 TRAINABLE_CLASSIFIERS = tuple(n for n in CLASSIFIER_NAMES if not n.startswith("imagenet_"))
 CLASSIFIER_ROLES = ("distill", "eval")

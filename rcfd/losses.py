@@ -4,7 +4,7 @@ distillation target, and the RCFD terms (feature KL, entropy, diversity).
 Every loss is a function of the networks and the batch, never a method of a sampler.
 Networks are any callables ``model(z_t, t_index) -> x0_hat`` (or ``eps_hat`` with
 ``prediction="eps"``), ``t_index`` an int64 ``[B]`` tensor of schedule indices
-``t * time_scale``. Schedule tables are the float64 CPU tensors of :mod:`rcfd.schedule`;
+``t * time_scale``. Schedule tables are the float64 CPU tensors of :mod:`rcfd.core.schedule`;
 coefficients are gathered per sample as ``[B]`` tensors (fp32, or float64 for float64
 images).
 """
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from rcfd import ops
-from rcfd.schedule import Schedule
+from rcfd.core.schedule import Schedule
 
 Coef = Union[float, torch.Tensor]
 PREDICTIONS = ("x0", "eps")

@@ -17,7 +17,7 @@ from rcfd.config import (
 )
 from rcfd.data import DatasetSpec
 from rcfd.losses import RCFDLossConfig
-from rcfd.unet import UNetConfig
+from rcfd.core.unet import UNetConfig
 
 
 def classifier_paper(arch: str = "resnet18", role: str = "distill", **changes) -> ClassifierStageConfig:

@@ -4,7 +4,7 @@ sampler, a CUDA-graph-captured N-step sampler, and a batched generator for evalu
 Models are any callables ``model(z_t, t_index)`` returning ``x0_hat`` (or ``eps_hat`` with
 ``prediction="eps"``), ``t_index`` an int64 ``[B]`` tensor of schedule indices
 ``t * time_scale``. Samplers walk an explicit list of sampler steps ``ts`` (from
-:func:`rcfd.schedule.step_indices`, or given) and go from ``ts[i]`` to ``ts[i + 1]``.
+:func:`rcfd.core.schedule.step_indices`, or given) and go from ``ts[i]`` to ``ts[i + 1]``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from rcfd import ops
 from rcfd.losses import PREDICTIONS, check_choice, schedule_at, x0_from_eps
-from rcfd.schedule import Schedule, cosine_schedule, step_indices
+from rcfd.core.schedule import Schedule, cosine_schedule, step_indices
 
 log = logging.getLogger("rcfd")
 

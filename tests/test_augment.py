@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rcfd.augment import (
+from rcfd.data.augment import (
     _cifar10_policy,
     apply_autoaugment,
     autoaugment_cifar10,

@@ -18,7 +18,7 @@ from rcfd.checkpoint import (CheckpointError, StateDictMismatchError, UnsafeChec
                              load_checkpoint, load_classifier_state_dict,
                              load_diffusion_checkpoint, load_state_dict_strict, make_checkpoint,
                              save_checkpoint, save_diffusion_checkpoint)
-from rcfd.unet import UNet, UNetConfig
+from rcfd.core.unet import UNet, UNetConfig
 
 from test_unet import read_reference_keys, scramble, small_config
 

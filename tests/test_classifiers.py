@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reference_keys import read_reference_keys
-from rcfd.classifiers import (
+from rcfd.core.classifiers import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     CLASSIFIER_NAMES,
@@ -19,7 +19,7 @@ from rcfd.classifiers import (
     frozen,
     load_reference_classifier,
 )
-from rcfd.imagenet import _imagenet_state_dict
+from rcfd.core.imagenet import _imagenet_state_dict
 
 def reference_keys(name):
     return read_reference_keys(name)[0]

@@ -15,10 +15,10 @@ from PIL import Image
 
 from rcfd import evaluate, metrics, report, sample, train
 from rcfd.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, save_diffusion_checkpoint
-from rcfd.classifiers import ClassifierConfig
+from rcfd.core.classifiers import ClassifierConfig
 from rcfd.config import PipelineConfig
 from rcfd.presets import get_preset
-from rcfd.unet import UNet, UNetConfig
+from rcfd.core.unet import UNet, UNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 T = 4

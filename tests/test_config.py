@@ -18,7 +18,7 @@ from rcfd.config import (
 )
 from rcfd.losses import RCFDLossConfig
 from rcfd.presets import PRESETS, get_preset
-from rcfd.unet import UNetConfig
+from rcfd.core.unet import UNetConfig
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -1,5 +1,5 @@
 """rcfd.data: the digits default, the CIFAR-10 reader (safe unpickling), image folders; and
-rcfd.loader: the resumable, shardable batch iterator."""
+rcfd.data.loader: the resumable, shardable batch iterator."""
 
 import os
 import pickle
@@ -19,7 +19,7 @@ from rcfd.data import (
     to_float,
     to_uint8,
 )
-from rcfd.loader import batches, epoch_seed
+from rcfd.data.loader import batches, epoch_seed
 
 # --------------------------------------------------------------------------- conversions
 

@@ -33,7 +33,7 @@ def reference64(z_t, x0, a_s, s_s, a_t, s_t, clip):
 
 def coefs(batch, device, kind):
     """Coefficients of a real step of the cosine schedule, as floats or per-sample tensors."""
-    from rcfd.schedule import cosine_schedule
+    from rcfd.core.schedule import cosine_schedule
 
     sched = cosine_schedule(64, 16)
     t = torch.randint(2, 65, (batch,)) * 16

@@ -11,7 +11,7 @@ from standins import GaussianDenoiser, TinyNet
 
 from rcfd import losses
 from rcfd.losses import RCFDLossConfig
-from rcfd.schedule import cosine_schedule
+from rcfd.core.schedule import cosine_schedule
 
 F64 = torch.float64
 

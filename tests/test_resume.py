@@ -25,7 +25,7 @@ from rcfd.trainers import (
     train_pd,
 )
 from rcfd.trainers.rundir import read_metrics
-from rcfd.unet import UNetConfig
+from rcfd.core.unet import UNetConfig
 
 CPU = TrainOptions(bf16=False, channels_last=False, fused=False, compile=False)
 DATA = DatasetSpec(name="digits", image_size=8)
@@ -126,7 +126,7 @@ SCRIPT = textwrap.dedent("""
     from rcfd.config import BaseStageConfig, TrainOptions
     from rcfd.data import DatasetSpec
     from rcfd.trainers import RunContext, train_base
-    from rcfd.unet import UNetConfig
+    from rcfd.core.unet import UNetConfig
     unet = UNetConfig(image_size=8, in_channels=1, ch=32, ch_mult=(1,), attn=(),
                       num_res_blocks=1, dropout=0.0, num_time_indices=9)
     cfg = BaseStageConfig(unet=unet, T=8, steps=100000, batch_size=16, warmup=1,

@@ -9,7 +9,7 @@ from standins import GaussianDenoiser, TinyNet
 
 from rcfd import sampling
 from rcfd.distributed import DistInfo, shard_range
-from rcfd.schedule import cosine_schedule, step_indices
+from rcfd.core.schedule import cosine_schedule, step_indices
 
 F64 = torch.float64
 

@@ -10,7 +10,7 @@ import torch
 
 from rcfd import losses
 from rcfd.checkpoint import load_diffusion_checkpoint
-from rcfd.classifiers import ClassifierConfig, frozen
+from rcfd.core.classifiers import ClassifierConfig, frozen
 from rcfd.config import (
     BaseStageConfig,
     ClassifierStageConfig,
@@ -19,7 +19,7 @@ from rcfd.config import (
     TrainOptions,
 )
 from rcfd.data import DatasetSpec, load_dataset
-from rcfd.schedule import cosine_schedule
+from rcfd.core.schedule import cosine_schedule
 from rcfd.trainers import (
     NonFiniteLossError,
     RunContext,
@@ -38,7 +38,7 @@ from rcfd.trainers.loop import Job, StepInfo, run_job
 from rcfd.trainers.optim import EMA, OptimSpec, lr_at
 from rcfd.trainers.rcfd import check_classifier_fits
 from rcfd.trainers.rundir import read_metrics
-from rcfd.unet import UNet, UNetConfig
+from rcfd.core.unet import UNet, UNetConfig
 
 CPU = TrainOptions(bf16=False, channels_last=False, fused=False, compile=False)
 DATA = DatasetSpec(name="digits", image_size=8)  # the original 8x8 digits: no resize

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import reference_keys
-from rcfd.unet import AttnBlock, UNet, UNetConfig, sinusoidal_table
+from rcfd.core.unet import AttnBlock, UNet, UNetConfig, sinusoidal_table
 
 def read_reference_keys() -> tuple[list[tuple[str, tuple[int, ...]]], int]:
     """(key, shape) rows of the reference U-Net in file order and its stated parameter count."""

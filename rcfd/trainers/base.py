@@ -3,7 +3,7 @@ stage shares: the noise of a step, the explicit-noise objectives, sample grids.
 
 The noise of a step (``t``, ``eps``) is drawn for the whole GLOBAL batch from the stage's
 generator, in the order :mod:`rcfd.losses` draws it, and each rank keeps its own share
-(the same rows :class:`rcfd.loader.Batches` gives it). So a run on ``N`` processes sees
+(the same rows :class:`rcfd.data.loader.Batches` gives it). So a run on ``N`` processes sees
 exactly the data and noise of a single process with the same global batch, and on one
 process :func:`base_objective` / :func:`pd_objective` equal ``losses.base_loss`` /
 ``losses.pd_loss`` called with the same generator (tests/test_trainers.py checks both).
@@ -20,14 +20,14 @@ import torch
 from rcfd.checkpoint import save_diffusion_checkpoint
 from rcfd.config import BaseStageConfig
 from rcfd.data import DatasetSpec, ImageDataset, load_dataset
-from rcfd.loader import batches
+from rcfd.data.loader import batches
 from rcfd.losses import PDOutput, denoising_loss, pd_target, predict, schedule_at
 from rcfd.sampling import sample_ddim
-from rcfd.schedule import Schedule, cosine_schedule
+from rcfd.core.schedule import Schedule, cosine_schedule
 from rcfd.trainers.loop import Job, StepInfo, run_job, stage_seed
 from rcfd.trainers.optim import OptimSpec
 from rcfd.trainers.rundir import RunContext, checkpoint_path, unit_done
-from rcfd.unet import UNet
+from rcfd.core.unet import UNet
 
 STAGE = "base"
 UNIT = "model"

@@ -1,6 +1,6 @@
 """Classifier training (METHOD.md, "Classifiers"): SGD with momentum and weight decay, the
 learning rate divided by 10 at 1/2 and 3/4 of training, crop + flip + AutoAugment + Cutout
-on every batch (:func:`rcfd.augment.classifier_augment`), test accuracy logged at every
+on every batch (:func:`rcfd.data.augment.classifier_augment`), test accuracy logged at every
 epoch (or ``eval_interval``) and the best weights kept. Writes
 ``run_dir/classifier/<role>.pt`` (``kind="classifier"``, with its :class:`ClassifierConfig`,
 so :func:`load_classifier` rebuilds it).
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rcfd.augment import classifier_augment
+from rcfd.data.augment import classifier_augment
 from rcfd.checkpoint import (
     load_checkpoint,
     load_classifier_state_dict,
@@ -22,7 +22,7 @@ from rcfd.checkpoint import (
     make_checkpoint,
     save_checkpoint,
 )
-from rcfd.classifiers import ClassifierConfig, load_reference_classifier
+from rcfd.core.classifiers import ClassifierConfig, load_reference_classifier
 from rcfd.config import ClassifierStageConfig
 from rcfd.data import DatasetSpec, ImageDataset, load_dataset, to_float
 from rcfd.trainers.base import _data_dict, data_batches

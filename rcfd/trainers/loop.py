@@ -193,7 +193,7 @@ class Job:
     unit: str
     model: nn.Module
     loss_fn: Callable
-    batches: Any  # rcfd.loader.Batches
+    batches: Any  # rcfd.data.loader.Batches
     steps: int
     optim: OptimSpec
     config: dict

@@ -23,7 +23,7 @@ from rcfd.checkpoint import (
 )
 from rcfd.config import PDStageConfig, halving_rounds
 from rcfd.data import DatasetSpec, ImageDataset
-from rcfd.schedule import cosine_schedule
+from rcfd.core.schedule import cosine_schedule
 from rcfd.trainers.base import (
     _data_dict,
     check_images_fit,
@@ -37,7 +37,7 @@ from rcfd.trainers.base import (
 from rcfd.trainers.loop import Job, _log, run_job, stage_seed
 from rcfd.trainers.optim import OptimSpec
 from rcfd.trainers.rundir import RunContext, checkpoint_path, unit_done
-from rcfd.unet import UNet
+from rcfd.core.unet import UNet
 
 STAGE = "pd"
 

@@ -5,7 +5,7 @@ Rounds halve ``T`` from the PD student at ``start_T`` (8 in the paper) down to `
 ``L = L_CFD + alpha * (beta * L_ent + (1 - beta) * L_div)`` of :func:`rcfd.losses.rcfd_loss`
 on the student's unclipped ``x0_hat`` and the two-step teacher target ``x_target``: the same
 computation as ``losses.rcfd_distillation_loss``, with the step's noise drawn for the global
-batch (:mod:`rcfd.trainers.base`). The classifier is frozen (:func:`rcfd.classifiers.frozen`:
+batch (:mod:`rcfd.trainers.base`). The classifier is frozen (:func:`rcfd.core.classifiers.frozen`:
 eval mode, no parameter gradients) and gradients flow through it into the student. Every
 term (``cfd``, ``ent``, ``div``, ``reg``, and the PD loss ``pd`` for reference) is logged.
 Writes ``run_dir/rcfd/T<student T>.pt`` per round.
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rcfd.classifiers import frozen
+from rcfd.core.classifiers import frozen
 from rcfd.config import RCFDStageConfig
 from rcfd.data import DatasetSpec, ImageDataset
 from rcfd.losses import rcfd_loss

@@ -13,7 +13,7 @@ CIFAR-style networks (3x3 stride-1 stem, no max-pool) take any ``in_channels`` a
 in the reference), so ``resnet18`` at width 16 and ``densenet_small`` train on 16x16 digits in
 seconds on a CPU. ``imagenet_*`` wrap torchvision's ImageNet networks: inputs are resized
 bilinearly to ``input_size`` (224); weights come from a local file or torchvision's cache and
-are never downloaded here. The wrapper and its weight loading are in :mod:`rcfd.imagenet`.
+are never downloaded here. The wrapper and its weight loading are in :mod:`rcfd.core.imagenet`.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class ClassifierConfig:
     def build(self) -> nn.Module:
         """A freshly initialised classifier (``imagenet_*``: with the ImageNet weights)."""
         if self.name in _IMAGENET:
-            from rcfd.imagenet import ImageNetClassifier  # it builds on this module
+            from rcfd.core.imagenet import ImageNetClassifier  # it builds on this module
 
             return ImageNetClassifier(self)
         return CifarResNet(self) if _CIFAR[self.name][0] == "resnet" else CifarDenseNet(self)

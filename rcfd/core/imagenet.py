@@ -1,8 +1,8 @@
 """ImageNet-pretrained classifiers (``imagenet_resnet50``, ``imagenet_densenet201``) for
-:mod:`rcfd.classifiers`: torchvision's networks behind the same ``(logits, features)``
+:mod:`rcfd.core.classifiers`: torchvision's networks behind the same ``(logits, features)``
 interface. Inputs are resized bilinearly to ``input_size`` (224); weights come from a local
 file or torchvision's cache and are never downloaded here. Built through
-:func:`rcfd.classifiers.build_classifier` / :meth:`rcfd.classifiers.ClassifierConfig.build`.
+:func:`rcfd.core.classifiers.build_classifier` / :meth:`rcfd.core.classifiers.ClassifierConfig.build`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from rcfd.classifiers import _IMAGENET, ClassifierConfig, _check_images, _Classifier
+from rcfd.core.classifiers import _IMAGENET, ClassifierConfig, _check_images, _Classifier
 
 
 def _imagenet_state_dict(arch: str, weights: str | None) -> dict[str, torch.Tensor]:
