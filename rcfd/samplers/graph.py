@@ -1,0 +1,129 @@
+"""One generic CUDA-graph capture for any sampler ``sampler(model, x_T, plan)``.
+
+The whole K-step loop (K model forwards and K fused updates) is captured once per
+(``x_T`` shape, dtype, device, plan, autocast dtype) and replayed: ``copy_`` into the static
+input, ``replay()``, clone the static output (PyTorch's "CUDA Graphs" notes). This works for
+every sampler of :data:`rcfd.samplers.SAMPLERS` because they read their per-step
+coefficients from the plan's device tensors, never sync the host, and never branch on
+tensor values.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from typing import Callable
+
+import torch
+
+from rcfd.samplers.plan import Plan
+from rcfd.samplers.registry import SamplerLike, autocast, get_sampler, sample, sampler_name
+
+log = logging.getLogger("rcfd")
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_eager(reason: str) -> None:
+    msg = f"GraphSampler runs the eager sampler: {reason}"
+    log.warning("rcfd: %s", msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+class _Captured:
+    """One captured sampler run with its static input and output. It owns its copy of the
+    plan: the graph reads that memory on every replay, so it lives as long as the graph."""
+
+    def __init__(self, graph, static_in, static_out, plan, ptrs):
+        self.graph, self.static_in, self.static_out = graph, static_in, static_out
+        self.plan, self.ptrs = plan, ptrs
+
+
+class GraphSampler:
+    """``sampler`` (a name of :data:`rcfd.samplers.SAMPLERS` or a sampler function) over
+    ``plan``, captured as one CUDA graph per (``x_T`` shape, dtype, device, plan, autocast
+    dtype). ``graph_sampler(x_T)`` returns a fresh tensor of images.
+
+    * The model must be in eval mode (dropout or batch statistics would be frozen into the
+      graph). Capture runs ``warmup`` passes on a side stream first; all graphs of one
+      GraphSampler share one memory pool.
+    * The graph reads the parameters' memory: weights updated IN PLACE (``p.copy_``,
+      ``load_state_dict``, an EMA ``lerp_``) are used by the next replay; reallocated ones
+      (``model.to``, ``.half()``, new ``Parameter`` objects) are detected by their
+      addresses and the graphs are captured again.
+    * ``autocast_dtype`` (``torch.bfloat16`` / ``torch.float16``) runs the model under
+      autocast (with ``cache_enabled=False`` in capture) while ``z`` stays in ``x_T``'s dtype.
+    * For a non-CUDA ``x_T`` it runs the sampler eagerly and warns once.
+    """
+
+    def __init__(self, model: Callable, plan: Plan, sampler: SamplerLike = "ddim", *,
+                 autocast_dtype: torch.dtype | None = None, warmup: int = 3):
+        if not isinstance(plan, Plan):
+            raise TypeError(f"plan must be a rcfd.samplers.Plan (see make_plan), got {type(plan).__name__}")
+        self.model, self.plan = model, plan
+        self.sampler = get_sampler(sampler)
+        self.autocast_dtype, self.warmup = autocast_dtype, warmup
+        autocast(torch.device("cpu"), autocast_dtype)  # refuse a bad dtype now
+        self._check_eval()
+        self._graphs: dict = {}
+        self._pool = None
+
+    def _check_eval(self) -> None:
+        if isinstance(self.model, torch.nn.Module) and self.model.training:
+            raise ValueError("GraphSampler needs the model in eval mode: call model.eval()")
+
+    def reset(self) -> None:
+        """Drop every captured graph (and the memory pool with them)."""
+        self._graphs.clear()
+        self._pool = None
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    def _ptrs(self) -> tuple:
+        if not isinstance(self.model, torch.nn.Module):
+            return ()
+        return tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
+
+    def _run(self, z: torch.Tensor, plan: Plan) -> torch.Tensor:
+        with torch.no_grad(), autocast(z.device, self.autocast_dtype, cache=False):
+            return self.sampler(self.model, z, plan)
+
+    def _capture(self, x_T: torch.Tensor, plan: Plan) -> _Captured:
+        static_in = x_T.detach().clone()
+        plan = plan.to(x_T.device, copy=True)
+        side = torch.cuda.Stream(device=x_T.device)
+        side.wait_stream(torch.cuda.current_stream(x_T.device))
+        with torch.cuda.stream(side):
+            for _ in range(max(self.warmup, 1)):
+                self._run(static_in, plan)
+        torch.cuda.current_stream(x_T.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            static_out = self._run(static_in, plan)
+        log.info("rcfd: captured a %d-step %s sampler graph for x_T %s %s", plan.num_steps,
+                 sampler_name(self.sampler), tuple(x_T.shape), x_T.dtype)
+        return _Captured(graph, static_in, static_out, plan, self._ptrs())
+
+    def __call__(self, x_T: torch.Tensor, plan: Plan | None = None) -> torch.Tensor:
+        """Images from noise ``x_T`` (the result of the sampler); ``plan`` overrides the
+        sampler's plan for this call (a graph per plan)."""
+        plan = self.plan if plan is None else plan
+        self._check_eval()
+        if x_T.device.type != "cuda" or not torch.cuda.is_available():
+            _warn_eager(f"x_T is on {x_T.device} and CUDA graphs need a CUDA device")
+            return sample(self.model, x_T, plan, self.sampler, autocast_dtype=self.autocast_dtype)
+        key = (tuple(x_T.shape), x_T.dtype, x_T.device, plan.key, self.autocast_dtype)
+        entry = self._graphs.get(key)
+        if entry is not None and entry.ptrs != self._ptrs():
+            log.warning("rcfd: model parameters were reallocated since capture; capturing again")
+            self.reset()
+            entry = None
+        if entry is None:
+            entry = self._graphs[key] = self._capture(x_T, plan)
+        entry.static_in.copy_(x_T)
+        entry.graph.replay()
+        return entry.static_out.clone()

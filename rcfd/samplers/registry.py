@@ -1,0 +1,58 @@
+"""The samplers by name, and the eager way to run one (optionally under autocast).
+
+A sampler is a pure function ``sampler(model, x_T, plan) -> images``: no host syncs and no
+branching on tensor values, so that :class:`rcfd.samplers.graph.GraphSampler` can capture
+any of them in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Union
+
+import torch
+
+from rcfd.samplers.ddim import ddim
+from rcfd.samplers.dpm_solver import dpm_solver_2m
+from rcfd.samplers.plan import Plan
+from rcfd.samplers.pndm import pndm
+
+Sampler = Callable[[Callable, torch.Tensor, Plan], torch.Tensor]
+SamplerLike = Union[str, Sampler]
+
+SAMPLERS: dict[str, Sampler] = {"ddim": ddim, "dpm-solver": dpm_solver_2m, "pndm": pndm}
+
+
+def get_sampler(sampler: SamplerLike) -> Sampler:
+    """The sampler function named ``sampler`` (a key of :data:`SAMPLERS`); a function is
+    returned as it is."""
+    if callable(sampler):
+        return sampler
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(map(repr, SAMPLERS))}")
+    return SAMPLERS[sampler]
+
+
+def sampler_name(sampler: SamplerLike) -> str:
+    """The registry name of ``sampler`` (a function's own name when it is not registered)."""
+    fn = get_sampler(sampler)
+    return next((k for k, v in SAMPLERS.items() if v is fn), getattr(fn, "__name__", repr(fn)))
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True):
+    """Autocast to ``dtype`` on ``device`` (nothing for ``None`` or fp32). CUDA-graph capture
+    passes ``cache=False``: casts cached by autocast must not outlive the capture."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {dtype}")
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
+
+
+def sample(model: Callable, x_T: torch.Tensor, plan: Plan, sampler: SamplerLike = "ddim", *,
+           autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Run ``sampler`` eagerly from ``x_T`` over ``plan`` (moved to ``x_T``'s device), the
+    model under autocast to ``autocast_dtype`` when given (``z`` stays in ``x_T``'s dtype)."""
+    fn = get_sampler(sampler)
+    with autocast(x_T.device, autocast_dtype):
+        return fn(model, x_T, plan.to(x_T.device))

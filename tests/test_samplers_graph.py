@@ -1,0 +1,198 @@
+"""The CUDA-graph capture of any sampler (equal to the eager one on CUDA, the eager one with
+one warning on the CPU) and batched generation (reproducible, the same images for any
+number of processes)."""
+
+import warnings
+
+import pytest
+import torch
+from standins import TinyNet
+
+from rcfd import samplers
+from rcfd.distributed import DistInfo, shard_range
+from rcfd.samplers import graph as graph_module
+
+NAMES = tuple(samplers.SAMPLERS)
+
+
+def plan_of(T, time_scale, num_steps, device="cpu", **kw):
+    return samplers.make_plan(None, T, time_scale, num_steps, device=device, **kw)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_graph_sampler_falls_back_to_eager_on_cpu_and_warns_once(name):
+    graph_module._warn_eager.cache_clear()
+    model = TinyNet(ch=3, width=8).eval()
+    sampler = samplers.GraphSampler(model, plan_of(8, 2, 4), name)
+    x_T = torch.randn(2, 3, 5, 5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a, b = sampler(x_T), sampler(x_T)
+        two = sampler(x_T, plan_of(8, 2, 2))
+    assert sum("eager" in str(w.message) for w in caught) == 1
+    fn = samplers.get_sampler(name)
+    torch.testing.assert_close(a, fn(model, x_T, plan_of(8, 2, 4)))
+    torch.testing.assert_close(b, a)
+    torch.testing.assert_close(two, fn(model, x_T, plan_of(8, 2, 2)))
+    assert sampler.num_graphs == 0
+
+
+def test_graph_sampler_needs_eval_mode_and_a_plan():
+    with pytest.raises(ValueError, match="eval"):
+        samplers.GraphSampler(TinyNet(ch=3, width=8).train(), plan_of(8, 1, 2))
+    model = TinyNet(ch=3, width=8).eval()
+    sampler = samplers.GraphSampler(model, plan_of(8, 1, 2))
+    model.train()
+    with pytest.raises(ValueError, match="eval"):
+        sampler(torch.randn(1, 3, 4, 4))
+    with pytest.raises(TypeError, match="make_plan"):
+        samplers.GraphSampler(model.eval(), 2)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        samplers.GraphSampler(model, plan_of(8, 1, 2), "heun")
+    with pytest.raises(ValueError, match="autocast_dtype"):
+        samplers.GraphSampler(model, plan_of(8, 1, 2), autocast_dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_generate_yields_n_reproducible_images(name):
+    model = TinyNet(ch=3, width=8).eval()
+    plan = plan_of(8, 1, 2)
+    kw = dict(shape=(3, 4, 5), plan=plan, sampler=name, progress=False)
+    a = list(samplers.generate(model, 7, 3, seed=5, **kw))
+    b = list(samplers.generate(model, 7, 3, seed=5, **kw))
+    c = list(samplers.generate(model, 7, 3, seed=6, **kw))
+    assert [x.shape[0] for x in a] == [3, 3, 1]
+    assert all(x.shape[1:] == (3, 4, 5) and x.abs().max() <= 1 for x in a)
+    torch.testing.assert_close(torch.cat(a), torch.cat(b))
+    assert not torch.allclose(torch.cat(a), torch.cat(c))
+    g = torch.Generator().manual_seed(5)
+    first = samplers.get_sampler(name)(model, torch.randn(3, 3, 4, 5, generator=g), plan)
+    torch.testing.assert_close(torch.cat(a)[:3], first)
+
+
+def test_generate_labels_its_progress_bar_with_the_sampler(capsys):
+    model = TinyNet(ch=3, width=8).eval()
+    list(samplers.generate(model, 2, 2, shape=(3, 4, 4), plan=plan_of(8, 1, 2),
+                           sampler="dpm-solver", progress=True))
+    assert "2-step dpm-solver" in capsys.readouterr().err
+
+
+def test_generate_refuses_bad_sizes_and_names():
+    model = TinyNet(ch=3, width=8).eval()
+    with pytest.raises(ValueError, match="positive"):
+        next(samplers.generate(model, 0, 2, shape=(3, 4, 4), plan=plan_of(8, 1, 2)))
+    with pytest.raises(ValueError, match="unknown sampler"):
+        next(samplers.generate(model, 2, 2, shape=(3, 4, 4), plan=plan_of(8, 1, 2), sampler="ddpm"))
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5), (1, 16, 16)], ids=str)
+def test_noise_blocks_equal_one_process_noise_for_any_world_size(shape):
+    """Each rank's block holds the noise one process draws for those samples, so the union
+    over ranks is the same sample set for 1, 2, 3 or 4 processes (60 values per image
+    included: not a multiple of the 16 that CPU randn fills at a time)."""
+    n, batch = 23, 5
+
+    def noise(indices=None):
+        g = torch.Generator().manual_seed(11)
+        return list(samplers.noise_batches(n, batch, shape, g, indices))
+
+    whole = noise()
+    assert [x.shape[0] for x in whole] == [5, 5, 5, 5, 3]
+    for world in (1, 2, 3, 4):
+        blocks = []
+        for rank in range(world):
+            block = shard_range(n, DistInfo(rank=rank, world_size=world))
+            got = noise(block)
+            sizes = [x.shape[0] for x in got]
+            assert sum(sizes) == len(block) and all(s == batch for s in sizes[:-1])
+            blocks += got
+        assert torch.equal(torch.cat(blocks), torch.cat(whole)), f"world size {world}"
+
+
+def test_noise_blocks_must_be_contiguous_and_inside():
+    g = torch.Generator()
+    for bad in (range(0, 10, 2), range(5, 11), range(-1, 3)):
+        with pytest.raises(ValueError, match="contiguous block"):
+            next(samplers.noise_batches(10, 4, (1, 2, 2), g, bad))
+    assert list(samplers.noise_batches(10, 4, (1, 2, 2), g, range(3, 3))) == []
+
+
+def test_generate_block_equals_its_slice_of_all():
+    model = TinyNet(ch=3, width=8).eval()
+    kw = dict(shape=(3, 4, 5), plan=plan_of(8, 1, 2), sampler="pndm", progress=False, seed=3)
+    whole = torch.cat(list(samplers.generate(model, 9, 4, **kw)))
+    part = torch.cat(list(samplers.generate(model, 9, 4, indices=range(2, 7), **kw)))
+    torch.testing.assert_close(part, whole[2:7])
+
+
+# --------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("prediction", ["x0", "eps"])
+@pytest.mark.parametrize("name", NAMES)
+def test_graph_sampler_equals_eager_on_cuda(name, prediction):
+    model = TinyNet(ch=3).cuda().eval()
+    fn = samplers.get_sampler(name)
+    plan4 = plan_of(16, 2, 4, "cuda", prediction=prediction)
+    sampler = samplers.GraphSampler(model, plan4, name)
+    for batch in (1, 5, 5, 33):
+        x_T = torch.randn(batch, 3, 8, 8, device="cuda")
+        torch.testing.assert_close(sampler(x_T), fn(model, x_T, plan4), rtol=1e-5, atol=1e-5)
+    x_T = torch.randn(5, 3, 8, 8, device="cuda")
+    plan8 = plan_of(16, 2, 8, prediction=prediction)  # a CPU plan: moved into the graph's copy
+    torch.testing.assert_close(sampler(x_T, plan8), fn(model, x_T, plan8.to("cuda")),
+                               rtol=1e-5, atol=1e-5)
+    sampler(x_T, plan_of(16, 2, 8, prediction=prediction))  # an equal plan: no new graph
+    assert sampler.num_graphs == 4  # (1, 4), (5, 4), (33, 4), (5, 8): one graph each
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", NAMES)
+def test_graph_sampler_sees_in_place_weight_updates_and_recaptures_reallocated_ones(name):
+    model = TinyNet(ch=3).cuda().eval()
+    plan = plan_of(8, 1, 4, "cuda")
+    fn = samplers.get_sampler(name)
+    sampler = samplers.GraphSampler(model, plan, name)
+    x_T = torch.randn(4, 3, 8, 8, device="cuda")
+    before = sampler(x_T)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    after = sampler(x_T)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, fn(model, x_T, plan), rtol=1e-5, atol=1e-5)
+    model.out.weight = torch.nn.Parameter(model.out.weight.detach().clone() * 0.5)
+    torch.testing.assert_close(sampler(x_T), fn(model, x_T, plan), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", NAMES)
+def test_graph_sampler_bf16_autocast_matches_eager_bf16(name):
+    model = TinyNet(ch=3).cuda().eval()
+    plan = plan_of(8, 1, 4, "cuda")
+    sampler = samplers.GraphSampler(model, plan, name, autocast_dtype=torch.bfloat16)
+    x_T = torch.randn(6, 3, 8, 8, device="cuda")
+    got = sampler(x_T)
+    assert got.dtype == torch.float32
+    want = samplers.sample(model, x_T, plan, name, autocast_dtype=torch.bfloat16)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    fp32 = samplers.get_sampler(name)(model, x_T, plan)
+    torch.testing.assert_close(got, fp32, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.cuda
+def test_generate_on_cuda_equals_generate_on_cpu():
+    model = TinyNet(ch=3, width=8).eval()
+    kw = dict(shape=(3, 8, 8), plan=plan_of(8, 1, 4), sampler="dpm-solver", progress=False, seed=2)
+    cpu = torch.cat(list(samplers.generate(model, 6, 4, **kw)))
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions on both devices
+    try:
+        gpu = torch.cat(list(samplers.generate(model.cuda(), 6, 4, device="cuda", **kw)))
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
