@@ -1,7 +1,9 @@
-"""Sampler throughput (images/s) of the N-step DDIM sampler on the CIFAR-10 U-Net: eager
-PyTorch vs the CUDA-graph sampler vs ``torch.compile(mode="reduce-overhead")``, fp32 and
-bf16 autocast, grouped by (batch, steps, dtype) so each group reads as a ratio against
-eager. Without a GPU only the eager sampler runs, on the small digits U-Net.
+"""Sampler throughput (images/s) of N-step samplers on the CIFAR-10 U-Net: eager PyTorch vs
+the CUDA-graph capture (:class:`rcfd.samplers.GraphSampler`) vs the eager sampler over
+``torch.compile(mode="reduce-overhead")``, fp32 and bf16 autocast, grouped by (batch, steps,
+dtype) so each group reads as a ratio against eager. DDIM runs every case; DPM-Solver++(2M)
+and PNDM run one small case (their own groups), enough to show they capture and cost what
+DDIM costs. Without a GPU only the eager samplers run, on the small digits U-Net.
 
     pytest benchmarks/bench_sampler.py --benchmark-only
 
@@ -19,8 +21,8 @@ import torch
 
 unet = pytest.importorskip("rcfd.core.unet", reason="rcfd.core.unet (the U-Net) is not in the tree yet")
 
-from rcfd.sampling import CUDAGraphSampler, sample_ddim  # noqa: E402
 from rcfd.core.schedule import cosine_schedule  # noqa: E402
+from rcfd.samplers import GraphSampler, make_plan, sample  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 T, TIME_SCALE = 8, 128  # an 8-step model of the 1024-step lineage; N-step samplers divide it
@@ -28,6 +30,8 @@ BATCHES = (1, 16, 128)
 STEPS = (1, 4, 8)
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 MODES = ("eager", "graph", "compile")
+SAMPLERS = ("ddim", "dpm-solver", "pndm")
+OTHER_SAMPLER_CASE = (16, 4)  # (batch, steps) where the samplers besides DDIM also run
 ROUNDS = 10 if CUDA else 2  # the CPU cases are slow: few rounds
 WARMUP = 3 if CUDA else 1     # calls before timing: capture, compile, autotune
 N_IMAGES = 50_000
@@ -46,18 +50,16 @@ def net():
     return model, (cfg.in_channels, cfg.image_size, cfg.image_size), device
 
 
-def make_sampler(model, mode: str, steps: int, dtype):
-    """A callable ``x_T -> images`` for one (mode, steps, autocast dtype)."""
-    schedule = cosine_schedule(T, TIME_SCALE)
+def make_sampler(model, mode: str, steps: int, dtype, device, sampler: str = "ddim"):
+    """A callable ``x_T -> images`` for one (mode, steps, autocast dtype, sampler)."""
+    plan = make_plan(cosine_schedule(T, TIME_SCALE), T, TIME_SCALE, steps, device=device)
     if mode == "graph":
-        return CUDAGraphSampler(model, T, TIME_SCALE, steps, schedule=schedule,
-                                autocast_dtype=dtype)
+        return GraphSampler(model, plan, sampler, autocast_dtype=dtype)
     if mode == "compile":
         if dtype not in _compiled:  # one compiled wrapper per dtype, shared by all shapes
             _compiled[dtype] = torch.compile(model, mode="reduce-overhead")
         model = _compiled[dtype]
-    return lambda x: sample_ddim(model, x, T, TIME_SCALE, steps, schedule,
-                                 autocast_dtype=dtype)
+    return lambda x: sample(model, x, plan, sampler, autocast_dtype=dtype)
 
 
 def skip_reason(mode: str, dtype_name: str) -> str | None:
@@ -77,38 +79,45 @@ def timed(fn, sync):
 
 
 def cases():
-    """(mode, batch, steps, dtype) with eager first, so the others can quote a ratio;
+    """(sampler, mode, batch, steps, dtype) with eager first, so the others can quote a
+    ratio; DDIM everywhere, the other samplers at :data:`OTHER_SAMPLER_CASE` only;
     torch.compile below batch 128 is `slow` (one compilation per shape)."""
     for mode in MODES:
         for batch in BATCHES:
             for steps in STEPS:
                 for d in DTYPES:
-                    slow = mode == "compile" and batch != BATCHES[-1]
-                    yield pytest.param(mode, batch, steps, d, id=f"{mode}-b{batch}-N{steps}-{d}",
-                                       marks=[pytest.mark.slow] if slow else [])
+                    others = SAMPLERS[1:] if (batch, steps) == OTHER_SAMPLER_CASE else ()
+                    for name in ("ddim", *others):
+                        slow = mode == "compile" and batch != BATCHES[-1]
+                        prefix = "" if name == "ddim" else f"{name}-"
+                        yield pytest.param(name, mode, batch, steps, d,
+                                           id=f"{prefix}{mode}-b{batch}-N{steps}-{d}",
+                                           marks=[pytest.mark.slow] if slow else [])
 
 
-@pytest.mark.parametrize("mode, batch, steps, dtype_name", list(cases()))
-def test_sampler_throughput(benchmark, cuda_sync, net, mode, batch, steps, dtype_name):
+@pytest.mark.parametrize("sampler_name, mode, batch, steps, dtype_name", list(cases()))
+def test_sampler_throughput(benchmark, cuda_sync, net, sampler_name, mode, batch, steps,
+                            dtype_name):
     reason = skip_reason(mode, dtype_name)
     if reason:
         pytest.skip(reason)
     model, shape, device = net
     dtype = DTYPES[dtype_name]
-    sampler = make_sampler(model, mode, steps, dtype)
+    sampler = make_sampler(model, mode, steps, dtype, device, sampler_name)
     x_T = torch.randn(batch, *shape, device=device)
     for _ in range(WARMUP):
         sampler(x_T)
     cuda_sync()
-    benchmark.group = f"sampler b={batch} N={steps} {dtype_name}"
+    which = "" if sampler_name == "ddim" else f" {sampler_name}"
+    benchmark.group = f"sampler{which} b={batch} N={steps} {dtype_name}"
     benchmark.pedantic(timed(lambda: sampler(x_T), cuda_sync), rounds=ROUNDS, iterations=1,
                        warmup_rounds=int(CUDA))
     if benchmark.stats is None:  # --benchmark-disable: the sampler ran once, nothing timed
         return
     ips = batch / benchmark.stats.stats.median
-    key = (batch, steps, dtype_name)
-    info = {"mode": mode, "batch": batch, "steps": steps, "dtype": dtype_name,
-            "device": device, "images_per_s": ips}
+    key = (sampler_name, batch, steps, dtype_name)
+    info = {"sampler": sampler_name, "mode": mode, "batch": batch, "steps": steps,
+            "dtype": dtype_name, "device": device, "images_per_s": ips}
     if mode == "eager":
         _eager_ips[key] = ips
     elif key in _eager_ips:
@@ -139,14 +148,14 @@ def test_time_for_50k_one_step_images(benchmark, cuda_sync, net):
         ("eager", b, "fp32") for b in BATCHES]
     measured = {}
     for mode, batch, dtype_name in configs:
-        sampler = make_sampler(model, mode, 1, DTYPES[dtype_name])
+        sampler = make_sampler(model, mode, 1, DTYPES[dtype_name], device)
         x_T = torch.randn(batch, *shape, device=device)
         measured[f"{mode}/b={batch}/{dtype_name}"] = throughput(sampler, x_T, cuda_sync,
                                                                 reps=5 if CUDA else 1)
         del sampler
     best = max(measured, key=measured.get)
     mode, batch, dtype_name = next(c for c in configs if f"{c[0]}/b={c[1]}/{c[2]}" == best)
-    sampler = make_sampler(model, mode, 1, DTYPES[dtype_name])
+    sampler = make_sampler(model, mode, 1, DTYPES[dtype_name], device)
     x_T = torch.randn(batch, *shape, device=device)
     sampler(x_T)
     benchmark.group = "50k one-step images"
