@@ -111,7 +111,7 @@ def extensions():
     macros = [("RCFD_TORCH_VERSION", f'"{torch.__version__}"')]
     if debug:
         macros.append(("RCFD_DEBUG", "1"))
-    sources = ["csrc/ddim_step.cpp"]
+    sources = ["csrc/ddim_update.cpp", "csrc/ddim_update_autograd.cpp"]
     if not use_cuda():
         print(f"rcfd: building the CPU-only extension (torch {torch.__version__}, "
               f"CUDA toolkit: {cuda_home or 'not found'})")
@@ -126,7 +126,7 @@ def extensions():
     return [
         CUDAExtension(
             "rcfd._C",
-            sources + ["csrc/cuda/ddim_step.cu"],
+            sources + ["csrc/cuda/ddim_update.cu"],
             define_macros=macros,
             library_dirs=cuda_library_dirs(cuda_home),
             extra_compile_args={"cxx": opt, "nvcc": nvcc},

@@ -137,10 +137,18 @@ def backend(op: str, device: torch.device | str) -> str:
 
 
 # --------------------------------------------------------------------------- DDIM update
+#
+# The compiled ops torch.ops.rcfd.ddim_update / ddim_update_scalar are the update alone (the
+# model call plus the update is rcfd.sampling.ddim_step). Their schemas, CPU and CUDA kernels,
+# input checks and autograd kernel are C++ (csrc/); here are their fake kernels, which
+# torch.compile and meta tensors use, and the public function, which only routes: the
+# compiled op checks its own inputs, so the public path adds no Python checks of its own.
+
+_IMAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _ddim_memory_format(z_t: torch.Tensor) -> torch.memory_format:
-    """The layout the kernels work in (csrc/ddim_step.cpp, ``ddim_memory_format``):
+    """The layout the kernels work in (csrc/ddim_update.cpp, ``ddim_memory_format``):
     channels-last inputs stay channels-last, everything else is made contiguous."""
     if z_t.is_contiguous():
         return torch.contiguous_format
@@ -151,50 +159,57 @@ def _ddim_memory_format(z_t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _ddim_like(z_t: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(z_t, memory_format=_ddim_memory_format(z_t))
+def _check_ddim_meta(z_t, x0, coefs: dict, op_dtypes: bool) -> None:
+    """The checks of csrc/checks.h that need no values, with the same messages: for the fake
+    kernels (``op_dtypes``: float32/16/bf16 images and float32 coefficient tensors, as the
+    compiled op takes) and for the reference path (any float dtype)."""
+    where = "rcfd::ddim_update" if op_dtypes else "ddim_update"
+    for name, t in (("z_t", z_t), ("x0", x0)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a tensor, got {type(t).__name__}")
+    if z_t.dtype not in _IMAGE_DTYPES and (op_dtypes or z_t.dtype != torch.float64):
+        raise TypeError(f"{where}: z_t must be float32, float16 or bfloat16, got {z_t.dtype}")
+    if x0.dtype != z_t.dtype:
+        raise TypeError(f"{where}: x0 is {x0.dtype} but z_t is {z_t.dtype}; cast one of them")
+    if z_t.dim() < 1 or z_t.numel() == 0:
+        raise ValueError(f"{where}: z_t must be a non-empty [B, ...] tensor, got shape {list(z_t.shape)}")
+    if x0.shape != z_t.shape:
+        raise ValueError(f"{where}: x0 has shape {list(x0.shape)} but z_t has {list(z_t.shape)}; "
+                         "they must match")
+    if x0.device != z_t.device:
+        raise ValueError(f"{where}: x0 is on {x0.device} but z_t is on {z_t.device}; move one of them")
+    for name, c in coefs.items():
+        if not isinstance(c, torch.Tensor):
+            continue
+        if (c.dtype != torch.float32) if op_dtypes else not c.is_floating_point():
+            raise TypeError(f"{where}: {name} must be a float32 tensor, got {c.dtype}")
+        if c.device != z_t.device:
+            raise ValueError(f"{where}: {name} is on {c.device} but z_t is on {z_t.device}; move it there")
+        if not (c.dim() == 0 or (c.dim() == 1 and c.shape[0] in (1, z_t.shape[0]))):
+            raise ValueError(f"{where}: {name} must have shape [] or [B] with B={z_t.shape[0]}, "
+                             f"got {list(c.shape)}")
 
 
 def _register_ddim_python() -> None:
-    """Fake (meta) kernels and autograd formulas of the compiled DDIM ops, so that they
-    trace under torch.compile and differentiate in ``z_t`` and ``x0``."""
+    """Fake (meta) kernels of the compiled DDIM ops, so that they trace under torch.compile
+    and run on meta tensors. Their autograd kernel is C++ (csrc/ddim_update_autograd.cpp)."""
     if getattr(_register_ddim_python, "done", False):
         return
 
-    @torch.library.register_fake("rcfd::ddim_step")
+    @torch.library.register_fake("rcfd::ddim_update")
     def _(z_t, x0, alpha_s, sigma_s, alpha_t, sigma_t, clip=False):
-        return _ddim_like(z_t)
+        coefs = {"alpha_s": alpha_s, "sigma_s": sigma_s, "alpha_t": alpha_t, "sigma_t": sigma_t}
+        _check_ddim_meta(z_t, x0, coefs, op_dtypes=True)
+        return torch.empty_like(z_t, memory_format=_ddim_memory_format(z_t))
 
-    @torch.library.register_fake("rcfd::ddim_step_scalar")
+    @torch.library.register_fake("rcfd::ddim_update_scalar")
     def _(z_t, x0, alpha_s, sigma_s, alpha_t, sigma_t, clip=False):
-        return _ddim_like(z_t)
+        _check_ddim_meta(z_t, x0, {}, op_dtypes=True)
+        if not sigma_t > 0:
+            raise ValueError(f"rcfd::ddim_update: sigma_t must be > 0 (it divides), got {sigma_t:g}")
+        return torch.empty_like(z_t, memory_format=_ddim_memory_format(z_t))
 
-    def setup_context(ctx, inputs, output):
-        z_t, x0, *coefs, clip = inputs
-        ctx.coefs = coefs
-        ctx.clip = clip
-        ctx.save_for_backward(x0 if clip else None)
-
-    def backward(ctx, grad):
-        # z_s = c0 * clip(x0) + c1 * z_t with c1 = sigma_s / sigma_t, c0 = alpha_s - c1 alpha_t
-        alpha_s, sigma_s, alpha_t, sigma_t = ctx.coefs
-        shape = (-1,) + (1,) * (grad.dim() - 1)
-
-        def per_sample(c):
-            return c.reshape(shape) if isinstance(c, torch.Tensor) and c.dim() == 1 else c
-
-        c1 = per_sample(sigma_s) / per_sample(sigma_t)
-        c0 = per_sample(alpha_s) - c1 * per_sample(alpha_t)
-        grad_x0 = grad * c0
-        if ctx.clip:
-            (x0,) = ctx.saved_tensors
-            grad_x0 = grad_x0 * (x0.abs() <= 1)
-        return (grad * c1).to(grad.dtype), grad_x0.to(grad.dtype), None, None, None, None, None
-
-    for name in ("rcfd::ddim_step", "rcfd::ddim_step_scalar"):
-        torch.library.register_autograd(name, backward, setup_context=setup_context)
     _register_ddim_python.done = True
-
 
 
 def ddim_update_reference(
@@ -225,48 +240,56 @@ def ddim_update_reference(
     return out.to(z_t.dtype)
 
 
-def _check_ddim_args(z_t, x0, coefs: dict) -> None:
-    """Argument checks that need no device sync (values of device tensors are not read)."""
-    for name, t in (("z_t", z_t), ("x0", x0)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"ddim_update: {name} must be a tensor, got {type(t).__name__}")
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise TypeError(
-                f"ddim_update: {name} must be a float32, float16 or bfloat16 tensor, "
-                f"got {t.dtype}"
-            )
-    if z_t.dim() < 1 or z_t.numel() == 0:
-        raise ValueError(f"ddim_update: z_t must be a non-empty [B, ...] tensor, got {tuple(z_t.shape)}")
-    if z_t.shape != x0.shape:
-        raise ValueError(
-            f"ddim_update: x0 has shape {tuple(x0.shape)} but z_t has {tuple(z_t.shape)}; "
-            "they must match"
-        )
-    if z_t.device != x0.device:
-        raise ValueError(f"ddim_update: x0 is on {x0.device} but z_t is on {z_t.device}")
-    if z_t.dtype != x0.dtype:
-        raise TypeError(f"ddim_update: x0 is {x0.dtype} but z_t is {z_t.dtype}; cast one of them")
-    batch = z_t.shape[0]
-    for name, c in coefs.items():
-        if isinstance(c, torch.Tensor):
-            if not c.is_floating_point():
-                raise TypeError(f"ddim_update: {name} must be a float tensor, got {c.dtype}")
-            if c.dim() > 1 or (c.dim() == 1 and c.shape[0] != batch):
-                raise ValueError(
-                    f"ddim_update: {name} must be a scalar or a [B] tensor with B={batch}, "
-                    f"got shape {tuple(c.shape)}"
-                )
-            if c.device != z_t.device:
-                raise ValueError(f"ddim_update: {name} is on {c.device} but z_t is on {z_t.device}")
-            if c.device.type == "cpu" and name == "sigma_t" and not bool((c > 0).all()):
-                raise ValueError("ddim_update: sigma_t must be > 0 (it divides)")
-        else:
-            try:
-                c = float(c)
-            except (TypeError, ValueError):
-                raise TypeError(f"ddim_update: {name} must be a float or a tensor, got {c!r}") from None
-            if name == "sigma_t" and not c > 0:
-                raise ValueError(f"ddim_update: sigma_t must be > 0 (it divides), got {c}")
+def _coef_float(c, name: str) -> float:
+    try:
+        return float(c)
+    except (TypeError, ValueError):
+        raise TypeError(f"ddim_update: {name} must be a float or a tensor, got {c!r}") from None
+
+
+_COEF_NAMES = ("alpha_s", "sigma_s", "alpha_t", "sigma_t")
+
+
+def _checked_reference(z_t, x0, coefs: tuple, clip: bool) -> torch.Tensor:
+    """The PyTorch reference with the checks that the compiled op would have made (float64
+    inputs, RCFD_BACKEND=reference, no extension)."""
+    named = dict(zip(_COEF_NAMES, coefs))
+    _check_ddim_meta(z_t, x0, named, op_dtypes=False)
+    for name, c in named.items():
+        if not isinstance(c, torch.Tensor):
+            named[name] = _coef_float(c, name)
+    s_t = named["sigma_t"]
+    if isinstance(s_t, torch.Tensor):  # values on a device are not read (that would sync)
+        positive = s_t.device.type != "cpu" or bool((s_t > 0).all())
+    else:
+        positive = s_t > 0
+    if not positive:
+        raise ValueError("ddim_update: sigma_t must be > 0 (it divides)")
+    return ddim_update_reference(z_t, x0, *named.values(), clip)
+
+
+# The backend per (device type, RCFD_BACKEND), decided by backend() once and reused: the
+# public function runs once per sampler step, where a few microseconds matter.
+_DDIM_ROUTE: dict = {}
+
+
+def _ddim_backend(device: torch.device) -> str:
+    key = (device.type, os.environ.get("RCFD_BACKEND"))
+    choice = _DDIM_ROUTE.get(key)
+    if choice is None:
+        choice = _DDIM_ROUTE[key] = backend("ddim_update", device)
+    return choice
+
+
+def _coef_tensor(c, name: str, z_t: torch.Tensor) -> torch.Tensor:
+    """A coefficient as the float32 tensor the compiled op takes (a Python number of a mixed
+    call becomes a 0-dim tensor on z_t's device; other float dtypes are cast)."""
+    if isinstance(c, torch.Tensor):
+        return c.float() if c.dtype != torch.float32 and c.is_floating_point() else c
+    v = _coef_float(c, name)
+    if name == "sigma_t" and not v > 0:  # the op reads tensor values on the CPU only
+        raise ValueError(f"ddim_update: sigma_t must be > 0 (it divides), got {v:g}")
+    return torch.full((), v, dtype=torch.float32, device=z_t.device)
 
 
 def ddim_update(
@@ -284,23 +307,22 @@ def ddim_update(
 
     Coefficients are Python floats or tensors of shape ``[]`` or ``[B]`` on ``z_t``'s
     device. Inputs are float32, float16 or bfloat16 (arithmetic in fp32), contiguous or
-    channels-last. Differentiable in ``z_t`` and ``x0``.
+    channels-last; float64 inputs take the float64 reference. Differentiable in ``z_t`` and
+    ``x0``. Bad inputs raise TypeError / ValueError naming the argument.
     """
-    coefs = {"alpha_s": alpha_s, "sigma_s": sigma_s, "alpha_t": alpha_t, "sigma_t": sigma_t}
-    _check_ddim_args(z_t, x0, coefs)
-    if z_t.dtype == torch.float64 or backend("ddim_update", z_t.device) == "reference":
-        return ddim_update_reference(z_t, x0, alpha_s, sigma_s, alpha_t, sigma_t, clip)
-    if all(not isinstance(c, torch.Tensor) for c in coefs.values()):
-        return torch.ops.rcfd.ddim_step_scalar(
-            z_t, x0, float(alpha_s), float(sigma_s), float(alpha_t), float(sigma_t), clip
-        )
-    tensors = [
-        (c if isinstance(c, torch.Tensor) else torch.tensor(float(c), device=z_t.device)).to(
-            torch.float32
-        )
-        for c in coefs.values()
-    ]
-    return torch.ops.rcfd.ddim_step(z_t, x0, *tensors, clip)
+    if (not isinstance(z_t, torch.Tensor) or not isinstance(x0, torch.Tensor)
+            or z_t.dtype == torch.float64 or _ddim_backend(z_t.device) != "extension"):
+        return _checked_reference(z_t, x0, (alpha_s, sigma_s, alpha_t, sigma_t), clip)
+    if not (isinstance(alpha_s, torch.Tensor) or isinstance(sigma_s, torch.Tensor)
+            or isinstance(alpha_t, torch.Tensor) or isinstance(sigma_t, torch.Tensor)):
+        try:
+            coefs = (float(alpha_s), float(sigma_s), float(alpha_t), float(sigma_t))
+        except (TypeError, ValueError):
+            coefs = tuple(_coef_float(c, n) for c, n in zip((alpha_s, sigma_s, alpha_t, sigma_t), _COEF_NAMES))
+        return torch.ops.rcfd.ddim_update_scalar.default(z_t, x0, *coefs, bool(clip))
+    coefs = (_coef_tensor(alpha_s, "alpha_s", z_t), _coef_tensor(sigma_s, "sigma_s", z_t),
+             _coef_tensor(alpha_t, "alpha_t", z_t), _coef_tensor(sigma_t, "sigma_t", z_t))
+    return torch.ops.rcfd.ddim_update.default(z_t, x0, *coefs, bool(clip))
 
 
 # --------------------------------------------------------------------------- feature KL

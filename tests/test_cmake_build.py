@@ -36,9 +36,14 @@ def test_cmake_configures_builds_and_loads(tmp_path):
         f"spec = importlib.util.spec_from_file_location('_C', {str(module)!r})\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
         "z = torch.randn(3, 2, 4, 4); x = torch.randn(3, 2, 4, 4)\n"
-        "out = torch.ops.rcfd.ddim_step_scalar(z, x, 0.9, 0.4, 0.8, 0.6, False)\n"
+        "out = torch.ops.rcfd.ddim_update_scalar(z, x, 0.9, 0.4, 0.8, 0.6, False)\n"
         "ref = 0.9 * x + 0.4 * (z - 0.8 * x) / 0.6\n"
         "assert torch.allclose(out, ref, atol=1e-6), 'wrong values'\n"
+        "try:\n"  # the error path of a build with hidden visibility
+        "    torch.ops.rcfd.ddim_update_scalar(z, x[:2], 0.9, 0.4, 0.8, 0.6, False)\n"
+        "    raise AssertionError('no error for mismatched shapes')\n"
+        "except ValueError as e:\n"
+        "    assert 'x0 has shape [2, 2, 4, 4]' in str(e), e\n"
         "print(json.dumps(m.build_info()))\n"
     )
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path)

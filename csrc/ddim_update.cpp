@@ -1,5 +1,6 @@
 // rcfd._C: the fused DDIM update. Op schemas (TORCH_LIBRARY), the CPU kernel, and the
-// Python module with build_info(). The CUDA kernel lives in cuda/ddim_step.cu.
+// Python module with build_info(). The CUDA kernel lives in cuda/ddim_update.cu, the
+// autograd kernel in ddim_update_autograd.cpp.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
@@ -9,10 +10,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 #include <vector>
 
 #include "checks.h"
-#include "ddim_step.h"
+#include "ddim_update.h"
 
 #ifndef RCFD_TORCH_VERSION
 #define RCFD_TORCH_VERSION "unknown"
@@ -154,11 +156,12 @@ void dispatch_cpu(const DdimProblem& p, const DdimCoefs& c, bool clip) {
     case at::kBFloat16:
       return ddim_cpu<c10::BFloat16>(p, c, clip);
     default:
-      TORCH_CHECK_TYPE(false, "rcfd::ddim_step: unsupported dtype ", p.out.scalar_type());
+      type_error(std::string("rcfd::ddim_update: unsupported dtype ") +
+                 dtype_str(p.out.scalar_type()));
   }
 }
 
-at::Tensor ddim_step_cpu(const at::Tensor& z_t, const at::Tensor& x0, const at::Tensor& alpha_s,
+at::Tensor ddim_update_cpu(const at::Tensor& z_t, const at::Tensor& x0, const at::Tensor& alpha_s,
                          const at::Tensor& sigma_s, const at::Tensor& alpha_t,
                          const at::Tensor& sigma_t, bool clip) {
   DdimProblem p = make_ddim_problem(z_t, x0);
@@ -168,7 +171,7 @@ at::Tensor ddim_step_cpu(const at::Tensor& z_t, const at::Tensor& x0, const at::
   return p.out;
 }
 
-at::Tensor ddim_step_scalar_cpu(const at::Tensor& z_t, const at::Tensor& x0, double alpha_s,
+at::Tensor ddim_update_scalar_cpu(const at::Tensor& z_t, const at::Tensor& x0, double alpha_s,
                                 double sigma_s, double alpha_t, double sigma_t, bool clip) {
   const DdimCoefs c = make_scalar_coefs(alpha_s, sigma_s, alpha_t, sigma_t);
   DdimProblem p = make_ddim_problem(z_t, x0);
@@ -178,18 +181,20 @@ at::Tensor ddim_step_scalar_cpu(const at::Tensor& z_t, const at::Tensor& x0, dou
 
 }  // namespace
 
+// The DDIM update alone (z_s from z_t and the model's x0); "ddim_step" in Python is the model
+// call plus this update. Coefficients are [] / [1] / [B] float32 tensors, or four floats.
 TORCH_LIBRARY(rcfd, m) {
   m.def(
-      "ddim_step(Tensor z_t, Tensor x0, Tensor alpha_s, Tensor sigma_s, Tensor alpha_t, "
+      "ddim_update(Tensor z_t, Tensor x0, Tensor alpha_s, Tensor sigma_s, Tensor alpha_t, "
       "Tensor sigma_t, bool clip=False) -> Tensor");
   m.def(
-      "ddim_step_scalar(Tensor z_t, Tensor x0, float alpha_s, float sigma_s, float alpha_t, "
+      "ddim_update_scalar(Tensor z_t, Tensor x0, float alpha_s, float sigma_s, float alpha_t, "
       "float sigma_t, bool clip=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rcfd, CPU, m) {
-  m.impl("ddim_step", &ddim_step_cpu);
-  m.impl("ddim_step_scalar", &ddim_step_scalar_cpu);
+  m.impl("ddim_update", &ddim_update_cpu);
+  m.impl("ddim_update_scalar", &ddim_update_scalar_cpu);
 }
 
 }  // namespace rcfd

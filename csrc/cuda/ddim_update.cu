@@ -1,4 +1,4 @@
-// CUDA kernel of the fused DDIM update (see ../ddim_step.h for the math).
+// CUDA kernel of the fused DDIM update (see ../ddim_update.h for the math).
 // Only c10/cuda headers and the CUDA runtime are used (not ATen/cuda/CUDAContext.h, which
 // pulls in cuBLAS/cuSPARSE headers that a minimal toolkit lacks).
 // Memory-bound: 16-byte vector loads and stores, a grid-stride loop with several vectors in
@@ -15,10 +15,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "../checks.h"
-#include "../ddim_step.h"
+#include "../ddim_update.h"
 
 namespace rcfd {
 
@@ -55,7 +56,7 @@ __device__ __forceinline__ void sample_coefs(const DdimCoefs& c, int64_t b, floa
 // `per_sample_packs` is the number of packs per sample (each pack lies in one sample).
 template <typename scalar_t, int kVec, int kUnroll>
 __global__ void __launch_bounds__(256)
-    ddim_step_kernel(const scalar_t* __restrict__ z, const scalar_t* __restrict__ x,
+    ddim_update_kernel(const scalar_t* __restrict__ z, const scalar_t* __restrict__ x,
                      scalar_t* __restrict__ out, int64_t num_packs, int64_t per_sample_packs,
                      DdimCoefs coefs, bool clip) {
   using P = Pack<scalar_t, kVec>;
@@ -104,7 +105,7 @@ void launch(const DdimProblem& p, const DdimCoefs& c, bool clip) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int blocks = static_cast<int>(std::max<int64_t>(
       1, std::min<int64_t>(blocks_needed, static_cast<int64_t>(sms) * 16)));
-  ddim_step_kernel<scalar_t, kVec, kUnroll>
+  ddim_update_kernel<scalar_t, kVec, kUnroll>
       <<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           p.z_t.const_data_ptr<scalar_t>(), p.x0.const_data_ptr<scalar_t>(),
           p.out.mutable_data_ptr<scalar_t>(), num_packs, p.per_sample / kVec, c, clip);
@@ -127,7 +128,7 @@ void launch_best(const DdimProblem& p, const DdimCoefs& c, bool clip) {
 
 }  // namespace
 
-void ddim_step_cuda_launch(const DdimProblem& p, const DdimCoefs& c, bool clip) {
+void ddim_update_cuda_launch(const DdimProblem& p, const DdimCoefs& c, bool clip) {
   switch (p.out.scalar_type()) {
     case at::kFloat:
       return launch_best<float>(p, c, clip);
@@ -136,37 +137,38 @@ void ddim_step_cuda_launch(const DdimProblem& p, const DdimCoefs& c, bool clip) 
     case at::kBFloat16:
       return launch_best<c10::BFloat16>(p, c, clip);
     default:
-      TORCH_CHECK_TYPE(false, "rcfd::ddim_step: unsupported dtype ", p.out.scalar_type());
+      type_error(std::string("rcfd::ddim_update: unsupported dtype ") +
+                 dtype_str(p.out.scalar_type()));
   }
 }
 
 namespace {
 
-at::Tensor ddim_step_cuda(const at::Tensor& z_t, const at::Tensor& x0, const at::Tensor& alpha_s,
+at::Tensor ddim_update_cuda(const at::Tensor& z_t, const at::Tensor& x0, const at::Tensor& alpha_s,
                           const at::Tensor& sigma_s, const at::Tensor& alpha_t,
                           const at::Tensor& sigma_t, bool clip) {
   const c10::cuda::CUDAGuard guard(z_t.device());
   DdimProblem p = make_ddim_problem(z_t, x0);
   std::vector<at::Tensor> keep;
   DdimCoefs c = make_ddim_coefs(alpha_s, sigma_s, alpha_t, sigma_t, z_t, keep);
-  ddim_step_cuda_launch(p, c, clip);
+  ddim_update_cuda_launch(p, c, clip);
   return p.out;
 }
 
-at::Tensor ddim_step_scalar_cuda(const at::Tensor& z_t, const at::Tensor& x0, double alpha_s,
+at::Tensor ddim_update_scalar_cuda(const at::Tensor& z_t, const at::Tensor& x0, double alpha_s,
                                  double sigma_s, double alpha_t, double sigma_t, bool clip) {
   const DdimCoefs c = make_scalar_coefs(alpha_s, sigma_s, alpha_t, sigma_t);
   const c10::cuda::CUDAGuard guard(z_t.device());
   DdimProblem p = make_ddim_problem(z_t, x0);
-  ddim_step_cuda_launch(p, c, clip);
+  ddim_update_cuda_launch(p, c, clip);
   return p.out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rcfd, CUDA, m) {
-  m.impl("ddim_step", &ddim_step_cuda);
-  m.impl("ddim_step_scalar", &ddim_step_scalar_cuda);
+  m.impl("ddim_update", &ddim_update_cuda);
+  m.impl("ddim_update_scalar", &ddim_update_scalar_cuda);
 }
 
 }  // namespace rcfd

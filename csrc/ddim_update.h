@@ -48,7 +48,7 @@ DdimCoefs make_ddim_coefs(const at::Tensor& alpha_s, const at::Tensor& sigma_s,
 DdimCoefs make_scalar_coefs(double alpha_s, double sigma_s, double alpha_t, double sigma_t);
 
 #ifdef RCFD_WITH_CUDA
-void ddim_step_cuda_launch(const DdimProblem& p, const DdimCoefs& c, bool clip);
+void ddim_update_cuda_launch(const DdimProblem& p, const DdimCoefs& c, bool clip);
 int cuda_runtime_version();
 #endif
 
