@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from rcfd.data.images import DatasetSpec, ImageDataset, resize, set_channels, to_float, to_uint8
+from rcfd.errors import DataError
 
 CIFAR_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 CIFAR_DIR, CIFAR_ARCHIVE = "cifar-10-batches-py", "cifar-10-python.tar.gz"
@@ -61,22 +62,25 @@ def _unpickle_batch(blob: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         obj = _CifarUnpickler(io.BytesIO(blob), encoding="bytes").load()
     except _Refused as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise DataError(f"{where}: {e}") from None
     except Exception as e:  # truncated or garbage stream
-        raise ValueError(f"{where}: not a readable CIFAR-10 batch ({type(e).__name__}: {e})") from None
+        raise DataError(f"{where}: not a readable CIFAR-10 batch ({type(e).__name__}: {e})") from None
     d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()} if isinstance(obj, dict) else {}
     data = d.get("data")
+    raw = d.get("labels")
+    ints = (isinstance(raw, np.ndarray) and raw.dtype.kind in "iu") or (
+        isinstance(raw, (list, tuple)) and all(type(v) is int for v in raw))  # no floats, bools
     try:
-        labels = np.asarray(d.get("labels"), dtype=np.int64)
-    except (TypeError, ValueError):
+        labels = np.asarray(raw, dtype=np.int64) if ints else np.zeros(0, np.int64)
+    except OverflowError:  # ints beyond int64
         labels = np.zeros(0, np.int64)
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
         got = f"keys {sorted(map(str, d))}, b'data' {getattr(data, 'dtype', type(data).__name__)} " \
               f"{getattr(data, 'shape', '')}" if d else type(obj).__name__
-        raise ValueError(f"{where}: expected a dict with b'data' = uint8 array [N, 3072] and b'labels' = N "
-                         f"ints in 0..9 (the official python-format batch); got {got}")
+        raise DataError(f"{where}: expected a dict with b'data' = uint8 array [N, 3072] and b'labels' = N "
+                        f"ints in 0..9 (the official python-format batch); got {got}")
     if labels.shape != (data.shape[0],) or labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
-        raise ValueError(f"{where}: b'labels' must be {data.shape[0]} ints in 0..9 (the official python-format batch)")
+        raise DataError(f"{where}: b'labels' must be {data.shape[0]} ints in 0..9 (the official python-format batch)")
     return data, labels
 
 
@@ -102,30 +106,42 @@ def _read_archive(path: str, names: tuple[str, ...]) -> dict[str, bytes]:
             blobs = {}
             for n, m in found.items():
                 if m.size > _MAX_MEMBER_BYTES:
-                    raise ValueError(f"{path}: member {m.name} is {m.size} bytes, too large for a CIFAR-10 batch")
+                    raise DataError(f"{path}: member {m.name} is {m.size} bytes, too large for a CIFAR-10 batch")
                 blobs[n] = tar.extractfile(m).read()  # read in memory; nothing is extracted to disk
             return blobs
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise ValueError(
+        raise DataError(
             f"{path}: unreadable or truncated archive ({type(e).__name__}: {e}); expected the official "
             f"{CIFAR_ARCHIVE}: download it again, or extract it and pass the {CIFAR_DIR} folder"
         ) from None
 
 
+def _read_folder(folder: str, names: tuple[str, ...]) -> dict[str, bytes]:
+    """The named regular files of ``folder`` (absent ones are left out), each checked for
+    size before it is read."""
+    blobs = {}
+    for n in names:
+        path = os.path.join(folder, n)
+        if not os.path.isfile(path):
+            continue
+        try:
+            if os.path.getsize(path) > _MAX_MEMBER_BYTES:
+                raise DataError(f"{path} is {os.path.getsize(path)} bytes, too large for a "
+                                "CIFAR-10 batch (~31 MiB); it is not an official batch file")
+            with open(path, "rb") as fh:
+                blobs[n] = fh.read()
+        except OSError as e:
+            raise DataError(f"{path}: cannot read this CIFAR-10 file ({e.strerror or e})") from None
+    return blobs
+
+
 def load_cifar10(spec: DatasetSpec, split: str) -> ImageDataset:
     src, names = _cifar_source(spec.path), CIFAR_FILES[split]
     wanted = names + ("batches.meta",)
-    if os.path.isdir(src):
-        blobs = {}
-        for n in wanted:
-            if os.path.isfile(os.path.join(src, n)):
-                with open(os.path.join(src, n), "rb") as fh:
-                    blobs[n] = fh.read()
-    else:
-        blobs = _read_archive(src, wanted)
+    blobs = _read_folder(src, wanted) if os.path.isdir(src) else _read_archive(src, wanted)
     missing = [n for n in names if n not in blobs]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{src}: missing CIFAR-10 batch file(s) {missing} for split {split!r}; expected "
             f"{list(names)} (the {CIFAR_DIR} folder of the official {CIFAR_ARCHIVE})"
         )
