@@ -1,6 +1,9 @@
-"""Report artifacts against hand-made inputs: grids, loss curves, the Table-1-shaped results
-table, the FID plot and the multi-seed aggregate."""
+"""Report artifacts against hand-made inputs: grids, loss curves, the Table-1-shaped table over
+any rows, one table per extractor, the floors, results.md/json, and the study report of a
+multi-seed run with known positive, null and negative differences."""
 
+import csv
+import io
 import json
 import math
 
@@ -8,154 +11,181 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_stats import COMPARISONS, study
 
-from rcfd import report
+from rcfd import plots, report, study_report
 
-
-def _results(fids, seed=0, extractor="classifier:densenet_small:abc123def456"):
-    entries = [{"method": m, "steps": s, "fid": f, "isc_mean": 10.0 / (1 + f), "isc_std": 0.1,
-                "kid_mean": f / 1000, "kid_std": 0.0, "extractor": extractor, "num_samples": 1000}
-               for (m, s), f in fids.items()]
-    return {"preset": "digits", "dataset": "digits", "extractor": extractor, "num_reference": 1497,
-            "seeds": [seed], "distillation_classifier": "resnet18", "entries": entries,
-            "timings": {"base": 12.5, "pd": 30.0}}
+ROWS = [("base", "DDIM (base model)", "ddim", (1, 8, 32)), ("base/dpm-solver", "DPM-Solver++ (base)", "dpm-solver", (1, 8)),
+        ("pd", "PD", "ddim", (1, 2, 4, 8)), ("rcfd", "RCFD-resnet18", "ddim", (1, 2, 4))]
 
 
-FIDS = {("base", 8): 40.0, ("base", 64): 5.0, ("pd", 1): 30.0, ("pd", 2): 20.0, ("pd", 4): 12.0,
-        ("pd", 8): 9.0, ("rcfd", 1): 25.0, ("rcfd", 2): 15.0, ("rcfd", 4): 10.0}
+def _metrics(fid, has_logits):
+    ref = {"fid": fid, "kid": fid / 1000, "kid_std": 1e-4, "precision": 0.8, "recall": 0.6}
+    return {"test": ref, "train": dict(ref, fid=fid - 0.5), "is": 10.0 / (1 + fid) if has_logits else None,
+            "is_std": 0.1 if has_logits else None}
+
+
+def _results(seed=0):
+    entries = []
+    for key, label, sampler, steps in ROWS:
+        for s in steps:
+            f = 5.0 + 10.0 / s + (1.0 if key == "pd" else 0.0)
+            metrics = {"classifier": _metrics(f, True), "pixels": _metrics(2 * f, False)}
+            entries.append({"method": key.split("/")[0], "label": label, "sampler": sampler, "steps": s, "key": key,
+                            "metrics": metrics, "fid": f, "kid": f / 1000, "is": metrics["classifier"]["is"],
+                            "grid": f"samples/{key.replace('/', '-')}_{s}steps.png", "checkpoint": "x.pt",
+                            "seconds": 1.0})
+    floors = {"test_vs_train": {"num": {"test": 300, "train": 1497},
+                                "metrics": {"classifier": {"fid": 0.4, "kid": 1e-5, "precision": 0.9, "recall": 0.9},
+                                            "pixels": {"fid": 1.3, "kid": 2e-5, "precision": 0.9, "recall": 0.8}}},
+              "two_seeds": [{"key": "base", "label": "DDIM (base model)", "steps": 32, "num_samples": 2000,
+                             "seeds": [seed, seed + 1_000_003],
+                             "metrics": {x: {"fid": 0.05, "kid": 1e-6, "precision": 0.97, "recall": 0.97,
+                                             "delta": {"test": {"fid": 0.02, "kid": 0.0},
+                                                       "train": {"fid": -0.01, "kid": 0.0}}}
+                                         for x in ("classifier", "pixels")}}]}
+    return {"preset": "digits", "dataset": "digits", "seed": seed, "extractors": ["classifier", "pixels"],
+            "extractor_details": {"classifier": "classifier:densenet_small:abc123def456", "pixels": "pixels"},
+            "primary": {"extractor": "classifier", "reference": "test"}, "num_samples": 2000,
+            "num_reference": {"test": 300, "train": 1497}, "teacher": {"key": "base", "steps": 32},
+            "measurement": {"kid_subsets": 100, "kid_subset_size": 1000, "is_splits": 10, "pr_k": 3},
+            "floors": floors, "entries": entries, "timings": {"base": 12.5, "pd": 30.0}}
+
+
+# --------------------------------------------------------------------------- grids and curves
 
 
 @pytest.mark.parametrize("n,nrow,size,pad,scale", [(1, None, 16, 2, 1), (7, 3, 5, 0, 2), (64, None, 16, 2, 2),
                                                     (10, 4, 32, 1, 1)])
 def test_grid_size_and_content(tmp_path, n, nrow, size, pad, scale):
     images = torch.rand(n, 1, size, size) * 2 - 1
-    w, h = report.grid_shape(n, size, nrow, pad, scale)
-    path = report.save_grid(images, tmp_path / "g.png", nrow=nrow, pad=pad, scale=scale)
+    w, h = plots.grid_shape(n, size, nrow, pad, scale)
+    path = plots.save_grid(images, tmp_path / "g.png", nrow=nrow, pad=pad, scale=scale)
     with Image.open(path) as im:
         assert im.size == (w, h) and im.mode == "L"
         arr = np.asarray(im)
-    # the first image sits at (pad, pad), enlarged by scale, as uint8 levels of the input
-    first = report.image_grid(images[:1], pad=0, scale=1)
+    first = plots.image_grid(images[:1], pad=0, scale=1)
     np.testing.assert_array_equal(arr[pad:pad + size * scale:scale, pad:pad + size * scale:scale], first)
     cols = min(n, nrow or math.ceil(math.sqrt(n)))
     assert w == cols * (size * scale + pad) + pad and h == math.ceil(n / cols) * (size * scale + pad) + pad
 
 
-def test_grid_rgb_and_uint8_input():
+def test_grid_rgb_uint8_and_bad_shape():
     images = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
-    g = report.image_grid(images, nrow=5, pad=1)
+    g = plots.image_grid(images, nrow=5, pad=1)
     assert g.shape == (6, 26, 3) and g.dtype == np.uint8
     np.testing.assert_array_equal(g[1:5, 1:5], images[0].permute(1, 2, 0).numpy())
-
-
-def test_grid_rejects_bad_shape():
     with pytest.raises(ValueError, match="images must be"):
-        report.image_grid(torch.zeros(2, 2, 4, 4))
+        plots.image_grid(torch.zeros(2, 2, 4, 4))
 
 
-def test_read_jsonl_skips_torn_last_line(tmp_path):
+def test_read_jsonl_and_loss_series(tmp_path):
     p = tmp_path / "m.jsonl"
     p.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
-    assert [r["step"] for r in report.read_jsonl(p)] == [1, 2]
+    assert [r["step"] for r in plots.read_jsonl(p)] == [1, 2]  # a torn last line is skipped
     p.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(ValueError, match="line 2"):
-        report.read_jsonl(p)
+        plots.read_jsonl(p)
+    recs = [{"step": 10, "loss": 1.0, "lr": 1e-3, "cfd": 0.2}, {"step": 20, "loss": float("nan"), "cfd": 0.1}]
+    assert plots.loss_series(recs) == {"loss": ([10], [1.0]), "cfd": ([10, 20], [0.2, 0.1])}
 
 
-def test_loss_series_picks_losses_only():
-    recs = [{"step": 10, "loss": 1.0, "lr": 1e-3, "cfd": 0.2, "grad_norm": 3.0, "time": 1.0},
-            {"step": 20, "loss": float("nan"), "lr": 1e-3, "cfd": 0.1},
-            {"step": 30, "loss": 0.5, "event": "checkpoint"}]
-    s = report.loss_series(recs)
-    assert set(s) == {"loss", "cfd"}
-    assert s["loss"] == ([10, 30], [1.0, 0.5]) and s["cfd"] == ([10, 20], [0.2, 0.1])
+def test_figures_are_pngs(tmp_path):
+    logs = {"base": [{"step": i, "loss": 1 / (i + 1)} for i in range(60)], "empty": []}
+    cells = {(k, label, s): torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8)
+             for k, label, _, steps in ROWS for s in steps}
+    paths = [plots.plot_loss_curves(logs, tmp_path / "loss.png"), plots.plot_loss_curves({}, tmp_path / "none.png"),
+             plots.save_sample_table(cells, tmp_path / "side.png"),
+             plots.plot_metric_vs_steps(report.fid_series(_results()), tmp_path / "fid.png")]
+    for path in paths:
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+    with pytest.raises(ValueError, match="no samples"):
+        plots.save_sample_table({}, tmp_path / "x.png")
 
 
-def test_plot_loss_curves_writes_png(tmp_path):
-    logs = {"base": [{"step": i, "loss": 1 / (i + 1)} for i in range(20)],
-            "rcfd T=4": [{"step": i, "loss": 0.1, "cfd": 0.05} for i in range(5)],
-            "empty": []}
-    path = report.plot_loss_curves(logs, tmp_path / "loss.png")
-    with Image.open(path) as im:
-        assert im.format == "PNG" and im.size[0] > 100
-    assert report.plot_loss_curves({}, tmp_path / "none.png").exists()
+# --------------------------------------------------------------------------- results.md
 
 
-def test_results_table_shape():
-    r = _results(FIDS)
-    table = report.results_table(r)
-    lines = table.splitlines()
-    assert lines[0] == "| method | 1 step | 2 steps | 4 steps | 8 steps | 64 steps |"
-    assert [l.split("|")[1].strip() for l in lines[2:]] == ["DDIM (base model)", "PD", "RCFD-resnet18"]
-    rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]] for l in lines[2:]}
-    assert rows["PD"][0] == f"FID 30.00 / IS {10 / 31:.2f}"
-    assert rows["RCFD-resnet18"][3] == "" and rows["DDIM (base model)"][:3] == ["", "", ""]
-    assert all(len(c) == 5 for c in rows.values())
+def _table(text):
+    lines = text.splitlines()
+    return lines[0], {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]] for l in lines[2:]}
 
 
-def test_extractor_note_names_extractor():
-    r = _results(FIDS)
-    note = report.extractor_note(r)
-    assert r["extractor"] in note and "1000 samples" in note and "1497" in note
-    assert "not with published" in note
-    r2 = _results(FIDS, extractor="inception-v3-compat")
-    assert "not with published" not in report.extractor_note(r2)
+def test_results_table_is_generic_over_rows():
+    r = _results()
+    head, rows = _table(report.results_table(r))
+    assert head == "| method | 1 step | 2 steps | 4 steps | 8 steps | 32 steps |"
+    assert list(rows) == [label for _, label, _, _ in ROWS]  # every row, in the order given
+    pd1 = next(e for e in r["entries"] if e["key"] == "pd" and e["steps"] == 1)
+    assert rows["PD"][0] == f"FID {pd1['fid']:.2f} / IS {pd1['is']:.2f}"
+    assert rows["RCFD-resnet18"][3:] == ["", ""] and rows["DPM-Solver++ (base)"][1:3] == ["", ""]
+    assert rows["DDIM (base model)"][4].endswith("(teacher)") and "(teacher)" not in rows["PD"][3]
 
 
-def test_format_cell_handles_missing_and_spread():
-    assert report.format_cell({"fid": float("nan")}) == "FID n/a / IS n/a"
-    assert report.format_cell({"fid": 1.234, "fid_seed_std": 0.5, "isc_mean": 2.0, "isc_mean_seed_std": 0.25}) \
-        == "FID 1.23 ± 0.50 / IS 2.00 ± 0.25"
+def test_extractor_and_floor_tables():
+    r = _results()
+    head, _ = _table(report.extractor_table(r, "pixels"))
+    assert head.startswith("| row | steps | FID (test) | KID (test) | P (test) | R (test) | FID (train)")
+    assert "IS" not in head  # pixels have no logits
+    assert report.extractor_table(r, "classifier").splitlines()[0].endswith("| IS |")
+    assert len(report.extractor_table(r, "pixels").splitlines()) == 2 + len(r["entries"])  # a line per entry
+    floors = report.floors_table(r)
+    assert "| `classifier` | 0.400 | 1e-05 | 0.900 | 0.900 | 0.050 | 1e-06 | 0.020 | -0.010 |" in floors
+    assert report.floors_table({**r, "floors": {}}) == ""
 
 
-def test_aggregate_mean_std_over_seeds():
-    runs = [_results({k: v + d for k, v in FIDS.items()}, seed=s) for s, d in enumerate((0.0, 1.0, 2.0))]
-    runs[2]["entries"] = [e for e in runs[2]["entries"] if (e["method"], e["steps"]) != ("pd", 8)]
-    agg = report.aggregate(runs)
-    keyed = {(e["method"], e["steps"]): e for e in agg["entries"]}
-    assert set(keyed) == set(FIDS) - {("pd", 8)}  # only pairs every seed has
-    e = keyed[("pd", 1)]
-    assert e["fid"] == pytest.approx(31.0) and e["fid_seed_std"] == pytest.approx(1.0)
-    assert e["per_seed"]["fid"] == [30.0, 31.0, 32.0] and e["n_seeds"] == 3
-    assert agg["seeds"] == [0, 1, 2] and agg["extractor"] == runs[0]["extractor"]
-    assert "31.00 ± 1.00" in report.results_table(agg)
-    single = report.aggregate(runs[:1])
-    assert all(e["fid_seed_std"] == 0.0 for e in single["entries"])
-    with pytest.raises(ValueError):
-        report.aggregate([])
-
-
-def test_paired_comparison_and_per_seed_extractors():
-    fids = [{("pd", 1): 30.0, ("rcfd", 1): 25.0, ("pd", 2): 20.0, ("rcfd", 2): 21.0},
-            {("pd", 1): 60.0, ("rcfd", 1): 57.0, ("pd", 2): 40.0, ("rcfd", 2): 38.0}]
-    runs = [_results(f, seed=s, extractor=f"classifier:densenet_small:{s}") for s, f in enumerate(fids)]
-    agg = report.aggregate(runs)
-    paired = {r["steps"]: r for r in agg["paired"]}
-    assert paired[1]["per_seed"] == [-5.0, -3.0] and paired[1]["rcfd_better"] == 2
-    assert paired[1]["fid_diff_mean"] == pytest.approx(-4.0)
-    assert paired[1]["fid_diff_std"] == pytest.approx(math.sqrt(2.0))
-    assert paired[2]["per_seed"] == [1.0, -2.0] and paired[2]["rcfd_better"] == 1
-    # two seeds, two evaluation classifiers: both named, and the note says to pair by seed
-    assert agg["extractor"] == "per-seed extractors: classifier:densenet_small:0, classifier:densenet_small:1"
-    md = report.results_markdown(agg)
-    assert "| 1 | -4.000 ± 1.414 | 2 of 2 seeds | -5.000, -3.000 |" in md
-    assert "mixes the extractors' scales" in md
-
-
-def test_write_results_round_trips(tmp_path):
-    r = _results(FIDS)
-    r["entries"][0]["grid"] = "samples/base_8.png"
+def test_results_markdown_names_everything(tmp_path):
+    r = _results()
+    r["side_by_side"] = "samples/side_by_side.png"
     paths = report.write_results(tmp_path, r)
     assert json.loads(paths["json"].read_text()) == r
     md = paths["md"].read_text()
-    assert report.results_table(r) in md and r["extractor"] in md
-    assert f"]({report.FID_PLOT})" in md and "samples/base_8.png" in md and "| total | 42.5 |" in md
+    for piece in (report.results_table(r), report.extractor_table(r, "pixels"), report.floors_table(r),
+                  "classifier:densenet_small:abc123def456", "test (300 images), train (1497 images)",
+                  f"]({report.FID_PLOT})", "samples/side_by_side.png", "samples/pd_1steps.png", "| total | 42.5 |",
+                  "None of these numbers compares with published Inception FIDs"):
+        assert piece in md, piece
     with Image.open(paths["fid_plot"]) as im:
         assert im.format == "PNG"
 
 
-def test_entries_validated():
+def test_results_validated():
     with pytest.raises(ValueError, match="entries"):
         report.results_table({})
-    with pytest.raises(ValueError, match="method"):
-        report.results_table({"entries": [{"method": "ddpm", "steps": 1}]})
+    with pytest.raises(ValueError, match="extractors"):
+        report.results_table({"entries": []})
+    bad = {**_results(), "entries": [{"key": "x", "label": "X", "steps": "1", "metrics": {}}]}
+    with pytest.raises(ValueError, match="int steps"):
+        report.results_table(bad)
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def test_study_report_reads_the_numbers(tmp_path):
+    per_seed = study()
+    paths = study_report.write_study(tmp_path, per_seed, COMPARISONS, commit="abc1234",
+                                     platform={"cpu": "Test CPU", "threads": 2, "torch": torch.__version__})
+    md = paths["md"].read_text()
+    assert "Commit `abc1234`" in md and "Test CPU" in md and "threads 2" in md
+    assert "Under `a` (FID against test, 10 seeds), RCFD vs PD: better at 1 and 2 steps." in md
+    assert "Under `a` (FID against test, 10 seeds), CFD vs PD: no difference shown at 1 and 2 steps." in md
+    assert "Under `b` (FID against test, 10 seeds), Slow vs PD: worse at 1 and 2 steps." in md
+    assert "**The extractors disagree** on RCFD vs PD at 1 step (in opposite directions)" in md
+    assert "FID and KID disagree on RCFD vs PD" in md and "not corrected for the number of comparisons" in md
+    assert "(teacher: upper bound)" in md and "## Paired differences: FID against train" in md
+    summary = json.loads(paths["json"].read_text())
+    assert summary["seeds"] == list(range(10)) and summary["commit"] == "abc1234"
+    assert summary["conclusions"] == [l[2:] for l in md.splitlines() if l.startswith(("- Under", "- **The", "- All"))]
+    rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
+    measured = sum(ref in m for r in per_seed for e in r["entries"] for m in e["metrics"].values()
+                   for ref in ("test", "train"))
+    assert len(rows) == measured == 420  # (10 cells x 2 references + 1 x 1) x 2 extractors x 10 seeds
+    first = per_seed[0]["entries"][0]
+    assert float(rows[0]["fid"]) == first["metrics"]["a"]["test"]["fid"] and rows[0]["seed"] == "0"
+    for key in ("paired_plot", "fid_plot"):
+        with Image.open(paths[key]) as im:
+            assert im.format == "PNG"
+    with pytest.raises(ValueError, match="at least one seed"):
+        study_report.write_study(tmp_path, [], COMPARISONS, commit="x", platform={})

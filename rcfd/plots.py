@@ -1,0 +1,288 @@
+"""The figures a run leaves behind: sample grids (one per row, and every row side by side),
+loss curves, FID against steps per extractor, and the paired differences of a study with
+their confidence intervals. Pure functions of plain data plus the file they write.
+
+matplotlib is imported inside the plotting functions (with ``Agg``): it is slow to import
+and only the report needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rcfd.atomicio import atomic_write
+from rcfd.data import to_uint8
+
+# --------------------------------------------------------------------------- sample grids
+
+
+def grid_shape(n: int, image_size: int, nrow: int | None = None, pad: int = 2,
+               scale: int = 1) -> tuple[int, int]:
+    """``(width, height)`` in pixels of the grid :func:`image_grid` makes of ``n`` images:
+    ``nrow`` per row (default ``ceil(sqrt(n))``), ``pad`` pixels around every image, each
+    image ``scale`` times its size."""
+    if n < 1 or image_size < 1 or pad < 0 or scale < 1:
+        raise ValueError(f"need n, image_size, scale >= 1 and pad >= 0; got {n}, {image_size}, {scale}, {pad}")
+    cols = min(n, nrow or math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / cols)
+    cell = image_size * scale + pad
+    return cols * cell + pad, rows * cell + pad
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2,
+               scale: int = 1) -> np.ndarray:
+    """Tile images ``[N, C, H, W]`` (float in [-1, 1] or uint8, ``C`` 1 or 3) into one
+    ``uint8 [height, width]`` (grey) or ``[height, width, 3]`` array on a white background,
+    row-major, each image enlarged ``scale`` times (nearest neighbour)."""
+    if images.dim() != 4 or images.shape[1] not in (1, 3) or images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"images must be [N, 1 or 3, H, H], got {tuple(images.shape)}")
+    u8 = images if images.dtype == torch.uint8 else to_uint8(images.detach().float().cpu())
+    u8 = u8.cpu()
+    if scale > 1:
+        u8 = u8.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    n, c, size = u8.shape[0], u8.shape[1], u8.shape[-1]
+    width, height = grid_shape(n, images.shape[-1], nrow, pad, scale)
+    cols = (width - pad) // (size + pad)
+    canvas = np.full((c, height, width), 255, dtype=np.uint8)
+    for i, img in enumerate(u8.numpy()):
+        r, k = divmod(i, cols)
+        y, x = pad + r * (size + pad), pad + k * (size + pad)
+        canvas[:, y:y + size, x:x + size] = img
+    return canvas[0] if c == 1 else canvas.transpose(1, 2, 0)
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
+              pad: int = 2, scale: int = 1) -> Path:
+    """Write :func:`image_grid` as a PNG (written to a temporary name, then renamed)."""
+    grid = Image.fromarray(image_grid(images, nrow, pad, scale))
+    return atomic_write(path, lambda f: grid.save(f, format="PNG"))
+
+
+def display_scale(image_size: int, target: int = 32) -> int:
+    """How much to enlarge small images in a grid so each is at least ``target`` pixels."""
+    return max(1, target // image_size)
+
+
+# --------------------------------------------------------------------------- loss curves
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines metric log. A torn last line (a run killed while
+    writing) is skipped; any other bad line is an error naming the line."""
+    records, lines = [], Path(path).read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not JSON ({e})") from None
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
+_NOT_A_LOSS = ("step", "epoch", "position", "time", "elapsed", "lr", "grad_norm", "seconds",
+               "images_per_s", "steps_per_s", "rank", "round", "T", "time_scale")
+
+
+def loss_series(records: Iterable[Mapping]) -> dict[str, tuple[list[int], list[float]]]:
+    """``{name: (steps, values)}`` of every finite numeric loss-like field of a metric log's
+    records (``loss`` and ``loss/...`` or ``*_loss`` terms; bookkeeping such as the step,
+    learning rate, timings is left out). Records without a ``step`` are numbered."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for i, rec in enumerate(records):
+        step = rec.get("step", i)
+        for key, v in rec.items():
+            if key in _NOT_A_LOSS or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if "loss" not in key and key not in ("cfd", "ent", "div", "reg", "pd", "total"):
+                continue
+            if math.isfinite(v):
+                steps, values = out.setdefault(key, ([], []))
+                steps.append(int(step))
+                values.append(float(v))
+    return out
+
+
+def smooth(values: Sequence[float], window: int) -> np.ndarray:
+    """Trailing moving average over ``window`` points (shorter at the start)."""
+    v = np.asarray(values, dtype=np.float64)
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    idx = np.arange(1, len(v) + 1)
+    lo = np.maximum(idx - window, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def plot_loss_curves(logs: Mapping[str, Sequence[Mapping]], path: str | os.PathLike) -> Path:
+    """One panel per stage (``logs``: stage name -> metric-log records), each positive
+    loss-like series against the step on a log axis (terms that go negative, such as the
+    diversity term, are left out), smoothed when long. Stages without a loss are skipped;
+    with none at all the figure says so."""
+    plt = _pyplot()
+    panels = []
+    for name, recs in logs.items():
+        series = {k: v for k, v in loss_series(recs).items() if v[1] and min(v[1]) > 0}
+        if series:
+            panels.append((name, series))
+    cols = min(3, max(1, len(panels)))
+    rows = max(1, math.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    if not panels:
+        axes.flat[0].text(0.5, 0.5, "no loss records", ha="center", va="center")
+    for ax, (name, series) in zip(axes.flat, panels):
+        for i, (key, (steps, values)) in enumerate(sorted(series.items(), key=lambda kv: kv[0] != "loss")):
+            color = f"C{i}"
+            if len(values) > 50:
+                ax.plot(steps, values, color=color, linewidth=0.5, alpha=0.3)
+                ax.plot(steps, smooth(values, max(5, len(values) // 25)), color=color, linewidth=1.2, label=key)
+            else:
+                ax.plot(steps, values, color=color, linewidth=1.2, label=key)
+        ax.set_yscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def _pyplot():
+    import matplotlib  # slow to import; only figures need it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig, path) -> Path:
+    plt = _pyplot()
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
+
+
+
+
+# --------------------------------------------------------------------------- rows side by side
+
+
+def _steps_label(steps: int) -> str:
+    return f"{steps} step{'s' if steps != 1 else ''}"
+
+
+def save_sample_table(cells: Mapping[tuple[str, str, int], torch.Tensor], path: str | os.PathLike,
+                      per_row: int = 4) -> Path:
+    """One figure of every row's samples side by side: ``cells`` maps ``(key, label, steps)``
+    to a few uint8 images (the same noise in every cell); one figure row per ``(key,
+    label)`` in the order given, one column per number of steps (ascending), each cell a
+    small grid of ``per_row`` images a line."""
+    if not cells:
+        raise ValueError("no samples to show")
+    rows = list(dict.fromkeys((k, label) for k, label, _ in cells))
+    steps = sorted({s for _, _, s in cells})
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(rows), len(steps), squeeze=False,
+                             figsize=(1.2 + 1.6 * len(steps), 0.4 + 1.0 * len(rows)))
+    for r, (key, label) in enumerate(rows):
+        for c, s in enumerate(steps):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if r == 0:
+                ax.set_title(_steps_label(s), fontsize=8)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+            images = cells.get((key, label, s))
+            if images is not None:
+                grid = image_grid(images, nrow=per_row, pad=1)
+                ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=255,
+                          interpolation="nearest")
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def plot_metric_vs_steps(series: Mapping[str, Mapping[str, Sequence[tuple[int, float, float]]]],
+                         path: str | os.PathLike, *, metric: str = "FID", note: str = "") -> Path:
+    """One panel per extractor (``series``: extractor -> row label -> ``[(steps, value,
+    error)]``), the metric against the number of steps on a log2 axis, error bars where the
+    error is non-zero (the spread over seeds)."""
+    plt = _pyplot()
+    n = max(1, len(series))
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
+    markers = "os^vD<>pP*"
+    for ax, (extractor, rows) in zip(axes.flat, series.items()):
+        ticks = set()
+        for i, (label, pts) in enumerate(rows.items()):
+            pts = sorted(p for p in pts if p[1] is not None and math.isfinite(p[1]))
+            if not pts:
+                continue
+            xs, ys, err = zip(*pts)
+            ticks.update(xs)
+            ax.errorbar(xs, ys, yerr=err if any(err) else None, fmt=markers[i % len(markers)] + "-",
+                        capsize=3, label=label, linewidth=1.1, markersize=4)
+        ax.set_xscale("log", base=2)
+        if ticks:
+            ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
+        ax.minorticks_off()
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric}, extractor {extractor}", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    if note:
+        fig.suptitle(note, fontsize=7)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def plot_paired_differences(rows: Sequence[Mapping], path: str | os.PathLike, *, metric: str = "fid") -> Path:
+    """The paired differences of a study (:func:`rcfd.stats.paired_comparisons` rows of one
+    ``metric`` and reference): one panel per extractor, per comparison the mean difference
+    at each step count with its 95% interval; the zero line is "no difference"."""
+    plt = _pyplot()
+    rows = [r for r in rows if r["metric"] == metric]
+    extractors = list(dict.fromkeys(r["extractor"] for r in rows)) or ["(none)"]
+    comparisons = list(dict.fromkeys((r["method"], r["baseline"]) for r in rows))
+    fig, axes = plt.subplots(1, len(extractors), figsize=(4.2 * len(extractors), 3.4), squeeze=False)
+    for ax, extractor in zip(axes.flat, extractors):
+        for i, (m, b) in enumerate(comparisons):
+            pts = sorted((r["steps"], r["mean"], r["ci_low"], r["ci_high"]) for r in rows
+                         if r["extractor"] == extractor and (r["method"], r["baseline"]) == (m, b))
+            if not pts:
+                continue
+            steps, mean, lo, hi = (np.asarray(v, dtype=np.float64) for v in zip(*pts))
+            x = steps * 2 ** (0.08 * (i - (len(comparisons) - 1) / 2))  # side by side on the log axis
+            ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], fmt="o", capsize=3, label=f"{m} - {b}",
+                        markersize=4)
+            ticks = sorted({int(s) for s in steps})
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.minorticks_off()
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(f"{metric.upper()} difference (lower: method better)")
+        ax.set_title(f"paired by seed, 95% t-interval, extractor {extractor}", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return _save_figure(fig, path)

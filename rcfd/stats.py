@@ -1,0 +1,220 @@
+"""Study statistics over seeds: per-cell mean and spread, the paired differences of a method
+against its baseline with a 95% t-interval, a paired t-test and a Wilcoxon signed-rank test,
+and the verdict each comparison gets by the fixed rule :data:`RULE`.
+
+Inputs are the per-seed results dicts of a study (:mod:`rcfd.report` describes them), one
+per seed, each a full run with its own classifiers; a cell is ``(row key, steps)``, and a
+value is read with :func:`value` for a metric, an extractor and a reference split. Two
+results are paired when they come from the same seed, so a seed's own extractor scale (its
+evaluation classifier) cancels in the difference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy import stats as sps
+
+CONFIDENCE, ALPHA = 0.95, 0.05
+LOWER_IS_BETTER = {"fid": True, "kid": True, "precision": False, "recall": False, "is": False}
+BETTER, WORSE, NO_DIFFERENCE = "better", "worse", "no difference shown"
+MIN_SEEDS_WILCOXON = 6  # the smallest n at which the exact two-sided Wilcoxon p can be < 0.05
+RULE = ("A method is called **better** (or **worse**) than its baseline at a number of steps, "
+        "under one extractor and reference, only when the 95% t-interval of its per-seed paired "
+        "difference lies entirely on the better (worse) side of 0 *and* both the paired t-test and "
+        "the Wilcoxon signed-rank test give p < 0.05 (two-sided); otherwise the verdict is **no "
+        "difference shown**. With fewer than 6 seeds the Wilcoxon test cannot reach p < 0.05, so no "
+        "difference can be shown. The tests are not corrected for the number of comparisons made.")
+
+
+# --------------------------------------------------------------------------- reading values
+
+
+def value(entry: Mapping, metric: str, extractor: str, reference: str) -> float | None:
+    """``metric`` (fid, kid, precision, recall; ``is`` has no reference) of a results entry
+    under ``extractor`` against ``reference``; ``None`` where it was not measured."""
+    m = (entry.get("metrics") or {}).get(extractor)
+    if m is None:
+        return None
+    v = m.get("is") if metric == "is" else (m.get(reference) or {}).get(metric)
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+def cells(per_seed: Sequence[Mapping]) -> list[tuple[str, str, int]]:
+    """``(key, label, steps)`` of every cell present in every seed, in the first seed's order."""
+    if not per_seed:
+        raise ValueError("a study needs the results of at least one seed")
+    present = [{(e["key"], e["steps"]) for e in r["entries"]} for r in per_seed]
+    common = set.intersection(*present)
+    return [(e["key"], e["label"], e["steps"]) for e in per_seed[0]["entries"] if (e["key"], e["steps"]) in common]
+
+
+def _entry(results: Mapping, key: str, steps: int) -> Mapping | None:
+    return next((e for e in results["entries"] if e["key"] == key and e["steps"] == steps), None)
+
+
+def seed_values(per_seed: Sequence[Mapping], key: str, steps: int, metric: str, extractor: str,
+                reference: str) -> list[float | None]:
+    """The cell's value in each seed (``None`` where missing)."""
+    return [None if (e := _entry(r, key, steps)) is None else value(e, metric, extractor, reference)
+            for r in per_seed]
+
+
+def summarize(values: Sequence[float]) -> dict:
+    """Mean, sample std (``ddof=1``; 0 for one value) and count of ``values``."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
+
+
+# --------------------------------------------------------------------------- paired tests
+
+
+def paired_test(diffs: Sequence[float], confidence: float = CONFIDENCE) -> dict:
+    """Statistics of paired differences ``d_i`` (one per seed): mean, sample std, the
+    ``confidence`` t-interval ``mean +- t_{(1+c)/2, n-1} std / sqrt(n)``, the paired
+    (one-sample) t-test p-value and the Wilcoxon signed-rank p-value (exact for small n),
+    both two-sided against 0. Degenerate cases: all ``d_i = 0`` gives ``p = 1``; a constant
+    non-zero difference gives the interval ``[d, d]`` and ``p_t = 0``; fewer than 2 seeds give
+    ``None`` for the interval and the tests."""
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.ndim != 1 or not np.isfinite(d).all():
+        raise ValueError(f"differences must be a 1-D list of finite numbers, got {diffs!r}")
+    n = d.size
+    out = {"n": n, "mean": float(d.mean()) if n else None, "std": float(d.std(ddof=1)) if n > 1 else None,
+           "ci_low": None, "ci_high": None, "p_t": None, "p_wilcoxon": None}
+    if n < 2:
+        return out
+    mean, std = out["mean"], out["std"]
+    half = sps.t.ppf((1 + confidence) / 2, n - 1) * std / math.sqrt(n)
+    out["ci_low"], out["ci_high"] = mean - half, mean + half
+    if std == 0:
+        out["p_t"] = 1.0 if mean == 0 else 0.0
+    else:
+        out["p_t"] = float(sps.ttest_1samp(d, 0.0).pvalue)
+    if not d.any():
+        out["p_wilcoxon"] = 1.0
+    else:
+        out["p_wilcoxon"] = float(sps.wilcoxon(d).pvalue)
+    return out
+
+
+def verdict(test: Mapping, lower_is_better: bool = True, alpha: float = ALPHA) -> str:
+    """:data:`BETTER`, :data:`WORSE` or :data:`NO_DIFFERENCE` for a :func:`paired_test` of
+    ``method - baseline`` by :data:`RULE`."""
+    if test.get("ci_low") is None or test.get("p_t") is None or test.get("p_wilcoxon") is None:
+        return NO_DIFFERENCE
+    if test["p_t"] >= alpha or test["p_wilcoxon"] >= alpha:
+        return NO_DIFFERENCE
+    below, above = test["ci_high"] < 0, test["ci_low"] > 0
+    if below or above:
+        return BETTER if below == lower_is_better else WORSE
+    return NO_DIFFERENCE
+
+
+def paired_comparisons(per_seed: Sequence[Mapping], comparisons: Sequence[tuple[str, str]], *,
+                       metrics: Sequence[str] = ("fid", "kid"), extractors: Sequence[str] | None = None,
+                       references: Sequence[str] = ("test", "train")) -> list[dict]:
+    """One row per (comparison, extractor, reference, metric, steps both rows have): the
+    per-seed differences ``method - baseline`` (seeds where either is missing are dropped),
+    :func:`paired_test`, how many seeds the method is better in, and the :func:`verdict`.
+    ``comparisons``: ``(method key, baseline key)`` pairs of row keys."""
+    if not per_seed:
+        raise ValueError("a study needs the results of at least one seed")
+    extractors = list(extractors or per_seed[0]["extractors"])
+    labels = {e["key"]: e["label"] for r in per_seed for e in r["entries"]}
+    steps_of: dict[str, set[int]] = {}
+    for r in per_seed:
+        for e in r["entries"]:
+            steps_of.setdefault(e["key"], set()).add(e["steps"])
+    seeds = [r.get("seed", i) for i, r in enumerate(per_seed)]
+    rows = []
+    for method, baseline in comparisons:
+        for key in (method, baseline):
+            if key not in labels:
+                raise ValueError(f"comparison ({method!r}, {baseline!r}): no row {key!r} in the results "
+                                 f"(rows: {sorted(labels)})")
+        for extractor in extractors:
+            for reference in references:
+                for metric in metrics:
+                    for s in sorted(steps_of[method] & steps_of[baseline]):
+                        rows.append(_comparison_row(per_seed, seeds, method, baseline, s, metric, extractor,
+                                                    reference, labels))
+    return [r for r in rows if r is not None]
+
+
+def _comparison_row(per_seed, seeds, method, baseline, steps, metric, extractor, reference, labels):
+    a = seed_values(per_seed, method, steps, metric, extractor, reference)
+    b = seed_values(per_seed, baseline, steps, metric, extractor, reference)
+    pairs = [(s, x - y) for s, x, y in zip(seeds, a, b) if x is not None and y is not None]
+    if not pairs:
+        return None
+    lower = LOWER_IS_BETTER[metric]
+    diffs = [d for _, d in pairs]
+    test = paired_test(diffs)
+    better = sum(d < 0 if lower else d > 0 for d in diffs)
+    return {"method": method, "baseline": baseline, "method_label": labels[method],
+            "baseline_label": labels[baseline], "steps": steps, "metric": metric, "extractor": extractor,
+            "reference": reference, "seeds": [s for s, _ in pairs], "diffs": diffs, **test,
+            "method_better_in": int(better), "verdict": verdict(test, lower)}
+
+
+# --------------------------------------------------------------------------- conclusions
+
+
+def _steps_text(steps: Sequence[int]) -> str:
+    s = [str(x) for x in sorted(steps)]
+    text = s[0] if len(s) == 1 else ", ".join(s[:-1]) + " and " + s[-1]
+    return f"{text} step{'s' if len(s) > 1 or s[0] != '1' else ''}"
+
+
+def conclusions(rows: Sequence[Mapping], *, metric: str = "fid", reference: str = "test") -> list[str]:
+    """The conclusion lines, generated from the verdicts of :func:`paired_comparisons` by
+    :data:`RULE`: one per (comparison, extractor) for ``metric`` against ``reference``, then
+    one per (comparison, steps) where the extractors disagree, or one saying they agree."""
+    rows = [r for r in rows if r["metric"] == metric and r["reference"] == reference]
+    lines = []
+    comparisons = list(dict.fromkeys((r["method"], r["baseline"]) for r in rows))
+    extractors = list(dict.fromkeys(r["extractor"] for r in rows))
+    for m, b in comparisons:
+        mine = [r for r in rows if (r["method"], r["baseline"]) == (m, b)]
+        ml, bl = mine[0]["method_label"], mine[0]["baseline_label"]
+        for ext in extractors:
+            by = {r["steps"]: r["verdict"] for r in mine if r["extractor"] == ext}
+            parts = [f"{v} at {_steps_text([s for s in by if by[s] == v])}"
+                     for v in (BETTER, WORSE, NO_DIFFERENCE) if v in by.values()]
+            n = max((r["n"] for r in mine if r["extractor"] == ext), default=0)
+            lines.append(f"Under `{ext}` ({metric.upper()} against {reference}, {n} seeds), {ml} vs {bl}: "
+                         + "; ".join(parts) + ".")
+        steps = sorted({r["steps"] for r in mine})
+        disagree = False
+        for s in steps:
+            verdicts = {r["extractor"]: r["verdict"] for r in mine if r["steps"] == s}
+            if len(set(verdicts.values())) > 1:
+                disagree = True
+                opposite = {BETTER, WORSE} <= set(verdicts.values())
+                lines.append(f"**The extractors disagree** on {ml} vs {bl} at {_steps_text([s])}"
+                             f"{' (in opposite directions)' if opposite else ''}: "
+                             + "; ".join(f"{v} under `{e}`" for e, v in verdicts.items()) + ".")
+        if not disagree and len(extractors) > 1:
+            lines.append(f"All {len(extractors)} extractors agree on {ml} vs {bl} at every step count.")
+    return lines
+
+
+def metric_disagreements(rows: Sequence[Mapping], *, reference: str = "test",
+                         metrics: tuple[str, str] = ("fid", "kid")) -> list[str]:
+    """Lines for every (comparison, extractor, steps) where the verdicts of two metrics differ."""
+    a, b = metrics
+    index = {(r["method"], r["baseline"], r["extractor"], r["steps"], r["metric"]): r for r in rows
+             if r["reference"] == reference}
+    lines = []
+    for (m, bl, ext, s, metric), r in index.items():
+        other = index.get((m, bl, ext, s, b))
+        if metric == a and other is not None and other["verdict"] != r["verdict"]:
+            lines.append(f"Under `{ext}` at {_steps_text([s])}, {a.upper()} and {b.upper()} disagree on "
+                         f"{r['method_label']} vs {r['baseline_label']}: {a.upper()} {r['verdict']}, "
+                         f"{b.upper()} {other['verdict']}.")
+    return lines
