@@ -1,76 +1,40 @@
-"""rcfd.metrics: torch-fidelity IS / FID / KID from samples or a sampler, checked against an
-independent float64 FID on the same features; extractor choice without any network."""
-
-import os
+"""rcfd.evaluation.metrics: FID, KID and IS against torch-fidelity on the same features (and,
+end to end, on the same images through a registered extractor), precision/recall against a
+brute-force implementation, FID against scipy's matrix square root; properties; bad inputs."""
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
-import torch.nn as nn
+import torch_fidelity
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.metric_fid import (
+    fid_features_to_statistics,
+    fid_statistics_to_metric,
+)
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
 
-from rcfd.data import DatasetSpec, ImageDataset, load_dataset, to_float
-from rcfd.metrics import (
-    INCEPTION_FILE,
-    choose_extractor,
-    classifier_extractor,
-    evaluate,
+from rcfd.data import DatasetSpec, load_dataset, to_float
+from rcfd.evaluation import metrics
+from rcfd.evaluation.features import ClassifierExtractor
+from rcfd.evaluation.metrics import (
     feature_statistics,
-    find_inception_weights,
+    fid,
     frechet_distance,
-    inception_extractor,
-    module_fingerprint,
+    inception_score,
+    kid,
+    precision_recall,
 )
 
 
-class TinyClassifier(nn.Module):
-    """A classifier-shaped net: float images in [-1, 1] -> (logits [B, K], features [B, D])."""
-
-    def __init__(self, channels=1, num_classes=7, width=6):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, width, 3, padding=1)
-        self.norm = nn.BatchNorm2d(width)
-        self.head = nn.Linear(width * 4, num_classes)
-        with torch.no_grad():  # non-trivial running statistics: eval mode must be used
-            self.norm.running_mean.uniform_(-0.2, 0.2)
-            self.norm.running_var.uniform_(0.5, 2)
-
-    def forward(self, x):
-        f = nn.functional.adaptive_avg_pool2d(torch.tanh(self.norm(self.conv(x))), 2).flatten(1)
-        return 4 * self.head(f), f
+def _features(n, d, seed, shift=0.0, scale=1.0):
+    rng = np.random.RandomState(seed)
+    mix = rng.randn(d, d) / np.sqrt(d)
+    return (rng.randn(n, d) @ mix) * scale + shift
 
 
-@pytest.fixture(scope="module")
-def digits():
-    train, test = load_dataset(DatasetSpec(), "train"), load_dataset(DatasetSpec(), "test")
-    return ImageDataset(train.images[:400], train.labels[:400], 10, "digits", "train"), test
-
-
-@pytest.fixture
-def no_network(monkeypatch, tmp_path):
-    """An empty torch hub cache, and any download attempt fails the test."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-
-    def refuse(*a, **k):
-        raise AssertionError("tried to reach the network")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    return tmp_path / "torch_home" / "hub" / "checkpoints" / INCEPTION_FILE
-
-
-def _outputs(net, images):
-    """(logits, features) of the net in eval mode, float64."""
-    with torch.no_grad():
-        logits, feats = net.eval()(to_float(images))
-    return logits.double(), feats.double()
-
-
-def _features(net, images):
-    return _outputs(net, images)[1]
-
-
-# --------------------------------------------------------------------------- Frechet distance
+# --------------------------------------------------------------------------- FID
 
 
 def _reference_fid(mu1, s1, mu2, s2):
@@ -92,166 +56,209 @@ def test_frechet_distance_matches_sqrtm_reference(d):
 
 
 def test_frechet_distance_of_singular_covariances_and_bad_shapes():
-    rng = np.random.RandomState(0)
-    f1, f2 = rng.randn(5, 9), rng.randn(6, 9) + 1  # fewer samples than dims: rank-deficient
-    mu1, s1 = feature_statistics(f1)
-    mu2, s2 = feature_statistics(f2)
-    got = frechet_distance(mu1, s1, mu2, s2)
+    f1, f2 = _features(5, 9, 0), _features(6, 9, 1, shift=1)  # fewer samples than dims: rank-deficient
+    got = fid(f1, f2)
     assert np.isfinite(got) and got >= 0
-    assert got == pytest.approx(_reference_fid(mu1, s1, mu2, s2), rel=1e-6)
+    assert got == pytest.approx(_reference_fid(*feature_statistics(f1), *feature_statistics(f2)), rel=1e-6)
+    mu1, s1 = feature_statistics(f1)
     with pytest.raises(ValueError, match="sigma"):
-        frechet_distance(mu1, s1, mu2[:3], s2)
+        frechet_distance(mu1, s1, mu1[:3], s1)
 
 
-# --------------------------------------------------------------------------- torch-fidelity
+@pytest.mark.parametrize("n1,n2,d", [(50, 80, 2), (123, 64, 17), (300, 300, 64)])
+def test_fid_matches_torch_fidelity_on_the_same_features(n1, n2, d):
+    f1, f2 = _features(n1, d, 0), _features(n2, d, 1, shift=0.3, scale=1.2)
+    stats = [fid_features_to_statistics(torch.from_numpy(f)) for f in (f1, f2)]
+    theirs = fid_statistics_to_metric(*stats, verbose=False)[torch_fidelity.KEY_METRIC_FID]
+    assert fid(f1, f2) == pytest.approx(theirs, rel=1e-6, abs=1e-9)
+    assert fid(torch.from_numpy(f1).float(), f2) == pytest.approx(theirs, rel=1e-4)  # float32 input too
 
 
-def test_fid_matches_independent_fid_on_the_same_features(digits, capsys):
-    reference, test = digits
-    net = TinyClassifier()
-    ext = classifier_extractor(net, "tiny", (1, 16, 16))
-    samples = test.images.flip(-1)[:250]  # mirrored digits: a real, moderate distance
-    r = evaluate(samples, reference, ext, kid_subset_size=200)
-    ours = frechet_distance(*feature_statistics(_features(net, samples)),
-                            *feature_statistics(_features(net, reference.images)))
-    assert r["fid"] == pytest.approx(ours, rel=1e-5) and ours > 0
-    assert 1 <= r["isc_mean"] <= 7 and r["isc_std"] >= 0  # IS lies in [1, number of classes]
-    # IS, one split: exp(E_x KL(p(y|x) || p(y))) from the same logits
-    p = _outputs(net, samples)[0].softmax(1)
-    ours_is = float(torch.exp((p * (p.log() - p.mean(0, keepdim=True).log())).sum(1).mean()))
-    one = evaluate(samples, reference, ext, fid=False, kid=False, isc_splits=1)
-    assert one["isc_mean"] == pytest.approx(ours_is, rel=1e-5) and set(one) & {"fid", "kid_mean"} == set()
-    assert np.isfinite(r["kid_mean"]) and r["kid_std"] >= 0
-    fp = module_fingerprint(net)[:12]
-    assert r["extractor"] == f"classifier:tiny:{fp}" and r["num_samples"] == 250
-    assert f"extractor classifier:tiny:{fp}" in capsys.readouterr().out
+def test_fid_of_identical_sets_is_zero_and_grows_with_a_shift():
+    f = _features(200, 16, 3)
+    assert abs(fid(f, f)) < 1e-9 * np.trace(np.cov(f, rowvar=False))
+    assert fid(f, f + 0.5) == pytest.approx(16 * 0.25, rel=1e-9)  # a shift only moves the mean
 
 
-def test_sampler_input_and_reference_cache(digits, tmp_path):
-    reference, _ = digits
-    net = TinyClassifier(num_classes=4)
-    ext = classifier_extractor(net, "tiny", (1, 16, 16))
-    produced = []
-
-    def generate(x_T):  # a "sampler": float images in [-1, 1] from its x_T
-        assert x_T.shape[1:] == (1, 16, 16)
-        x = torch.tanh(x_T + to_float(reference.images[: x_T.shape[0]]))
-        produced.append(x)
-        return x
-
-    r1 = evaluate(generate, reference, ext, num_samples=90, batch_size=32, run_dir=str(tmp_path), isc=False)
-    images = torch.cat(produced)
-    assert images.shape[0] == 90 and [p.shape[0] for p in produced] == [32, 32, 26]
-    from rcfd.data import to_uint8
-
-    ours = frechet_distance(*feature_statistics(_features(net, to_uint8(images))),
-                            *feature_statistics(_features(net, reference.images)))
-    assert r1["fid"] == pytest.approx(ours, rel=1e-5) and "isc_mean" not in r1
-    cached = os.listdir(tmp_path / "fidelity_cache")
-    assert cached and all(n.startswith(r1["reference"]) and ext.registry_name in n for n in cached)
-    produced.clear()
-    r2 = evaluate(generate, reference, ext, num_samples=90, batch_size=32, run_dir=str(tmp_path), isc=False)
-    assert r2["fid"] == r1["fid"] and r2["kid_mean"] == r1["kid_mean"]  # same seed, same x_T
-    assert torch.equal(torch.cat(produced), images)
+# --------------------------------------------------------------------------- KID
 
 
-def test_identical_sets_have_zero_fid(digits):
-    reference, _ = digits
-    ext = classifier_extractor(TinyClassifier(), "tiny", (1, 16, 16))
-    r = evaluate(reference.images, reference, ext, isc=False, kid=False)
-    assert abs(r["fid"]) < 1e-6 and set(r) >= {"fid", "extractor", "num_samples"}
+def _brute_mmd2(x, y):
+    """Unbiased MMD^2 with the cubic kernel, pair by pair in float64."""
+    k = lambda a, b: (a @ b / x.shape[1] + 1) ** 3
+    m = len(x)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
 
 
-def test_rgb_classifier_and_bad_samples(digits):
-    reference, _ = digits
-    rgb = ImageDataset(reference.images.expand(-1, 3, -1, -1).contiguous(), None, 0, "rgb", "train")
-    net = TinyClassifier(channels=3)
-    ext = classifier_extractor(net, "tiny3", (3, 16, 16))
-    r = evaluate(to_float(rgb.images[:50]), rgb, ext, isc=False, kid=False)
-    assert np.isfinite(r["fid"]) and r["extractor"].startswith("classifier:tiny3:")
-    with pytest.raises(ValueError, match=r"samples must be \[B, 3, 16, 16\]"):
-        evaluate(reference.images[:50], rgb, ext)
+def test_kid_of_whole_sets_matches_a_pair_by_pair_mmd():
+    x, y = _features(12, 5, 0), _features(12, 5, 1, shift=0.4)
+    mean, std = kid(x, y, subsets=3, subset_size=None)  # every subset is the whole set, permuted
+    assert mean == pytest.approx(_brute_mmd2(x, y), rel=1e-10) and std < 1e-12
+
+
+@pytest.mark.parametrize("n1,n2,size,subsets", [(60, 90, 50, 7), (200, 150, 150, 20), (31, 31, 31, 1)])
+def test_kid_matches_torch_fidelity_on_the_same_features(n1, n2, size, subsets):
+    f1, f2 = _features(n1, 8, 0), _features(n2, 8, 1, shift=0.2)
+    theirs = kid_features_to_metric(torch.from_numpy(f1), torch.from_numpy(f2), kid_subsets=subsets,
+                                    kid_subset_size=size, rng_seed=5, verbose=False)
+    mean, std = kid(f1, f2, subsets=subsets, subset_size=size, seed=5)
+    assert mean == pytest.approx(theirs[torch_fidelity.KEY_METRIC_KID_MEAN], rel=1e-9, abs=1e-12)
+    assert std == pytest.approx(theirs[torch_fidelity.KEY_METRIC_KID_STD], rel=1e-7, abs=1e-12)
+
+
+def test_kid_precomputed_kernels_equal_per_subset_kernels(monkeypatch):
+    f1, f2 = _features(70, 6, 0), _features(40, 6, 1)
+    full = kid(f1, f2, subsets=5, subset_size=30, seed=1)
+    monkeypatch.setattr(metrics, "KID_FULL_KERNEL_MAX", 0)
+    assert kid(f1, f2, subsets=5, subset_size=30, seed=1) == pytest.approx(full, rel=1e-10, abs=1e-14)
+
+
+def test_kid_is_near_zero_for_one_distribution_and_positive_for_two():
+    a, b = _features(400, 8, 0), _features(400, 8, 1)
+    same, _ = kid(a, b, subsets=20, subset_size=200)
+    far, _ = kid(a, b + 1.0, subsets=20, subset_size=200)
+    assert abs(same) < 0.1 * far and far > 0
+
+
+# --------------------------------------------------------------------------- IS
+
+
+@pytest.mark.parametrize("n,k,splits", [(100, 10, 10), (57, 3, 4), (20, 7, 1)])
+def test_inception_score_matches_torch_fidelity(n, k, splits):
+    logits = np.random.RandomState(n).randn(n, k) * 3
+    theirs = isc_features_to_metric(torch.from_numpy(logits), splits=splits, shuffle=True, rng_seed=9)
+    mean, std = inception_score(logits, splits=splits, seed=9)
+    assert mean == pytest.approx(theirs[torch_fidelity.KEY_METRIC_ISC_MEAN], rel=1e-10)
+    assert std == pytest.approx(theirs[torch_fidelity.KEY_METRIC_ISC_STD], rel=1e-8, abs=1e-12)
+
+
+def test_inception_score_bounds():
+    assert inception_score(np.zeros((40, 5)), splits=4)[0] == pytest.approx(1.0)  # no information: 1
+    confident = np.tile(np.eye(5) * 60, (8, 1))  # certain and balanced over 5 classes: 5
+    assert inception_score(confident, splits=1)[0] == pytest.approx(5.0, rel=1e-9)
+
+
+# --------------------------------------------------------------------------- precision / recall
+
+
+def _brute_precision_recall(real, fake, k):
+    def radii(x):
+        return [sorted(np.linalg.norm(x[i] - x[j]) for j in range(len(x)) if j != i)[k - 1] for i in range(len(x))]
+
+    def inside(points, manifold, r):
+        return np.mean([any(np.linalg.norm(p - m) <= rm for m, rm in zip(manifold, r)) for p in points])
+
+    return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
+
+
+@pytest.mark.parametrize("n_real,n_fake,d,k", [(30, 30, 2, 3), (25, 41, 7, 3), (12, 9, 1, 1), (40, 33, 5, 5)])
+def test_precision_recall_matches_brute_force(n_real, n_fake, d, k):
+    real, fake = _features(n_real, d, 0), _features(n_fake, d, 1, shift=0.7, scale=0.6)
+    got = precision_recall(real, fake, k=k)
+    assert got == pytest.approx(_brute_precision_recall(real, fake, k), abs=1e-12)
+
+
+def test_precision_recall_properties():
+    real = _features(100, 4, 0)
+    assert precision_recall(real, real) == (1.0, 1.0)
+    assert precision_recall(real, real + 100.0) == (0.0, 0.0)
+    collapsed = real[:5].repeat(20, axis=0) + 1e-6 * _features(100, 4, 1)  # few modes: precise, no recall
+    p, r = precision_recall(real, collapsed)
+    assert p == 1.0 and r < 0.3
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+def test_bad_inputs_say_what_to_do():
+    good = _features(30, 4, 0)
     with pytest.raises(ValueError, match="NaN"):
-        evaluate(torch.full((20, 3, 16, 16), float("nan")), rgb, ext)
-    with pytest.raises(ValueError, match="num_samples"):
-        evaluate(lambda z: z, rgb, ext)
-    with pytest.raises(ValueError, match="circular"):
-        classifier_extractor(net, "tiny3", (3, 16, 16), distillation_fingerprint=module_fingerprint(net))
+        fid(good, np.full((30, 4), np.nan))
+    with pytest.raises(ValueError, match="different widths"):
+        kid(good, _features(30, 5, 1))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        fid(good[:1], good)
+    with pytest.raises(ValueError, match="at least 10 samples"):
+        inception_score(good[:9, :3])
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
+        precision_recall(good.ravel(), good)
+    with pytest.raises(ValueError, match="at least 6 samples"):
+        precision_recall(good[:5], good[:5], k=5)
+    with pytest.raises(ValueError, match="k must be"):
+        metrics.knn_radii(good[:5], k=5)
 
 
-# --------------------------------------------------------------------------- extractor choice
+# --------------------------------------------------------------------------- images, end to end
 
 
-def test_without_inception_weights_nothing_is_downloaded(no_network, caplog):
-    assert find_inception_weights() is None
-    with pytest.raises(FileNotFoundError, match="Inception weights are not here"):
-        choose_extractor()
-    with pytest.raises(FileNotFoundError, match="not on this machine"):
-        choose_extractor(prefer="inception")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        choose_extractor(inception_weights=str(no_network.parent / "nope.pth"))
-    net = TinyClassifier()
-    with caplog.at_level("WARNING", logger="rcfd"):
-        ext = choose_extractor(classifier=net, arch="resnet18", image_shape=(1, 16, 16))
-    assert ext.label == f"classifier:resnet18:{module_fingerprint(net)[:12]}"
-    assert "not comparable" in caplog.text and str(no_network) in caplog.text
+class TinyClassifier(torch.nn.Module):
+    """float images in [-1, 1] -> (logits [B, 7], features [B, 24])."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 6, 3, padding=1)
+        self.head = torch.nn.Linear(24, 7)
+
+    def forward(self, x):
+        f = torch.nn.functional.adaptive_avg_pool2d(torch.tanh(self.conv(x)), 2).flatten(1)
+        return 4 * self.head(f), f
 
 
-def test_inception_weights_in_the_hub_cache_are_found_and_checked(no_network, tmp_path):
-    no_network.parent.mkdir(parents=True)
-    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3), "fc.weight": torch.zeros(1008, 2048)}, no_network)
-    assert find_inception_weights() == str(no_network)
-    ext = choose_extractor(classifier=TinyClassifier(), image_shape=(1, 16, 16))
-    assert ext.label == "inception-v3-compat" and ext.weights_path == str(no_network) and ext.channels == 3
-    assert choose_extractor(prefer="classifier", classifier=TinyClassifier(), image_shape=(1, 16, 16)).label.startswith(
-        "classifier:")
-    wrong = tmp_path / "wrong.pth"
-    torch.save({"fc.weight": torch.zeros(10, 3)}, wrong)
-    with pytest.raises(ValueError, match="not torch-fidelity's Inception weights"):
-        inception_extractor(str(wrong))
+class _TheirView(FeatureExtractorBase):
+    """The same classifier registered with torch-fidelity."""
+
+    net = None
+
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, features_list)
+
+    @classmethod
+    def get_provided_features_list(cls):
+        return ("24", "logits")
+
+    @classmethod
+    def get_default_feature_layer_for_metric(cls, metric):
+        return {"isc": "logits", "fid": "24", "kid": "24"}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    def forward(self, x):
+        logits, feats = type(self).net(to_float(x))
+        out = {"24": feats, "logits": logits}
+        return tuple(out[k] for k in self.features_list)
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, images):
+        self.images = images
 
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
+    def __len__(self):
+        return len(self.images)
 
-
-def test_malicious_inception_file_is_refused_unrun(no_network, tmp_path):
-    bad, marker = tmp_path / "evil.pth", tmp_path / "ran"
-    torch.save({"fc.weight": _Payload(str(marker))}, bad)  # a checkpoint that runs code when unpickled
-    with pytest.raises(ValueError, match="not a loadable weights file"):
-        inception_extractor(str(bad))
-    assert not marker.exists()
+    def __getitem__(self, i):
+        return self.images[i]
 
 
-@pytest.mark.slow
-def test_inception_path_end_to_end_on_grayscale(digits, no_network, tmp_path, monkeypatch):
-    """torch-fidelity's Inception with random weights (the real ones cannot be fetched
-    here): 1-channel digits are replicated to RGB and the number carries the right name."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    empty = tmp_path / "empty.pth"
-    torch.save({}, empty)
-    with monkeypatch.context() as m:
-        m.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
-        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
-    weights = tmp_path / INCEPTION_FILE
-    torch.save(net.state_dict(), weights)
-    reference, test = digits
-    ext = choose_extractor(inception_weights=str(weights))
-    r = evaluate(test.images[:10], ImageDataset(reference.images[:10], None, 0, "digits", "train"), ext,
-                 isc_splits=2, kid_subset_size=8, batch_size=10)
-    assert r["extractor"] == "inception-v3-compat" and np.isfinite(r["fid"]) and r["isc_mean"] >= 1
-
-
-@pytest.mark.cuda
-def test_evaluate_on_cuda_matches_cpu(digits):
-    reference, test = digits
-    ext = classifier_extractor(TinyClassifier(), "tiny", (1, 16, 16))
-    cpu = evaluate(test.images[:100], reference, ext, isc=False, kid=False)
-    gpu = evaluate(lambda z: to_float(test.images[: z.shape[0]]).to(z.device), reference, ext, num_samples=100,
-                   batch_size=100, isc=False, kid=False, device="cuda")
-    assert gpu["fid"] == pytest.approx(cpu["fid"], rel=1e-3, abs=1e-4)
+def test_our_numbers_equal_torch_fidelity_on_the_same_images():
+    train, test = load_dataset(DatasetSpec(), "train").images[:400], load_dataset(DatasetSpec(), "test").images
+    samples = test.flip(-1)[:250]  # mirrored digits: a real, moderate distance
+    net = TinyClassifier().eval()
+    _TheirView.net = net
+    if "rcfd-test-tiny" not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
+        torch_fidelity.register_feature_extractor("rcfd-test-tiny", _TheirView)
+    theirs = torch_fidelity.calculate_metrics(
+        input1=_Images(samples), input2=_Images(train), fid=True, kid=True, isc=True, cuda=False,
+        feature_extractor="rcfd-test-tiny", kid_subsets=10, kid_subset_size=200, rng_seed=3, verbose=False,
+        save_cpu_ram=True, cache=False)
+    ext = ClassifierExtractor(net, "tiny", (1, 16, 16))
+    ours_s, ours_t = ext(samples, batch_size=64), ext(train, batch_size=100)
+    assert fid(ours_s.features, ours_t.features) == pytest.approx(theirs[torch_fidelity.KEY_METRIC_FID], rel=1e-4)
+    k = kid(ours_s.features, ours_t.features, subsets=10, subset_size=200, seed=3)[0]
+    assert k == pytest.approx(theirs[torch_fidelity.KEY_METRIC_KID_MEAN], rel=1e-4, abs=1e-7)
+    isc = inception_score(ours_s.logits, seed=3)[0]
+    assert isc == pytest.approx(theirs[torch_fidelity.KEY_METRIC_ISC_MEAN], rel=1e-5)
