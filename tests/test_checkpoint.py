@@ -3,6 +3,7 @@
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from rcfd.checkpoint import (CheckpointError, StateDictMismatchError, UnsafeChec
                              load_checkpoint, load_classifier_state_dict,
                              load_diffusion_checkpoint, load_state_dict_strict, make_checkpoint,
                              save_checkpoint, save_diffusion_checkpoint)
+from rcfd.core.classifiers import ClassifierConfig, build as build_classifier
 from rcfd.core.unet import UNet, UNetConfig
 
 from test_unet import read_reference_keys, scramble, small_config
@@ -341,13 +343,347 @@ def test_classifier_checkpoints(tmp_path):
     torch.save({"model": net.state_dict(), "acc": 95.1}, tmp_path / "ref.pt")
     sd, cfg = load_classifier_state_dict(tmp_path / "ref.pt")
     assert cfg == {} and sd.keys() == net.state_dict().keys()
-    ours = make_checkpoint("classifier", {"arch": "resnet18"}, net.state_dict())
-    save_checkpoint(ours, tmp_path / "ours.pt")
+    config = ClassifierConfig(name="resnet18", width=4, in_channels=1)
+    real = build_classifier(config)
+    save_checkpoint(make_checkpoint("classifier", config.to_dict(), real.state_dict()),
+                    tmp_path / "ours.pt")
     sd, cfg = load_classifier_state_dict(tmp_path / "ours.pt")
-    assert cfg == {"arch": "resnet18"} and torch.equal(sd["0.weight"], net[0].weight)
+    assert cfg == config.to_dict() and torch.equal(sd["fc.weight"], real.fc.weight)
+    save_checkpoint(make_checkpoint("classifier", config.to_dict(), net.state_dict()),
+                    tmp_path / "other.pt")  # weights of another network: named, not loaded
+    with pytest.raises(StateDictMismatchError, match=r"other.pt.*missing: conv1.weight"):
+        load_classifier_state_dict(tmp_path / "other.pt")
     torch.save({"net_model": {}}, tmp_path / "wrong.pt")
     with pytest.raises(CheckpointError, match="neither"):
         load_classifier_state_dict(tmp_path / "wrong.pt")
     save_diffusion_checkpoint(tmp_path / "diff.pt", UNet(small_config()), T=16, time_scale=1)
     with pytest.raises(CheckpointError, match="'diffusion' model, not a 'classifier'"):
         load_classifier_state_dict(tmp_path / "diff.pt")
+
+
+# ------------------------------------------------------------- hostile files: sizes
+def _rss_growth_mib(fn):
+    """Peak resident memory added while ``fn`` runs (ru_maxrss: KiB on Linux)."""
+    resource = pytest.importorskip("resource")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+def test_a_huge_model_config_is_checked_before_it_is_built(tmp_path):
+    """1 KB of weights whose model_config asks for ch=4096 (~100 GB as a real UNet): the
+    mismatch is named from a meta-device copy, and no memory is spent on the model."""
+    cfg = small_config()
+    ckpt = make_checkpoint("diffusion", {**cfg.to_dict(), "ch": 4096, "ch_mult": [1, 2]},
+                           UNet(cfg).state_dict(), T=16, time_scale=1, prediction="x0")
+    torch.save(ckpt, tmp_path / "d.pt")
+
+    def load():
+        with pytest.raises(StateDictMismatchError, match=r"d.pt \(state_dict\).*shape mismatch"):
+            load_diffusion_checkpoint(tmp_path / "d.pt")
+
+    assert _rss_growth_mib(load) < 200
+
+
+def _broadcast_state_dict(model):
+    """Every tensor of ``model``'s state dict as a stride-0 view of one value: a few bytes
+    in a file, the full size once copied into a model."""
+    return {k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_broadcast_tensors_are_refused_before_the_model_is_built(tmp_path):
+    with torch.device("meta"):
+        big = UNet(UNetConfig(ch=1024, ch_mult=(1, 2, 2), num_res_blocks=2))  # ~1.2e9 parameters
+    torch.save({"net_model": _broadcast_state_dict(big), "T": 8, "time_scale": 2},
+               tmp_path / "r.pt")
+    assert (tmp_path / "r.pt").stat().st_size < 1 << 20
+
+    def load():
+        with pytest.raises(StateDictMismatchError, match=r"r.pt \(net_model\).*not stored in full"):
+            load_diffusion_checkpoint(tmp_path / "r.pt")
+
+    assert _rss_growth_mib(load) < 200
+
+
+def test_classifier_checkpoints_are_checked_on_the_meta_device(tmp_path):
+    config = ClassifierConfig(name="resnet18", width=4096)  # ~45e9 parameters
+    with torch.device("meta"):
+        big = build_classifier(config)
+    small = build_classifier(ClassifierConfig(name="resnet18", width=4))
+    save_checkpoint(make_checkpoint("classifier", config.to_dict(), small.state_dict()),
+                    tmp_path / "ours.pt")
+    torch.save({"model": _broadcast_state_dict(big)}, tmp_path / "ref.pt")
+
+    def load():
+        with pytest.raises(StateDictMismatchError, match=r"ours.pt.*shape mismatch"):
+            ck.load_classifier_checkpoint(tmp_path / "ours.pt")
+        with pytest.raises(StateDictMismatchError, match=r"ref.pt.*not stored in full"):
+            ck.load_classifier_checkpoint(tmp_path / "ref.pt", arch="resnet18")
+        with pytest.raises(CheckpointError, match=r"ref.pt: .*densenet121"):
+            ck.load_classifier_checkpoint(tmp_path / "ref.pt", arch="densenet121")
+
+    assert _rss_growth_mib(load) < 200
+
+
+def test_load_classifier_checkpoint_round_trips(tmp_path):
+    config = ClassifierConfig(name="resnet18", width=4)
+    net = scramble(build_classifier(config)).eval()
+    save_checkpoint(make_checkpoint("classifier", config.to_dict(), net.state_dict()), tmp_path / "o.pt")
+    torch.save({"model": {"module." + k: v for k, v in net.state_dict().items()}}, tmp_path / "r.pt")
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    ours = ck.load_classifier_checkpoint(tmp_path / "o.pt")
+    ref = ck.load_classifier_checkpoint(tmp_path / "r.pt", arch="resnet18")
+    with torch.no_grad():
+        assert torch.equal(ours(x)[0], net(x)[0]) and not ours.training
+        assert torch.equal(ref.fc.weight, net.fc.weight)  # normalisation differs: CIFAR-10's
+    with pytest.raises(CheckpointError, match=r"r.pt is a reference classifier.*architecture"):
+        ck.load_classifier_checkpoint(tmp_path / "r.pt")
+
+
+def test_check_state_dict_names_wrong_kinds_and_non_tensors():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    sd = dict(model.state_dict())
+    sd["0.weight"] = sd["0.weight"].double()  # another precision: converted, accepted
+    ck.check_state_dict(model, sd)
+    sd["0.bias"] = torch.zeros(3, dtype=torch.int64)
+    sd["1.num_batches_tracked"] = "seven"
+    with pytest.raises(StateDictMismatchError) as e:
+        ck.check_state_dict(model, sd, "net")
+    assert "0.bias: checkpoint torch.int64 vs model torch.float32" in str(e.value)
+    assert "1.num_batches_tracked: checkpoint holds 'seven', not a tensor" in str(e.value)
+
+
+def test_a_compressed_zip_that_expands_is_refused(tmp_path):
+    import zipfile
+
+    torch.save({"w": torch.zeros(2_000_000)}, tmp_path / "plain.pt")
+    with zipfile.ZipFile(tmp_path / "plain.pt") as z, \
+            zipfile.ZipFile(tmp_path / "deflated.pt", "w", zipfile.ZIP_DEFLATED) as out:
+        for info in z.infolist():
+            out.writestr(info.filename, z.read(info.filename))
+    with pytest.raises(CheckpointError, match=r"deflated.pt is a \d+-byte archive whose members expand"):
+        load_checkpoint(tmp_path / "deflated.pt")
+
+
+# ------------------------------------------------------------- hostile files: fields
+def _reference_file(path, **fields):
+    cfg = small_config(dropout=0.0)
+    torch.save({"net_model": UNet(cfg).state_dict(), "ema_model": UNet(cfg).state_dict(),
+                "T": 4, "time_scale": 4, **fields}, path)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("T", "eight"), ("T", 8.0), ("T", True), ("T", -8), ("T", 0), ("T", None), ("T", [8]),
+    ("time_scale", "4"), ("time_scale", 4.5), ("time_scale", False), ("time_scale", -1),
+])
+def test_reference_fields_are_validated(tmp_path, field, value):
+    _reference_file(tmp_path / "r.pt", **{field: value})
+    with pytest.raises(CheckpointError, match=rf"r.pt: field '{field}' must be a positive integer"):
+        load_diffusion_checkpoint(tmp_path / "r.pt", image_size=8)
+
+
+def test_reference_huge_T_is_outside_the_time_table(tmp_path):
+    _reference_file(tmp_path / "r.pt", T=10**30)
+    with pytest.raises(CheckpointError, match=r"r.pt: schedule index .* outside the time table"):
+        load_diffusion_checkpoint(tmp_path / "r.pt", image_size=8)
+    _reference_file(tmp_path / "r.pt", T=torch.tensor(4))  # an integer tensor is an integer
+    assert load_diffusion_checkpoint(tmp_path / "r.pt", image_size=8)[1].T == 4
+    torch.save({"net_model": {"head.weight": "weights"}, "T": 4, "time_scale": 4}, tmp_path / "r.pt")
+    with pytest.raises(CheckpointError, match=r"r.pt: field 'net_model' must map names to tensors"):
+        load_diffusion_checkpoint(tmp_path / "r.pt", image_size=8)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(version=True), "field 'version' must be a positive integer"),
+    (dict(version="1"), "field 'version'"),
+    (dict(model_config=["ch", 32]), "no 'model_config' dict"),
+    (dict(model_config={1: 2}), "no 'model_config' dict"),
+    (dict(prediction=5), "field 'prediction' must be one of"),
+    (dict(prediction=["x0"]), "field 'prediction'"),
+    (dict(T="16"), "field 'T' must be a positive integer"),
+    (dict(time_scale=1.0), "field 'time_scale'"),
+    (dict(state_dict={"head.weight": [1.0]}), "field 'state_dict' must map names to tensors"),
+    (dict(ema_state_dict={"head.weight": None}), "field 'ema_state_dict'"),
+    (dict(ema_state_dict=7), "no 'ema_state_dict' dict"),
+    (dict(extra=["step", 3]), "field 'extra' must be a dict"),
+    (dict(extra={"data": {"name": "digits", "size": 3}}), r"field extra\['data'\].*invalid.*size"),
+    (dict(extra={"data": "cifar10"}), r"field extra\['data'\]"),
+    (dict(kind=["diffusion"]), "not a 'diffusion' one"),
+])
+def test_every_field_of_our_format_is_validated(tmp_path, change, match):
+    cfg = small_config()
+    ckpt = make_checkpoint("diffusion", cfg.to_dict(), UNet(cfg).state_dict(), T=16,
+                           time_scale=1, prediction="x0", extra={"data": {"name": "digits"}})
+    torch.save({**ckpt, **change}, tmp_path / "d.pt")
+    with pytest.raises(CheckpointError, match=match) as e:
+        load_diffusion_checkpoint(tmp_path / "d.pt")
+    assert str(tmp_path / "d.pt") in str(e.value)
+
+
+def test_a_valid_data_record_loads(tmp_path):
+    cfg = small_config()
+    data = {"name": "folder", "path": "imgs", "image_size": 8}
+    save_diffusion_checkpoint(tmp_path / "d.pt", UNet(cfg), T=16, time_scale=1, extra={"data": data})
+    assert load_diffusion_checkpoint(tmp_path / "d.pt")[1].extra["data"] == data
+
+
+# ------------------------------------------------------------- refused files: no dangerous advice
+_TORCH_ADVICE = re.compile(r"weights_only\W{0,3}(=|set to)\W{0,3}False", re.IGNORECASE)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_no_refusal_repeats_torchs_advice_to_disable_safe_loading(tmp_path):
+    """Every load path, on malicious, garbage and foreign files (a file given as Inception
+    weights is one of these): the error names the file and never suggests
+    ``weights_only=False``."""
+    marker = tmp_path / "marker"
+    payload = {"w": torch.ones(2), "x": _Malicious(str(marker))}
+    files = {"zip.pt": None, "legacy.pt": None, "plain.pkl": pickle.dumps(payload),
+             "garbage.pt": bytes(random.Random(1).randrange(256) for _ in range(5000)),
+             "text.pth": b"not weights\n", "inception.pth": pickle.dumps({"a": {1, 2}}, 4),
+             "numpy.pt": pickle.dumps({"x": __import__("numpy").zeros(3)}, 2)}
+    for name, content in files.items():
+        if content is not None:
+            (tmp_path / name).write_bytes(content)
+    torch.save(payload, tmp_path / "zip.pt")
+    with open(tmp_path / "legacy.pt", "wb") as f:
+        torch.save(payload, f, _use_new_zipfile_serialization=False)
+    loaders = (load_checkpoint, load_diffusion_checkpoint, load_classifier_state_dict,
+               lambda p: ck.load_classifier_checkpoint(p, arch="resnet18"))
+    for name in files:
+        for load in loaders:
+            with pytest.raises(CheckpointError) as e:
+                load(tmp_path / name)
+            msg = str(e.value)
+            assert name in msg and not _TORCH_ADVICE.search(msg), msg
+            assert "weights_only" not in msg.replace("weights_only=True", ""), msg
+    assert not marker.exists()
+
+
+def test_torch_reason_keeps_the_cause_and_drops_the_advice():
+    e = pickle.UnpicklingError(
+        "Weights only load failed. This file can still be loaded, to do so you have two options, "
+        "\x1b[1mdo those steps only if you trust the source of the checkpoint\x1b[0m.\n\t(1) "
+        "Re-running `torch.load` with `weights_only` set to `False` will likely succeed.\n\t"
+        "WeightsUnpickler error: Unsupported operand 149. Please use torch.serialization...")
+    assert ck.torch_reason(e) == "UnpicklingError: Unsupported operand 149"
+    assert ck.torch_reason(RuntimeError("use weights_only=False")) == "RuntimeError"
+
+
+# ------------------------------------------------------------- writes the machine refuses
+def test_read_only_directory_is_an_oserror_naming_the_path(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("this user (root?) can write into a read-only directory")
+        with pytest.raises(OSError, match=str(ro / "c.pt")) as e:
+            save_checkpoint({"a": 1}, ro / "c.pt")
+        assert "Permission denied" in str(e.value) and os.listdir(ro) == []
+    finally:
+        os.chmod(ro, 0o755)
+
+
+def test_refused_temporary_file_is_an_oserror_naming_the_path(tmp_path, monkeypatch):
+    """The same, simulated (running as root makes a read-only directory writable)."""
+    import errno
+    import tempfile
+
+    def refuse(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / ".c.pt.x.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(OSError, match=rf"cannot write {tmp_path / 'c.pt'}: Permission denied") as e:
+        save_checkpoint({"a": 1}, tmp_path / "c.pt")
+    assert e.value.errno == errno.EACCES and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_full_disk_leaves_no_partial_or_temporary_file(tmp_path, monkeypatch, previous):
+    import errno
+
+    path = tmp_path / "c.pt"
+    if previous:
+        save_checkpoint({"w": torch.ones(10), "step": 1}, path)
+    real_fdopen = os.fdopen
+
+    class FullDisk:  # accepts 64 KiB, then ENOSPC, as a nearly full disk does
+        def __init__(self, f):
+            self.f, self.left = f, 1 << 16
+
+        def write(self, b):
+            if len(b) > self.left:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.left -= len(b)
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: FullDisk(real_fdopen(fd, *a, **k)))
+    with pytest.raises(OSError, match=rf"cannot write {path}: No space left on device") as e:
+        save_checkpoint({"w": torch.randn(100_000), "step": 2}, path)
+    monkeypatch.undo()
+    assert e.value.errno == errno.ENOSPC and _no_temp_files(tmp_path)
+    if previous:
+        assert load_checkpoint(path)["step"] == 1
+    else:
+        assert not path.exists()
+
+
+# ------------------------------------------------------------- stale temporary files
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temporary_files_of_the_same_checkpoint_are_removed(tmp_path):
+    old = time.time() - 3600
+    dead, alive = _dead_pid(), os.getpid()
+    names = {
+        f".c.pt.pid{dead}.abcd1234.tmp": False,  # a killed writer: removed
+        ".c.pt.x1y2z3_4.tmp": False,  # an older version's name, no pid: removed
+        f".c.pt.pid{alive}.abcd1234.tmp": True,  # a writer still running here: kept
+        f".c.pt.pid{dead}.later123.tmp": True,  # written after this save began: kept
+        f".d.pt.pid{dead}.abcd1234.tmp": True,  # another checkpoint's: kept
+        f".c.pt.5.pid{dead}.abcd1234.tmp": True,  # checkpoint "c.pt.5": kept
+        "c.pt.abcd1234.tmp": True, "notes.tmp": True,  # not our pattern: kept
+    }
+    for name in names:
+        (tmp_path / name).write_bytes(b"x" * 1000)
+        os.utime(tmp_path / name, (old, old))
+    future = time.time() + 3600
+    os.utime(tmp_path / f".c.pt.pid{dead}.later123.tmp", (future, future))
+    save_checkpoint({"a": 1}, tmp_path / "c.pt")
+    left = set(os.listdir(tmp_path))
+    assert left == {n for n, keep in names.items() if keep} | {"c.pt"}
+    assert ck.temp_file_pattern(tmp_path / "c.pt").fullmatch(f".c.pt.pid{alive}.abcd1234.tmp")
+
+
+@pytest.mark.slow
+def test_concurrent_writers_both_finish(tmp_path):
+    """Two processes saving the same path at once: neither deletes the other's temporary
+    file (its writer is alive), both saves succeed, the result is one of them."""
+    path = tmp_path / "c.pt"
+    writer = textwrap.dedent(f"""
+        import sys, torch
+        from rcfd.checkpoint import save_checkpoint
+        for i in range(15):
+            save_checkpoint({{"w": torch.full((300_000,), float(sys.argv[1])), "i": i}}, {str(path)!r})
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(k)], cwd=root,
+                              stderr=subprocess.PIPE) for k in (1, 2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()
+    back = load_checkpoint(path)
+    assert back["i"] == 14 and back["w"][0].item() in (1.0, 2.0) and _no_temp_files(tmp_path)
