@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from rcfd.checkpoint_io import (  # noqa: F401  (re-exported: the package imports them from here)
+from rcfd.checkpoint_io import (  # re-exported: the package imports them from here
     check_weights_only,
     load_checkpoint,
     remove_stale_temp_files,
@@ -43,7 +43,17 @@ from rcfd.checkpoint_io import (  # noqa: F401  (re-exported: the package import
 from rcfd.core.classifiers import ClassifierConfig, build as build_classifier, load_reference_classifier
 from rcfd.core.unet import UNet, UNetConfig
 from rcfd.data.images import DatasetSpec
-from rcfd.errors import CheckpointError, StateDictMismatchError, UnsafeCheckpointError  # noqa: F401
+from rcfd.errors import CheckpointError, StateDictMismatchError, UnsafeCheckpointError
+
+__all__ = [
+    "CheckpointError", "DiffusionInfo", "StateDictMismatchError", "UnsafeCheckpointError",
+    "build_checked", "check_rcfd_checkpoint", "check_state_dict", "check_weights_only",
+    "import_reference_diffusion", "is_rcfd_checkpoint", "load_checkpoint",
+    "load_classifier_checkpoint", "load_classifier_state_dict", "load_diffusion_checkpoint",
+    "load_state_dict_strict", "make_checkpoint", "remove_stale_temp_files", "save_checkpoint",
+    "save_diffusion_checkpoint", "strip_wrapper_prefixes", "temp_file_pattern", "torch_reason",
+    "unwrap_model",
+]
 
 FORMAT = "rcfd"
 VERSION = 1
