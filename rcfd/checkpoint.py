@@ -32,12 +32,11 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from rcfd.atomicio import remove_stale_temp_files, temp_file_pattern  # re-exported
 from rcfd.checkpoint_io import (  # re-exported: the package imports them from here
     check_weights_only,
     load_checkpoint,
-    remove_stale_temp_files,
     save_checkpoint,
-    temp_file_pattern,
     torch_reason,
 )
 from rcfd.core.classifiers import ClassifierConfig, build as build_classifier, load_reference_classifier

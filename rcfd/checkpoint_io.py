@@ -8,22 +8,8 @@ protection off. Before torch reads a zip-format file its members are checked: th
 (flipped bytes) and their sizes (torch allocates each member's declared size, so a small
 compressed or crafted archive could otherwise ask for gigabytes).
 
-**Saving.** A checkpoint is written to a temporary file in the same directory,
-``.<name>.pid<pid>.<random>.tmp``, flushed and fsynced, then ``os.replace``-d over the target
-and the directory fsynced: a crash or ``kill -9`` at any moment leaves the old file or the
-new one, never a torn one. A write the machine refuses (a read-only directory, a full disk)
-removes its temporary file, leaves any previous checkpoint untouched and raises
-:class:`~rcfd.errors.EnvironmentFailure` (an ``OSError``) naming the checkpoint.
-
-**Stale temporary files.** A killed writer leaves its temporary file behind. After each
-successful save of ``path``, the temporary files of that same name (``.<name>.pid<pid>.
-<random>.tmp``, and ``.<name>.<random>.tmp`` from older versions) are deleted when both
-(a) they were last modified before this save's own temporary file was created, so a writer
-that started later is never touched, and (b) the process that made them is not running on
-this machine (checked by pid; the older names carry none). A writer on another machine
-sharing the directory is judged by (a) alone: one stalled for longer than a whole save
-of this writer may lose its temporary file, and its save then fails with an error instead
-of replacing the newer checkpoint.
+**Saving** goes through :func:`rcfd.atomicio.atomic_write` (atomic, stale temporary
+files removed, refused writes raised as :class:`~rcfd.errors.EnvironmentFailure`).
 """
 
 from __future__ import annotations
@@ -33,7 +19,6 @@ import os
 import pickle
 import pickletools
 import re
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -41,11 +26,11 @@ from typing import Any, Mapping
 
 import torch
 
-from rcfd.errors import CheckpointError, EnvironmentFailure, UnsafeCheckpointError
+from rcfd.atomicio import atomic_write
+from rcfd.errors import CheckpointError, UnsafeCheckpointError
 
 _PLAIN_LEAVES = (torch.Tensor, str, int, float, bool, type(None))
 _ZIP_SLACK = 1 << 20  # bytes a zip's members may expand beyond twice the file's size
-_TEMP_RANDOM = r"[a-z0-9_]{8}"  # what tempfile.mkstemp puts between prefix and suffix
 
 
 # ----------------------------------------------------------------------------- save
@@ -69,122 +54,13 @@ def check_weights_only(obj: Any, where: str = "checkpoint") -> None:
 
 
 def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``obj`` with ``torch.save`` atomically (see the module docstring), then delete
-    stale temporary files of ``path``. Raises ``FileNotFoundError`` when the directory does
-    not exist, ``TypeError`` for a value a safe load would refuse (before touching any
-    file) and :class:`~rcfd.errors.EnvironmentFailure` when the machine refuses the write."""
-    path = Path(path)
-    directory = path.parent
-    if not directory.is_dir():
-        raise FileNotFoundError(f"cannot save checkpoint {path}: directory {directory} "
-                                "does not exist (create it first)")
+    """Write ``obj`` with ``torch.save`` through :func:`rcfd.atomicio.atomic_write` (atomic;
+    stale temporary files of ``path`` removed). Raises ``FileNotFoundError`` when the
+    directory does not exist, ``TypeError`` for a value a safe load would refuse (before
+    touching any file) and :class:`~rcfd.errors.EnvironmentFailure` when the machine refuses
+    the write."""
     check_weights_only(obj)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp",
-                                   dir=directory)
-    except OSError as e:
-        raise EnvironmentFailure(path, e) from e
-    try:
-        born = os.fstat(fd).st_mtime_ns
-        os.fchmod(fd, 0o666 & ~_umask())  # as an ordinary open() would create it
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        refused = _os_error(e)
-        if refused is not None:
-            raise EnvironmentFailure(path, refused) from e
-        raise
-    _fsync_directory(directory)
-    remove_stale_temp_files(path, older_than_ns=born)
-    return path
-
-
-def _os_error(e: BaseException) -> OSError | None:
-    """The ``OSError`` behind a failed write: ``e`` itself, or the one torch's zip writer
-    hides behind the ``RuntimeError`` it raises while closing a half-written archive (what
-    a full disk looks like from ``torch.save``)."""
-    if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: not the machine's doing
-        return None
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, EnvironmentFailure):
-            return None
-        if isinstance(e, OSError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def temp_file_pattern(path: str | os.PathLike) -> re.Pattern:
-    """The names of :func:`save_checkpoint`'s temporary files for ``path`` (group 1: the
-    writer's pid, ``None`` in the older ``.<name>.<random>.tmp`` form)."""
-    return re.compile(rf"\.{re.escape(Path(path).name)}\.(?:pid(\d+)\.)?{_TEMP_RANDOM}\.tmp")
-
-
-def remove_stale_temp_files(path: str | os.PathLike, older_than_ns: int) -> list[Path]:
-    """Delete the temporary files of ``path`` left by killed writers: modified before
-    ``older_than_ns`` (``st_mtime_ns``) and made by no process running here (module
-    docstring). Returns what was deleted; files that vanish or resist are left alone."""
-    path = Path(path)
-    pattern, removed = temp_file_pattern(path), []
-    try:
-        names = os.listdir(path.parent)
-    except OSError:
-        return removed
-    for name in names:
-        m = pattern.fullmatch(name)
-        if m is None or (m.group(1) is not None and _process_alive(int(m.group(1)))):
-            continue
-        candidate = path.parent / name
-        try:
-            if candidate.lstat().st_mtime_ns < older_than_ns:
-                candidate.unlink()
-                removed.append(candidate)
-        except OSError:
-            pass
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    if os.name != "posix":  # os.kill(pid, 0) would terminate it on Windows: assume alive
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True  # another user's process (or a pid we cannot ask about): keep its file
-    return True
-
-
-def _umask() -> int:
-    try:  # Linux: read it without the racy set-and-restore dance
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_directory(directory: Path) -> None:
-    if os.name != "posix":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return atomic_write(path, lambda f: torch.save(obj, f), create_parents=False)
 
 
 # ----------------------------------------------------------------------------- load

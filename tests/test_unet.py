@@ -254,8 +254,10 @@ def test_config_defaults_and_normalisation():
     (dict(ch=48), "multiple of 32"),
     (dict(attn=(4,)), "attn levels"),
     (dict(image_size=20), "divisible"),
-    (dict(ch_mult=()), "at least one"),
-    (dict(ch_mult=2), "list or tuple"),
+    (dict(ch_mult=()), "at least 1 item"),
+    (dict(ch_mult=2), "ch_mult"),
+    (dict(ch=65536), "ch"),  # sizes from a file are bounded before anything is allocated
+    (dict(ch=2048, ch_mult=(1, 8)), "at most 8192"),
     (dict(dropout=1.0), "dropout"),
     (dict(num_time_indices=0), "num_time_indices"),
     (dict(num_classes=0), "num_classes"),
@@ -267,7 +269,7 @@ def test_config_rejects_bad_values(bad, match):
 
 
 def test_config_from_dict_rejects_unknown_keys():
-    with pytest.raises(ValueError, match="unknown UNet config keys.*'channels'"):
+    with pytest.raises(ValueError, match="channels: unknown key.*valid keys there"):
         UNetConfig.from_dict({**UNetConfig().to_dict(), "channels": 3})
 
 

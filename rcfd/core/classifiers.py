@@ -18,118 +18,39 @@ are never downloaded here. The wrapper and its weight loading are in :mod:`rcfd.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # the reference classifiers' normalisation
-CIFAR10_STD = (0.2023, 0.1994, 0.2010)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from rcfd.core.classifier_base import (
+    _CIFAR,
+    _IMAGENET,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CLASSIFIER_NAMES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ClassifierBase,
+    ClassifierConfig,
+    _densenet_widths,
+    check_images,
+)
+from rcfd.core.imagenet import ImageNetClassifier
 
-# name -> (family, residual block, blocks per stage, default width)
-_CIFAR = {
-    "resnet18": ("resnet", "basic", (2, 2, 2, 2), 64),
-    "resnet34": ("resnet", "basic", (3, 4, 6, 3), 64),
-    "resnet50": ("resnet", "bottleneck", (3, 4, 6, 3), 64),
-    "densenet121": ("densenet", None, (6, 12, 24, 16), 32),
-    "densenet201": ("densenet", None, (6, 12, 48, 32), 32),
-    "densenet_small": ("densenet", None, (2, 4, 6, 4), 12),
-}
-_IMAGENET = {"imagenet_resnet50": 2048, "imagenet_densenet201": 1920}  # name -> feature width
-CLASSIFIER_NAMES = tuple(_CIFAR) + tuple(_IMAGENET)
-
-
-def _positive_int(key: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{key} must be a positive integer, got {v!r}")
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "CLASSIFIER_NAMES", "IMAGENET_MEAN", "IMAGENET_STD",
+           "ClassifierConfig", "CifarDenseNet", "CifarResNet", "FrozenClassifier", "build",
+           "build_classifier", "frozen", "load_reference_classifier"]
 
 
-@dataclass(frozen=True)
-class ClassifierConfig:
-    """Everything that builds a classifier. ``None`` fields resolve on construction:
-    ``num_classes`` to 10 (1000 for ``imagenet_*``), ``width`` to the architecture default,
-    ``mean``/``std`` to CIFAR-10's for 3 channels (ImageNet's for ``imagenet_*``) and to
-    ``0.5``/``0.5`` (identity on ``[-1, 1]``) otherwise. ``input_size``, ``weights`` (a local
-    torchvision weight file; ``None`` = torchvision's cache) and ``pretrained`` (``False`` =
-    random init) apply to ``imagenet_*`` only."""
-
-    name: str = "resnet18"
-    num_classes: int | None = None
-    in_channels: int = 3
-    width: int | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    input_size: int = 224
-    weights: str | None = None
-    pretrained: bool = True
-
-    def __post_init__(self):
-        if self.name not in CLASSIFIER_NAMES:
-            raise ValueError(f"name must be one of {CLASSIFIER_NAMES}, got {self.name!r}")
-        imagenet = self.name in _IMAGENET
-        set_ = functools.partial(object.__setattr__, self)  # resolve defaults (frozen)
-        if self.num_classes is None:
-            set_("num_classes", 1000 if imagenet else 10)
-        if self.width is None and not imagenet:
-            set_("width", _CIFAR[self.name][3])
-        for key in ("num_classes", "in_channels", "input_size") + (() if imagenet else ("width",)):
-            _positive_int(key, getattr(self, key))
-        if imagenet and (self.num_classes != 1000 or self.in_channels not in (1, 3) or self.width):
-            raise ValueError(f"{self.name} takes 1- or 3-channel images, predicts 1000 classes and "
-                             f"has a fixed width; got num_classes={self.num_classes}, "
-                             f"in_channels={self.in_channels}, width={self.width}")
-        c = 3 if imagenet else self.in_channels
-        defaults = ((IMAGENET_MEAN, IMAGENET_STD) if imagenet else
-                    (CIFAR10_MEAN, CIFAR10_STD) if c == 3 else ((0.5,) * c, (0.5,) * c))
-        for key, default in zip(("mean", "std"), defaults):
-            v = getattr(self, key)
-            if v is not None:
-                v = tuple(float(e) for e in ((v,) if isinstance(v, (int, float)) else v))
-            v = default if v is None else v
-            if len(v) not in (1, c):
-                entries = "1 entry" if c == 1 else f"1 or {c} entries"
-                raise ValueError(f"{key} must have {entries} for {self.name} with "
-                                 f"in_channels={self.in_channels}, got {v}")
-            set_(key, v)
-        if min(self.std) <= 0:
-            raise ValueError(f"std must be positive, got {self.std}")
-
-    @property
-    def feature_dim(self) -> int:
-        """Width of ``features`` (512 for ResNet18, 1920 for DenseNet201 at reference width)."""
-        if self.name in _IMAGENET:
-            return _IMAGENET[self.name]
-        family, block, stages, _ = _CIFAR[self.name]
-        if family == "resnet":
-            return 8 * self.width * (4 if block == "bottleneck" else 1)
-        return _densenet_widths(stages, self.width)[-1]
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ClassifierConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown ClassifierConfig keys {sorted(unknown)}")
-        return cls(**d)
-
-    def build(self) -> nn.Module:
-        """A freshly initialised classifier (``imagenet_*``: with the ImageNet weights)."""
-        if self.name in _IMAGENET:
-            from rcfd.core.imagenet import ImageNetClassifier  # it builds on this module
-
-            return ImageNetClassifier(self)
-        return CifarResNet(self) if _CIFAR[self.name][0] == "resnet" else CifarDenseNet(self)
+def build(config: ClassifierConfig) -> nn.Module:
+    """A freshly initialised classifier of ``config`` (``imagenet_*``: with the ImageNet
+    weights)."""
+    if config.name in _IMAGENET:
+        return ImageNetClassifier(config)
+    return CifarResNet(config) if _CIFAR[config.name][0] == "resnet" else CifarDenseNet(config)
 
 
 def build_classifier(name: str, num_classes: int | None = None, in_channels: int = 3,
@@ -140,45 +61,8 @@ def build_classifier(name: str, num_classes: int | None = None, in_channels: int
     ``normalization = (mean, std)`` in ``[0, 1]`` pixel units; ``imagenet`` keywords are
     ``input_size``, ``weights``, ``pretrained`` (see :class:`ClassifierConfig`)."""
     mean, std = normalization if normalization is not None else (None, None)
-    return ClassifierConfig(name=name, num_classes=num_classes, in_channels=in_channels,
-                            width=width, mean=mean, std=std, **imagenet).build()
-
-
-def _check_images(x: torch.Tensor, in_channels: int) -> None:
-    if x.dim() != 4 or x.shape[1] != in_channels:
-        raise ValueError(f"x must be images [B, {in_channels}, H, W] in [-1, 1], "
-                         f"got shape {tuple(x.shape)}")
-
-
-class _Classifier(nn.Module):
-    """Shared input normalisation: ``((x + 1) / 2 - mean) / std`` per channel."""
-
-    def _setup(self, config: ClassifierConfig, feature_dim: int, norm_channels: int) -> None:
-        self.config = config
-        self.num_classes = config.num_classes
-        self.in_channels = config.in_channels
-        self.feature_dim = feature_dim
-        shape = (1, norm_channels, 1, 1)
-        # float64 (cast to the input's dtype on use), so a .double() model normalises exactly.
-        mean = torch.tensor(config.mean, dtype=torch.float64).reshape(1, -1, 1, 1).expand(shape)
-        std = torch.tensor(config.std, dtype=torch.float64).reshape(1, -1, 1, 1).expand(shape)
-        # Not persistent: reference state dicts carry no normalisation; ours keep it in config.
-        self.register_buffer("input_mean", mean.clone(), persistent=False)
-        self.register_buffer("input_std", std.clone(), persistent=False)
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Map ``[-1, 1]`` images to the network's normalised input."""
-        return ((x + 1) * 0.5 - self.input_mean.to(x.dtype)) / self.input_std.to(x.dtype)
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+    return build(ClassifierConfig(name=name, num_classes=num_classes, in_channels=in_channels,
+                            width=width, mean=mean, std=std, **imagenet))
 
 
 # ---------------------------------------------------------------- CIFAR ResNet
@@ -224,7 +108,7 @@ class Bottleneck(nn.Module):
         return F.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
-class CifarResNet(_Classifier):
+class CifarResNet(ClassifierBase):
     """ResNet with a 3x3 stride-1 stem and no max-pool; stages of ``width * (1, 2, 4, 8)``
     channels, the last three at stride 2. ``features`` = global average of the last stage."""
 
@@ -246,7 +130,7 @@ class CifarResNet(_Classifier):
         self._init_weights()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_images(x, self.in_channels)
+        check_images(x, self.in_channels)
         h = F.relu(self.bn1(self.conv1(self.normalize(x))))
         h = self.layer4(self.layer3(self.layer2(self.layer1(h))))
         features = h.mean(dim=(2, 3))
@@ -254,17 +138,6 @@ class CifarResNet(_Classifier):
 
 
 # -------------------------------------------------------------- CIFAR DenseNet
-
-
-def _densenet_widths(stages: Sequence[int], growth: int) -> list[int]:
-    """Channels entering each dense block, then the final width (compression 0.5)."""
-    widths, c = [], 2 * growth
-    for i, n in enumerate(stages):
-        widths.append(c)
-        c += n * growth
-        if i < len(stages) - 1:
-            c //= 2
-    return widths + [c]
 
 
 class _DenseLayer(nn.Module):
@@ -300,7 +173,7 @@ class _Transition(nn.Module):
         return F.avg_pool2d(self.conv(F.relu(self.norm(x))), 2)
 
 
-class CifarDenseNet(_Classifier):
+class CifarDenseNet(ClassifierBase):
     """DenseNet-BC (bottleneck 4, compression 0.5) with a 3x3 stride-1 stem of
     ``2 * growth`` channels and no max-pool; ``features`` = global average of
     ``relu(final_norm(.))``."""
@@ -322,7 +195,7 @@ class CifarDenseNet(_Classifier):
         self._init_weights()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_images(x, self.in_channels)
+        check_images(x, self.in_channels)
         h = self.features(self.normalize(x))
         for i in range(1, self._num_stages):
             h = getattr(self, f"trans{i}")(getattr(self, f"block{i}")(h))
@@ -356,7 +229,7 @@ def load_reference_classifier(checkpoint: Mapping[str, Any], name: str,
     config = ClassifierConfig(name=name, num_classes=sd["fc.weight"].shape[0],
                               in_channels=sd[stem].shape[1], width=sd[width_key].shape[0],
                               mean=mean, std=std)
-    model = config.build()
+    model = build(config)
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:

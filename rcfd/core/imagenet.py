@@ -2,7 +2,7 @@
 :mod:`rcfd.core.classifiers`: torchvision's networks behind the same ``(logits, features)``
 interface. Inputs are resized bilinearly to ``input_size`` (224); weights come from a local
 file or torchvision's cache and are never downloaded here. Built through
-:func:`rcfd.core.classifiers.build_classifier` / :meth:`rcfd.core.classifiers.ClassifierConfig.build`.
+:func:`rcfd.core.classifiers.build`.
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ from typing import Mapping
 
 import torch
 import torch.nn.functional as F
+import torchvision
+from torchvision.models import DenseNet201_Weights, ResNet50_Weights
 
-from rcfd.core.classifiers import _IMAGENET, ClassifierConfig, _check_images, _Classifier
+from rcfd.checkpoint_io import load_checkpoint
+from rcfd.core.classifier_base import _IMAGENET, ClassifierBase, ClassifierConfig, check_images
 
 
 def _imagenet_state_dict(arch: str, weights: str | None) -> dict[str, torch.Tensor]:
     """Load torchvision's ImageNet weights from ``weights`` or from torchvision's cache
     (``torch.hub.get_dir()/checkpoints``); never downloads."""
-    from torchvision.models import DenseNet201_Weights, ResNet50_Weights
-
     url = {"resnet50": ResNet50_Weights.IMAGENET1K_V1,
            "densenet201": DenseNet201_Weights.IMAGENET1K_V1}[arch].url
     path = weights or os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
@@ -30,7 +31,7 @@ def _imagenet_state_dict(arch: str, weights: str | None) -> dict[str, torch.Tens
             f"ImageNet weights for {arch} not found at {path!r}; weights are never downloaded at "
             f"run time. Fetch {url} to that path (or pass weights=<local file>), or use "
             f"pretrained=False for a randomly initialised network.")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = load_checkpoint(path)
     if isinstance(sd.get("model"), Mapping):
         sd = sd["model"]
     # torchvision's DenseNet files use the legacy names "denselayerN.norm.1" -> "norm1".
@@ -38,15 +39,13 @@ def _imagenet_state_dict(arch: str, weights: str | None) -> dict[str, torch.Tens
     return {legacy.sub(r"\1\2.", k): v for k, v in sd.items()}
 
 
-class ImageNetClassifier(_Classifier):
+class ImageNetClassifier(ClassifierBase):
     """torchvision ResNet50 / DenseNet201 with ImageNet weights. ``[-1, 1]`` images (1-channel
     ones repeated to RGB) are resized bilinearly to ``input_size`` and normalised with the
     ImageNet mean/std; returns (logits over 1000 classes, pooled 2048 / 1920 features)."""
 
     def __init__(self, config: ClassifierConfig):
         super().__init__()
-        import torchvision
-
         arch = config.name.removeprefix("imagenet_")
         self._setup(config, _IMAGENET[config.name], 3)
         self.input_size = config.input_size
@@ -56,7 +55,7 @@ class ImageNetClassifier(_Classifier):
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, h, w]`` in ``[-1, 1]`` -> normalised ``[B, 3, input_size, input_size]``."""
-        _check_images(x, self.in_channels)
+        check_images(x, self.in_channels)
         x = x.expand(-1, 3, -1, -1)
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",

@@ -3,7 +3,10 @@
 A sampler is described by ``(T, time_scale)``: its step ``t`` in ``0..T`` is schedule index
 ``t * time_scale``. Every distillation round halves ``T`` and doubles ``time_scale``, so all
 samplers of one lineage index the same table of ``T * time_scale + 1`` entries.
-Everything here is a pure function of integers and returns float64 tensors on the CPU.
+The tables are float64 tensors on the CPU; :meth:`Schedule.on` gives them on a device in the
+arithmetic dtype of the images (cached, so a training step gathers from resident tables and
+copies nothing from the host). :func:`schedule_at`, :func:`per_sample` and :func:`diffuse` are
+the one copy of the per-sample coefficient helpers every loss and sampler uses.
 """
 
 from __future__ import annotations
@@ -27,6 +30,27 @@ class Schedule(NamedTuple):
     @property
     def num_indices(self) -> int:
         return self.alpha.shape[0]
+
+    def on(self, device: torch.device | str, dtype: torch.dtype = torch.float32):
+        """``(alpha, sigma)`` as ``dtype`` tensors on ``device``, made once per (table,
+        device, dtype) and then reused: converting the float64 table to ``dtype`` first and
+        gathering afterwards gives the same values as gathering first."""
+        return _on_device(self.alpha, self.sigma, torch.device(device), dtype)
+
+
+_DEVICE_TABLES: dict = {}
+_MAX_CACHED = 64
+
+
+def _on_device(alpha: torch.Tensor, sigma: torch.Tensor, device: torch.device, dtype: torch.dtype):
+    key = (id(alpha), id(sigma), device, dtype)
+    hit = _DEVICE_TABLES.get(key)
+    if hit is None or hit[0] is not alpha or hit[1] is not sigma:  # ids reused after a free
+        hit = (alpha, sigma, alpha.to(dtype).to(device), sigma.to(dtype).to(device))
+        if len(_DEVICE_TABLES) >= _MAX_CACHED:  # small tables; keep the newest few
+            del _DEVICE_TABLES[next(iter(_DEVICE_TABLES))]
+        _DEVICE_TABLES[key] = hit
+    return hit[2], hit[3]
 
 
 def check_sampler(T: int, time_scale: int) -> None:
@@ -71,3 +95,52 @@ def step_indices(T: int, num_steps: int) -> list[int]:
         )
     stride = T // num_steps
     return list(range(T, -1, -stride))
+
+
+# --------------------------------------------------------------------------- per-sample helpers
+
+
+def coef_dtype(x: torch.Tensor) -> torch.dtype:
+    """Arithmetic dtype of the schedule coefficients for images ``x``: float64 for float64
+    images, fp32 otherwise (also under bf16 autocast)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def per_sample(c, x: torch.Tensor):
+    """A scalar as it is, or a ``[B]`` tensor viewed as ``[B, 1, ..., 1]`` against ``x``."""
+    if isinstance(c, torch.Tensor) and c.dim() == 1:
+        return c.reshape(-1, *([1] * (x.dim() - 1)))
+    return c
+
+
+def schedule_at(schedule: Schedule, index: torch.Tensor, like: torch.Tensor):
+    """``(alpha[index], sigma[index])`` as ``[B]`` tensors on ``like``'s device, in
+    :func:`coef_dtype` of ``like`` (METHOD.md, "Cosine schedule"); ``index`` is an int64
+    ``[B]`` tensor of schedule indices. CPU indices are range-checked (a device index is not:
+    reading it would synchronise)."""
+    if index.dtype != torch.int64:
+        raise TypeError(f"schedule index must be an int64 tensor, got {index.dtype}")
+    n = schedule.num_indices
+    if index.device.type == "cpu" and index.numel() and (index.min() < 0 or index.max() >= n):
+        raise ValueError(f"schedule index out of range 0..{n - 1}: {index.tolist()}")
+    alpha, sigma = schedule.on(like.device, coef_dtype(like))
+    index = index.to(like.device)
+    return alpha[index], sigma[index]
+
+
+def diffuse(x0: torch.Tensor, eps: torch.Tensor, index: torch.Tensor, schedule: Schedule):
+    """``z_t = alpha_t x0 + sigma_t eps`` at schedule index ``index`` (METHOD.md, "Base
+    training"), in ``x0``'s dtype; returns ``(z_t, alpha_t, sigma_t)``."""
+    alpha_t, sigma_t = schedule_at(schedule, index, x0)
+    z_t = (per_sample(alpha_t, x0) * x0 + per_sample(sigma_t, x0) * eps).to(x0.dtype)
+    return z_t, alpha_t, sigma_t
+
+
+def check_sampler_fits(schedule: Schedule, T: int, time_scale: int) -> None:
+    """Raise unless a ``(T, time_scale)`` sampler's indices lie inside ``schedule``."""
+    if T * time_scale >= schedule.num_indices:
+        raise ValueError(
+            f"a (T={T}, time_scale={time_scale}) sampler needs schedule indices up to "
+            f"{T * time_scale} but the schedule has {schedule.num_indices} entries; build it "
+            f"with cosine_schedule(T, time_scale) of the base model"
+        )

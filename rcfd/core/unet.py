@@ -14,82 +14,71 @@ time"), embedded by a gather from a fixed sinusoidal table of ``num_time_indices
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
+from rcfd.config import Decay, NonNegInt, PosInt, Section
+
 NORM_GROUPS = 32  # GroupNorm groups of the reference network
+MAX_WIDTH = 8192  # channels of one level (ch * ch_mult)
+MAX_IMAGE_SIZE = 4096
+MAX_TIME_INDICES = 1 << 20
 
 
-@dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(Section):
     """Architecture of a :class:`UNet`. ``attn`` lists the resolution *levels* (indices into
     ``ch_mult``; level ``i`` works at ``image_size / 2**i``) whose residual blocks carry
     self-attention. ``num_time_indices`` is the number of rows of the time table: a model
     of a ``(T, time_scale)`` lineage needs ``T * time_scale + 1``. ``out_channels`` defaults
-    to ``in_channels``."""
+    to ``in_channels``. Sizes are bounded (:data:`MAX_WIDTH` channels, :data:`MAX_IMAGE_SIZE`
+    pixels, :data:`MAX_TIME_INDICES` rows) so that a config read from a file cannot ask for
+    an absurd allocation."""
 
-    image_size: int = 32
-    in_channels: int = 3
-    ch: int = 128
-    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
-    attn: tuple[int, ...] = (1,)
-    num_res_blocks: int = 2
-    dropout: float = 0.1
-    num_time_indices: int = 1025
-    num_classes: int | None = None
-    out_channels: int | None = None
+    image_size: Annotated[PosInt, Field(le=MAX_IMAGE_SIZE)] = 32
+    in_channels: Annotated[PosInt, Field(le=64)] = 3
+    ch: Annotated[PosInt, Field(le=MAX_WIDTH)] = 128
+    ch_mult: Annotated[tuple[Annotated[PosInt, Field(le=64)], ...], Field(min_length=1, max_length=8)] = (1, 2, 2, 2)
+    attn: tuple[NonNegInt, ...] = (1,)
+    num_res_blocks: Annotated[PosInt, Field(le=16)] = 2
+    dropout: Decay = 0.1
+    num_time_indices: Annotated[PosInt, Field(le=MAX_TIME_INDICES)] = 1025
+    num_classes: Annotated[PosInt, Field(le=100_000)] | None = None
+    out_channels: Annotated[PosInt, Field(le=64)] | None = None
 
-    def __post_init__(self) -> None:
-        set_ = object.__setattr__  # frozen: normalise in place once
-        for name in ("ch_mult", "attn"):
-            if not isinstance(getattr(self, name), (list, tuple)):
-                raise ValueError(f"{name} must be a list or tuple of ints, got "
-                                 f"{getattr(self, name)!r}")
-        set_(self, "ch_mult", tuple(self.ch_mult))
-        set_(self, "attn", tuple(self.attn))
-        if self.out_channels is None:
-            set_(self, "out_channels", self.in_channels)
-        for name in ("image_size", "in_channels", "ch", "num_res_blocks", "num_time_indices",
-                     "out_channels"):
-            _check_positive_int(name, getattr(self, name))
-        if self.num_classes is not None:
-            _check_positive_int("num_classes", self.num_classes)
-        if not self.ch_mult:
-            raise ValueError("ch_mult must list at least one channel multiplier, e.g. (1, 2, 2)")
+    @model_validator(mode="after")
+    def _check(self) -> "UNetConfig":
+        if self.out_channels is None:  # frozen: resolve the default once
+            object.__setattr__(self, "out_channels", self.in_channels)
         for m in self.ch_mult:
-            _check_positive_int("ch_mult entries", m)
-            if (self.ch * m) % NORM_GROUPS:
+            if (self.ch * m) % NORM_GROUPS or self.ch * m > MAX_WIDTH:
                 raise ValueError(
                     f"ch * ch_mult = {self.ch} * {m} must be a multiple of {NORM_GROUPS} "
-                    f"(GroupNorm groups); use ch = 32, 64, 128, ..."
+                    f"(GroupNorm groups) and at most {MAX_WIDTH}; use ch = 32, 64, 128, ..."
                 )
         levels = len(self.ch_mult)
-        for a in self.attn:
-            if isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < levels:
-                raise ValueError(
-                    f"attn levels must be indices into ch_mult (0..{levels - 1}), got {self.attn}"
-                )
-        set_(self, "attn", tuple(sorted(set(self.attn))))
+        if any(a >= levels for a in self.attn):
+            raise ValueError(
+                f"attn levels must be indices into ch_mult (0..{levels - 1}), got {self.attn}"
+            )
+        object.__setattr__(self, "attn", tuple(sorted(set(self.attn))))
         if self.image_size % 2 ** (levels - 1):
             raise ValueError(
                 f"image_size={self.image_size} must be divisible by 2**(len(ch_mult) - 1) = "
                 f"{2 ** (levels - 1)} (one halving per level after the first)"
             )
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
+        return self
 
     @classmethod
     def cifar10(cls, **overrides: Any) -> "UNetConfig":
         """The reference CIFAR-10 network: 35,877,507 parameters (time table included),
         ``T = 1024`` base model (a time table of 1025 rows)."""
-        return dataclasses.replace(cls(), **overrides)
+        return cls(**overrides)
 
     @classmethod
     def digits(cls, **overrides: Any) -> "UNetConfig":
@@ -97,25 +86,7 @@ class UNetConfig:
         levels at 16, 8 and 4 pixels, attention at 8x8."""
         base = cls(image_size=16, in_channels=1, ch=32, ch_mult=(1, 2, 2), attn=(1,),
                    num_res_blocks=1, dropout=0.1, num_time_indices=1025)
-        return dataclasses.replace(base, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON- and ``weights_only``-safe dict (tuples become lists)."""
-        d = dataclasses.asdict(self)
-        d["ch_mult"], d["attn"] = list(self.ch_mult), list(self.attn)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "UNetConfig":
-        """Inverse of :meth:`to_dict`; missing fields take their defaults, unknown ones are
-        an error (they would otherwise be silently dropped)."""
-        if not isinstance(d, Mapping):
-            raise TypeError(f"a UNet config must be a dict, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown UNet config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+        return base.replace(**overrides)
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, Any], *, image_size: int = 32,
@@ -155,11 +126,6 @@ class UNetConfig:
                    attn=tuple(attn), num_res_blocks=counts.pop(), dropout=dropout,
                    num_time_indices=num_time_indices, num_classes=num_classes,
                    out_channels=out_channels)
-
-
-def _check_positive_int(name: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
 def sinusoidal_table(num_indices: int, dim: int) -> torch.Tensor:

@@ -22,6 +22,8 @@ from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import AutoAugment, AutoAugmentPolicy, InterpolationMode
+from torchvision.transforms.autoaugment import _apply_op
 
 Decision = list[tuple[str, float]]  # the ops one image receives, in order
 
@@ -91,8 +93,6 @@ def random_cutout(x: torch.Tensor, size: int | tuple[int, int],
 def _cifar10_policy(height: int, width: int):
     """torchvision's CIFAR-10 sub-policies ``((op, p, magnitude_bin), (op, p, magnitude_bin))``
     and magnitude table ``op -> (bins, signed)`` for an ``height x width`` image."""
-    from torchvision.transforms import AutoAugment, AutoAugmentPolicy
-
     aa = AutoAugment(AutoAugmentPolicy.CIFAR10)
     space = aa._augmentation_space(10, (height, width))
     space = {k: (bins.tolist() if bins.dim() else 0.0, signed)
@@ -137,9 +137,6 @@ def from_uint8(u: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Ten
 def apply_autoaugment(u: torch.Tensor, decisions: list[Decision], fill: int = 0) -> torch.Tensor:
     """Apply per-image op lists to a ``uint8`` batch, one torchvision call per distinct
     ``(op, magnitude)`` at each position (geometric ops: nearest, ``fill`` outside)."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms.autoaugment import _apply_op
-
     if u.dtype != torch.uint8 or u.dim() != 4 or len(decisions) != u.shape[0]:
         raise ValueError(f"u must be a uint8 batch [B, C, H, W] with one decision per image; got "
                          f"{u.dtype} {tuple(u.shape)} and {len(decisions)} decisions")

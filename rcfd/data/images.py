@@ -10,14 +10,17 @@ the two are exact inverses on the 256 levels.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import os
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from rcfd.config import NonNegInt, PosInt, Section
 
 DATASET_NAMES = ("digits", "cifar10", "folder")
 DEFAULT_IMAGE_SIZE = {"digits": 16, "cifar10": 32}
@@ -77,48 +80,34 @@ def set_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- spec and dataset
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
+class DatasetSpec(Section):
     """Which images to train on. ``image_size`` and ``channels`` default to the dataset's own
     (digits: 16 px, 1 channel; cifar10: 32 px, 3 channels); a folder needs ``image_size``.
     ``path``: the CIFAR-10 copy (``cifar-10-batches-py`` folder, a folder holding it, or
-    ``cifar-10-python.tar.gz``) or the image folder. ``split_seed``: digits' fixed split."""
+    ``cifar-10-python.tar.gz``) or the image folder (``~`` is expanded). ``split_seed``:
+    digits' fixed train/test split."""
 
-    name: str = "digits"
+    name: Literal[DATASET_NAMES] = "digits"
     path: str | None = None
-    image_size: int | None = None
-    channels: int | None = None
-    split_seed: int = 0
+    image_size: Annotated[PosInt, Field(le=4096)] | None = None
+    channels: Literal[1, 3] | None = None
+    split_seed: NonNegInt = 0
 
-    def __post_init__(self):
-        if self.name not in DATASET_NAMES:
-            raise ValueError(f"DatasetSpec.name must be one of {DATASET_NAMES}, got {self.name!r}")
+    @model_validator(mode="after")
+    def _resolve(self) -> "DatasetSpec":
         if self.name == "digits" and self.path is not None:
-            raise ValueError("DatasetSpec.path: the digits dataset is embedded; leave path unset")
+            raise ValueError("path: the digits dataset is embedded; leave path unset")
         if self.name != "digits" and not self.path:
-            raise ValueError(f"DatasetSpec.path is required for {self.name!r}: point it at the local copy")
+            raise ValueError(f"path is required for {self.name!r}: point it at the local copy")
         size = DEFAULT_IMAGE_SIZE.get(self.name) if self.image_size is None else self.image_size
         if size is None:
-            raise ValueError("DatasetSpec.image_size is required for a folder dataset (e.g. 32 or 64)")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"DatasetSpec.image_size must be a positive integer, got {size!r}")
-        channels = DEFAULT_CHANNELS[self.name] if self.channels is None else self.channels
-        if channels not in (1, 3):
-            raise ValueError(f"DatasetSpec.channels must be 1 or 3, got {channels!r}")
-        object.__setattr__(self, "image_size", size)
-        object.__setattr__(self, "channels", channels)
+            raise ValueError("image_size is required for a folder dataset (e.g. 32 or 64)")
+        set_ = object.__setattr__  # frozen: resolve the defaults once
+        set_(self, "image_size", size)
+        set_(self, "channels", DEFAULT_CHANNELS[self.name] if self.channels is None else self.channels)
         if self.path is not None:  # "~/data/cifar" works from a config file or --set too
-            object.__setattr__(self, "path", os.path.expanduser(os.fspath(self.path)))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DatasetSpec":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"DatasetSpec: unknown keys {sorted(unknown)}")
-        return cls(**d)
+            set_(self, "path", os.path.expanduser(os.fspath(self.path)))
+        return self
 
 
 @dataclass(frozen=True, eq=False)
