@@ -1,31 +1,45 @@
-"""Training losses of METHOD.md: denoising ("both" / "x" / "eps"), the progressive
-distillation target, and the RCFD terms (feature KL, entropy, diversity).
+"""Training losses of METHOD.md, one copy each, used by the trainers and the tests alike.
 
-Every loss is a function of the networks and the batch, never a method of a sampler.
-Networks are any callables ``model(z_t, t_index) -> x0_hat`` (or ``eps_hat`` with
-``prediction="eps"``), ``t_index`` an int64 ``[B]`` tensor of schedule indices
-``t * time_scale``. Schedule tables are the float64 CPU tensors of :mod:`rcfd.core.schedule`;
-coefficients are gathered per sample as ``[B]`` tensors (fp32, or float64 for float64
-images).
+The objectives are small callable objects in the style of EDM's ``training/loss.py``: built
+once from what does not change during training (the teacher, the schedule, the classifier,
+the weights), then called as ``loss(student, x0, t, noise)`` with the time steps ``t`` and
+the noise drawn explicitly (:meth:`DenoisingLoss.draw` etc. draw them from a generator; a
+distributed trainer draws them for the global batch and passes each rank its rows).
+
+* :class:`DenoisingLoss`: base training ("both" / "x" / "eps" losses);
+* :class:`PDLoss`: progressive distillation against the two-step teacher target;
+* :class:`RCFDLoss`: classifier-based feature distillation with the dataset-oriented terms.
+
+The pure pieces they are made of are functions in the paper's notation: :func:`predict`,
+:func:`denoising_loss`, :func:`pd_target`, :func:`entropy_loss`, :func:`diversity_loss`,
+:func:`rcfd_terms`. Networks are any callables ``model(z_t, t_index) -> x0_hat`` (or
+``eps_hat`` with ``prediction="eps"``), ``t_index`` an int64 ``[B]`` tensor of schedule
+indices ``t * time_scale``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, NamedTuple, Union
+from typing import Callable, Literal, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
+from pydantic import model_validator
 
 from rcfd import ops
-from rcfd.core.schedule import Schedule
+from rcfd.config import Fraction, NonNegFloat, PosFloat, Section
+from rcfd.core.schedule import (
+    Schedule,
+    check_sampler_fits,
+    coef_dtype,
+    diffuse,
+    per_sample,
+    schedule_at,
+)
 
 Coef = Union[float, torch.Tensor]
 PREDICTIONS = ("x0", "eps")
 LOSS_KINDS = ("both", "x", "eps")
-
-# --------------------------------------------------------------------------- helpers
 
 
 def check_choice(name: str, value: str, choices: tuple) -> None:
@@ -34,50 +48,11 @@ def check_choice(name: str, value: str, choices: tuple) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def _bcast(c: Coef, x: torch.Tensor) -> Coef:
-    """A scalar, or a ``[B]`` tensor viewed as ``[B, 1, ..., 1]`` against ``x``."""
-    if isinstance(c, torch.Tensor) and c.dim() == 1:
-        return c.reshape(-1, *([1] * (x.dim() - 1)))
-    return c
+class LossOutput(NamedTuple):
+    """A loss (0-dim, with grad) and the terms to log (detached 0-dim tensors)."""
 
-
-def coef_dtype(x: torch.Tensor) -> torch.dtype:
-    """Arithmetic dtype of the schedule coefficients for images ``x``: float64 for float64
-    images, fp32 otherwise (also under bf16 autocast)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def schedule_at(schedule: Schedule, index: torch.Tensor, like: torch.Tensor):
-    """``(alpha[index], sigma[index])`` as ``[B]`` tensors on ``like``'s device (METHOD.md,
-    "Cosine schedule"); ``index`` is an int64 ``[B]`` tensor of schedule indices."""
-    if index.dtype != torch.int64:
-        raise TypeError(f"schedule index must be an int64 tensor, got {index.dtype}")
-    n = schedule.num_indices
-    if index.device.type == "cpu" and index.numel() and (index.min() < 0 or index.max() >= n):
-        raise ValueError(f"schedule index out of range 0..{n - 1}: {index.tolist()}")
-    dtype = coef_dtype(like)
-    alpha = schedule.alpha.to(device=like.device, dtype=dtype)
-    sigma = schedule.sigma.to(device=like.device, dtype=dtype)
-    index = index.to(like.device)
-    return alpha[index], sigma[index]
-
-
-def _check_sampler_fits(schedule: Schedule, T: int, time_scale: int) -> None:
-    if T * time_scale >= schedule.num_indices:
-        raise ValueError(
-            f"a (T={T}, time_scale={time_scale}) sampler needs schedule indices up to "
-            f"{T * time_scale} but the schedule has {schedule.num_indices} entries; build it "
-            f"with cosine_schedule(T, time_scale) of the base model"
-        )
-
-
-def _draw(generator: torch.Generator | None, like: torch.Tensor, low: int, high: int):
-    """``(t ~ U{low..high}, eps ~ N(0, I))`` drawn in that order from ``generator`` (on its
-    device, then moved to ``like``'s), or from the global RNG on ``like``'s device."""
-    device = generator.device if generator is not None else like.device
-    t = torch.randint(low, high + 1, (like.shape[0],), generator=generator, device=device)
-    eps = torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype)
-    return t.to(like.device), eps.to(like.device)
+    loss: torch.Tensor
+    terms: dict
 
 
 # --------------------------------------------------------------------------- predictions
@@ -86,13 +61,13 @@ def _draw(generator: torch.Generator | None, like: torch.Tensor, low: int, high:
 def eps_from_x0(z_t: torch.Tensor, x0: torch.Tensor, alpha_t: Coef, sigma_t: Coef) -> torch.Tensor:
     """``eps_hat = (z_t - alpha_t * x0_hat) / sigma_t`` (METHOD.md, "The network predicts
     x0"); coefficients are scalars or ``[B]`` tensors."""
-    return (z_t - _bcast(alpha_t, z_t) * x0) / _bcast(sigma_t, z_t)
+    return (z_t - per_sample(alpha_t, z_t) * x0) / per_sample(sigma_t, z_t)
 
 
 def x0_from_eps(z_t: torch.Tensor, eps: torch.Tensor, alpha_t: Coef, sigma_t: Coef) -> torch.Tensor:
     """``x0_hat = (z_t - sigma_t * eps_hat) / alpha_t`` (METHOD.md, the eps-predicting
     variant); coefficients are scalars or ``[B]`` tensors."""
-    return (z_t - _bcast(sigma_t, z_t) * eps) / _bcast(alpha_t, z_t)
+    return (z_t - per_sample(sigma_t, z_t) * eps) / per_sample(alpha_t, z_t)
 
 
 def predict(model: Callable, z_t: torch.Tensor, t_index: torch.Tensor, alpha_t: Coef,
@@ -100,7 +75,6 @@ def predict(model: Callable, z_t: torch.Tensor, t_index: torch.Tensor, alpha_t: 
     """``(x0_hat, eps_hat)`` from one network call ``model(z_t, t_index)``, whose output is
     ``x0_hat`` (``prediction="x0"``) or ``eps_hat`` (``"eps"``); the other one follows from
     ``z_t = alpha_t * x0 + sigma_t * eps``."""
-    check_choice("prediction", prediction, PREDICTIONS)
     out = model(z_t, t_index)
     if out.shape != z_t.shape:
         raise ValueError(
@@ -110,6 +84,22 @@ def predict(model: Callable, z_t: torch.Tensor, t_index: torch.Tensor, alpha_t: 
     if prediction == "x0":
         return out, eps_from_x0(z_t, out, alpha_t, sigma_t)
     return x0_from_eps(z_t, out, alpha_t, sigma_t), out
+
+
+def draw_noise(generator: torch.Generator | None, like: torch.Tensor, low: int, high: int,
+               global_batch: int | None = None, rows: slice | None = None):
+    """``(t ~ U{low..high}, eps ~ N(0, I))``, drawn in that order for ``global_batch``
+    samples (default: ``like``'s batch) from ``generator`` on its device (or the global RNG
+    on ``like``'s device), then this process's ``rows`` of them, on ``like``'s device. A
+    distributed trainer draws the global batch on every rank and keeps its share, so N
+    processes see the noise of one."""
+    device = generator.device if generator is not None else like.device
+    b = like.shape[0] if global_batch is None else global_batch
+    t = torch.randint(low, high + 1, (b,), generator=generator, device=device)
+    eps = torch.randn((b, *like.shape[1:]), generator=generator, device=device, dtype=like.dtype)
+    if rows is not None:
+        t, eps = t[rows], eps[rows]
+    return t.to(like.device), eps.to(like.device)
 
 
 # --------------------------------------------------------------------------- denoising
@@ -137,19 +127,29 @@ def denoising_loss(x0_hat: torch.Tensor, eps_hat: torch.Tensor, x0: torch.Tensor
     return per.mean() if reduction == "mean" else per
 
 
-def base_loss(model: Callable, x0: torch.Tensor, schedule: Schedule, T: int, time_scale: int,
-              kind: str = "both", prediction: str = "x0",
-              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Base training loss (METHOD.md, "Base training"): ``t ~ U{0..T}``, ``eps ~ N(0, I)``
-    (drawn in that order from ``generator`` when given), ``z_t = alpha_t x0 + sigma_t eps``
-    at schedule index ``t * time_scale``, then :func:`denoising_loss` of ``kind``."""
-    _check_sampler_fits(schedule, T, time_scale)
-    t, eps = _draw(generator, x0, 0, T)
-    index = t * time_scale
-    alpha_t, sigma_t = schedule_at(schedule, index, x0)
-    z_t = (_bcast(alpha_t, x0) * x0 + _bcast(sigma_t, x0) * eps).to(x0.dtype)
-    x0_hat, eps_hat = predict(model, z_t, index, alpha_t, sigma_t, prediction)
-    return denoising_loss(x0_hat, eps_hat, x0, eps, kind)
+class DenoisingLoss:
+    """Base training loss (METHOD.md, "Base training") of a ``(T, time_scale)`` model:
+    ``z_t = alpha_t x0 + sigma_t eps`` at schedule index ``t * time_scale``, then
+    :func:`denoising_loss` of ``kind`` between the model's ``(x0_hat, eps_hat)`` and
+    ``(x0, eps)``. :meth:`draw` gives ``t ~ U{0..T}`` and ``eps ~ N(0, I)``."""
+
+    def __init__(self, schedule: Schedule, T: int, time_scale: int = 1, kind: str = "both",
+                 prediction: str = "x0"):
+        check_choice("kind", kind, LOSS_KINDS)
+        check_choice("prediction", prediction, PREDICTIONS)
+        check_sampler_fits(schedule, T, time_scale)
+        self.schedule, self.T, self.time_scale = schedule, T, time_scale
+        self.kind, self.prediction = kind, prediction
+
+    def draw(self, generator, x0, global_batch=None, rows=None):
+        return draw_noise(generator, x0, 0, self.T, global_batch, rows)
+
+    def __call__(self, model: Callable, x0: torch.Tensor, t: torch.Tensor,
+                 noise: torch.Tensor) -> LossOutput:
+        index = t * self.time_scale
+        z_t, alpha_t, sigma_t = diffuse(x0, noise, index, self.schedule)
+        x0_hat, eps_hat = predict(model, z_t, index, alpha_t, sigma_t, self.prediction)
+        return LossOutput(denoising_loss(x0_hat, eps_hat, x0, noise, self.kind), {})
 
 
 # --------------------------------------------------------------------------- distillation
@@ -181,44 +181,61 @@ def pd_target(teacher: Callable, z_t: torch.Tensor, t: torch.Tensor, schedule: S
     x_hat, _ = predict(teacher, z_1, i1, a1, s1, prediction)
     z_2 = ops.ddim_update(z_1, x_hat.to(z_t.dtype), a2, s2, a1, s1, clip=False)
     r = s2 / s0
-    x_target = (z_2 - _bcast(r, z_t) * z_t) / _bcast(a2 - r * a0, z_t)
+    x_target = (z_2 - per_sample(r, z_t) * z_t) / per_sample(a2 - r * a0, z_t)
     return x_target, eps_from_x0(z_t, x_target, a0, s0)
 
 
 class PDOutput(NamedTuple):
-    """What :func:`pd_loss` computed: the loss and the tensors a caller may reuse."""
+    """What :class:`PDLoss` computed: the loss and the tensors a caller may reuse."""
 
-    loss: torch.Tensor        # 0-dim, "both"-style loss vs the target (with grad)
+    loss: torch.Tensor        # 0-dim, the denoising loss vs the target (with grad)
     x0_hat: torch.Tensor      # student prediction, unclipped (with grad)
     eps_hat: torch.Tensor
     x_target: torch.Tensor    # teacher target (no grad)
     eps_target: torch.Tensor
     z_t: torch.Tensor
-    t: torch.Tensor           # teacher steps [B]; the schedule index is t * teacher_ts
+    t: torch.Tensor           # teacher steps [B]; the schedule index is t * teacher_time_scale
+
+    @property
+    def terms(self) -> dict:
+        return {}
 
 
-def pd_loss(student: Callable, teacher: Callable, x0: torch.Tensor, schedule: Schedule,
-            teacher_T: int, teacher_ts: int, kind: str = "both", prediction: str = "x0",
-            generator: torch.Generator | None = None) -> PDOutput:
-    """Progressive-distillation loss (METHOD.md): ``t = 2 * U{1..T/2}`` teacher steps,
-    ``eps ~ N(0, I)`` (drawn in that order), ``z_t = alpha_t x0 + sigma_t eps``; the student
-    ``(T/2, 2 ts)`` predicts at the same schedule index ``t * ts``; :func:`denoising_loss`
-    of ``kind`` against :func:`pd_target`."""
-    if teacher_T < 2 or teacher_T % 2:
-        raise ValueError(f"teacher_T must be even and >= 2 to halve it, got {teacher_T}")
-    _check_sampler_fits(schedule, teacher_T, teacher_ts)
-    half, eps = _draw(generator, x0, 1, teacher_T // 2)
-    t = 2 * half
-    index = t * teacher_ts
-    alpha_t, sigma_t = schedule_at(schedule, index, x0)
-    z_t = (_bcast(alpha_t, x0) * x0 + _bcast(sigma_t, x0) * eps).to(x0.dtype)
-    x_target, eps_target = pd_target(teacher, z_t, t, schedule, teacher_ts, prediction)
-    x0_hat, eps_hat = predict(student, z_t, index, alpha_t, sigma_t, prediction)
-    loss = denoising_loss(x0_hat, eps_hat, x_target, eps_target, kind)
-    return PDOutput(loss, x0_hat, eps_hat, x_target, eps_target, z_t, t)
+class PDLoss:
+    """Progressive-distillation loss (METHOD.md) for a teacher ``(T, time_scale)`` and its
+    student ``(T/2, 2 time_scale)``: ``z_t = alpha_t x0 + sigma_t eps`` at the teacher step
+    ``t`` (schedule index ``t * time_scale``, where the student predicts too), the
+    :func:`pd_target` of two unclipped teacher DDIM steps, and :func:`denoising_loss` of
+    ``kind`` between the student and the target. :meth:`draw` gives ``t = 2 * U{1..T/2}``
+    and ``eps ~ N(0, I)``."""
+
+    def __init__(self, teacher: Callable, schedule: Schedule, teacher_T: int,
+                 teacher_time_scale: int, kind: str = "both", prediction: str = "x0"):
+        if teacher_T < 2 or teacher_T % 2:
+            raise ValueError(f"teacher_T must be even and >= 2 to halve it, got {teacher_T}")
+        check_choice("kind", kind, LOSS_KINDS)
+        check_choice("prediction", prediction, PREDICTIONS)
+        check_sampler_fits(schedule, teacher_T, teacher_time_scale)
+        self.teacher, self.schedule = teacher, schedule
+        self.T, self.time_scale, self.kind, self.prediction = (teacher_T, teacher_time_scale,
+                                                               kind, prediction)
+
+    def draw(self, generator, x0, global_batch=None, rows=None):
+        half, eps = draw_noise(generator, x0, 1, self.T // 2, global_batch, rows)
+        return 2 * half, eps
+
+    def __call__(self, student: Callable, x0: torch.Tensor, t: torch.Tensor,
+                 noise: torch.Tensor) -> PDOutput:
+        index = t * self.time_scale
+        z_t, alpha_t, sigma_t = diffuse(x0, noise, index, self.schedule)
+        x_target, eps_target = pd_target(self.teacher, z_t, t, self.schedule, self.time_scale,
+                                         self.prediction)
+        x0_hat, eps_hat = predict(student, z_t, index, alpha_t, sigma_t, self.prediction)
+        loss = denoising_loss(x0_hat, eps_hat, x_target, eps_target, self.kind)
+        return PDOutput(loss, x0_hat, eps_hat, x_target, eps_target, z_t, t)
 
 
-# --------------------------------------------------------------------------- RCFD terms
+# --------------------------------------------------------------------------- RCFD
 
 
 def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -238,35 +255,30 @@ def diversity_loss(logits: torch.Tensor) -> torch.Tensor:
     return (log_pbar.exp() * log_pbar).sum()
 
 
-@dataclass(frozen=True)
-class RCFDLossConfig:
+class RCFDLossConfig(Section):
     """Weights and ablation switches of the RCFD loss
     ``L = L_CFD + alpha * (beta * L_ent + (1 - beta) * L_div)`` (METHOD.md).
 
     ``kl_on="logits"`` is the paper's "prediction KL" ablation; ``dual_temperature``
-    divides the student by ``tau`` too (default: the teacher only)."""
+    divides the student by ``tau`` too (default: the teacher only); ``alpha = 0`` is CFD
+    alone."""
 
-    tau: float = 0.95
-    alpha: float = 0.003
-    beta: float = 0.75
+    tau: PosFloat = 0.95
+    alpha: NonNegFloat = 0.003
+    beta: Fraction = 0.75
     use_cfd: bool = True
     use_ent: bool = True
     use_div: bool = True
-    kl_on: str = "features"
+    kl_on: Literal["features", "logits"] = "features"
     dual_temperature: bool = False
 
-    def __post_init__(self):
-        if not self.tau > 0:
-            raise ValueError(f"RCFDLossConfig.tau must be > 0, got {self.tau}")
-        if not self.alpha >= 0:
-            raise ValueError(f"RCFDLossConfig.alpha must be >= 0, got {self.alpha}")
-        if not 0 <= self.beta <= 1:
-            raise ValueError(f"RCFDLossConfig.beta must be in [0, 1], got {self.beta}")
-        check_choice("RCFDLossConfig.kl_on", self.kl_on, ("features", "logits"))
+    @model_validator(mode="after")
+    def _some_term(self) -> "RCFDLossConfig":
         regularised = self.alpha > 0 and (self.use_ent or self.use_div)
         if not (self.use_cfd or regularised):
-            raise ValueError("RCFDLossConfig switches off every term: enable use_cfd, or "
+            raise ValueError("the switches turn off every term: enable use_cfd, or "
                              "use_ent/use_div with alpha > 0")
+        return self
 
 
 def check_frozen(classifier: Callable) -> None:
@@ -280,19 +292,19 @@ def check_frozen(classifier: Callable) -> None:
                          "call classifier.requires_grad_(False)")
 
 
-def rcfd_loss(classifier: Callable, x0_hat: torch.Tensor, x_target: torch.Tensor,
+def rcfd_terms(classifier: Callable, x0_hat: torch.Tensor, x_target: torch.Tensor,
               config: RCFDLossConfig = RCFDLossConfig()) -> tuple[torch.Tensor, dict]:
     """RCFD loss (METHOD.md, "Classifier-based feature distillation" and "Dataset-oriented
     losses"): ``L = L_CFD + alpha * (beta * L_ent + (1 - beta) * L_div)``.
 
-    ``classifier(images) -> (logits, features)`` is frozen (:func:`check_frozen`); it sees
+    ``classifier(images) -> (logits, features)`` must be frozen (:func:`check_frozen`; the
+    caller checks, once); it sees
     ``x_target`` without grad and the UNCLIPPED student ``x0_hat`` with grad, so the
     gradient flows through it into the student. ``L_CFD = KL(softmax(f_T / tau) ||
     softmax(f_S / tau_S))`` over features (or logits), ``tau_S = tau`` with dual temperature
     and 1 otherwise. Returns ``(total, terms)``; ``terms`` holds every term as a detached
     0-dim tensor (``cfd``, ``ent``, ``div``, ``reg`` = the bracket, ``total``), including
     the ones switched off, which are computed for logging but left out of the total."""
-    check_frozen(classifier)
     logits_s, feats_s = classifier(x0_hat)
     with torch.no_grad():
         logits_t, feats_t = classifier(x_target.detach())
@@ -314,16 +326,22 @@ def rcfd_loss(classifier: Callable, x0_hat: torch.Tensor, x_target: torch.Tensor
     return total, {k: v.detach() for k, v in terms.items()}
 
 
-def rcfd_distillation_loss(student: Callable, teacher: Callable, classifier: Callable,
-                           x0: torch.Tensor, schedule: Schedule, teacher_T: int,
-                           teacher_ts: int, config: RCFDLossConfig = RCFDLossConfig(),
-                           prediction: str = "x0",
-                           generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-    """One RCFD distillation loss for a batch: the PD target of :func:`pd_loss`, then
-    :func:`rcfd_loss` on ``(x0_hat, x_target)``. The PD "both" loss is logged as
-    ``terms["pd"]`` but is not part of the total."""
-    pd = pd_loss(student, teacher, x0, schedule, teacher_T, teacher_ts, "both", prediction,
-                 generator)
-    total, terms = rcfd_loss(classifier, pd.x0_hat, pd.x_target, config)
-    terms["pd"] = pd.loss.detach()
-    return total, terms
+class RCFDLoss:
+    """RCFD loss (METHOD.md) of one batch: the :class:`PDLoss` target and student
+    prediction, then :func:`rcfd_terms` on the unclipped ``x0_hat`` and ``x_target``. The
+    PD loss is logged as ``terms["pd"]`` but is not part of the total."""
+
+    def __init__(self, pd: PDLoss, classifier: Callable, config: RCFDLossConfig = RCFDLossConfig()):
+        check_frozen(classifier)
+        self.pd, self.classifier, self.config = pd, classifier, config
+
+    def draw(self, generator, x0, global_batch=None, rows=None):
+        return self.pd.draw(generator, x0, global_batch, rows)
+
+    def __call__(self, student: Callable, x0: torch.Tensor, t: torch.Tensor,
+                 noise: torch.Tensor) -> LossOutput:
+        pd = self.pd(student, x0, t, noise)
+        total, terms = rcfd_terms(self.classifier, pd.x0_hat, pd.x_target, self.config)
+        terms.pop("total")
+        terms["pd"] = pd.loss.detach()
+        return LossOutput(total, terms)

@@ -3,15 +3,14 @@ progressive-distillation algebra, and the RCFD ablation switches."""
 
 import copy
 import math
-from dataclasses import replace
 
 import pytest
 import torch
 from standins import GaussianDenoiser, TinyNet
 
 from rcfd import losses
-from rcfd.losses import RCFDLossConfig
-from rcfd.core.schedule import cosine_schedule
+from rcfd.core.schedule import cosine_schedule, schedule_at
+from rcfd.losses import DenoisingLoss, PDLoss, RCFDLoss, RCFDLossConfig
 
 F64 = torch.float64
 
@@ -83,13 +82,13 @@ def test_predict_x0_and_eps_models_agree():
     mu = torch.randn(1, 2, 3, 5, dtype=F64)
     z = torch.randn(4, 2, 3, 5, dtype=F64)
     idx = torch.tensor([0, 3, 9, 16])
-    a, s = losses.schedule_at(sched, idx, z)
+    a, s = schedule_at(sched, idx, z)
     x_a, e_a = losses.predict(GaussianDenoiser(sched, mu, 0.3), z, idx, a, s, "x0")
     x_b, e_b = losses.predict(GaussianDenoiser(sched, mu, 0.3, "eps"), z, idx, a, s, "eps")
     torch.testing.assert_close(x_a, x_b)
     torch.testing.assert_close(e_a, e_b)
     with pytest.raises(ValueError, match="prediction"):
-        losses.predict(lambda z, t: z, z, idx, a, s, "v")
+        DenoisingLoss(sched, 8, 1, prediction="v")
 
 
 # --------------------------------------------------------------------------- denoising
@@ -120,8 +119,8 @@ def test_base_loss_matches_manual_draw(prediction):
     sched = cosine_schedule(T, ts)
     x0 = torch.rand(5, 1, 3, 7, dtype=F64) * 2 - 1
     model = GaussianDenoiser(sched, torch.zeros(1, 1, 3, 7, dtype=F64), 0.4, prediction)
-    got = losses.base_loss(model, x0, sched, T, ts, "both", prediction,
-                           generator=torch.Generator().manual_seed(3))
+    loss = DenoisingLoss(sched, T, ts, "both", prediction)
+    got = loss(model, x0, *loss.draw(torch.Generator().manual_seed(3), x0)).loss
     g = torch.Generator().manual_seed(3)
     t = torch.randint(0, T + 1, (5,), generator=g)
     eps = torch.randn(x0.shape, generator=g, dtype=F64)
@@ -136,13 +135,14 @@ def test_base_loss_matches_manual_draw(prediction):
 def test_base_loss_is_zero_for_the_exact_denoiser_of_a_point():
     sched = cosine_schedule(16, 1)
     c = torch.rand(1, 2, 3, 3, dtype=F64) * 2 - 1
-    loss = losses.base_loss(GaussianDenoiser(sched, c), c.expand(6, -1, -1, -1), sched, 16, 1)
+    objective, x0 = DenoisingLoss(sched, 16, 1), c.expand(6, -1, -1, -1)
+    loss = objective(GaussianDenoiser(sched, c), x0, *objective.draw(None, x0)).loss
     assert loss.abs() < 1e-20
 
 
 def test_base_loss_checks_the_schedule_size():
     with pytest.raises(ValueError, match="schedule"):
-        losses.base_loss(lambda z, t: z, torch.zeros(2, 1, 2, 2), cosine_schedule(4, 1), 8, 1)
+        DenoisingLoss(cosine_schedule(4, 1), 8, 1)
 
 
 # --------------------------------------------------------------------------- PD target
@@ -169,7 +169,7 @@ def test_student_predicting_the_target_takes_the_teachers_two_steps_in_one(predi
     sched = cosine_schedule(T, ts)
     teacher = GaussianDenoiser(sched, torch.randn(1, 3, 5, 3, dtype=F64) * 0.3, 0.5, prediction)
     t = torch.tensor([2, 4, 10, 16, 6, 2, 12])
-    a, s = losses.schedule_at(sched, t * ts, t.double())
+    a, s = schedule_at(sched, t * ts, t.double())
     z = torch.randn(7, 3, 5, 3, dtype=F64)
     x_target, eps_target = losses.pd_target(teacher, z, t, sched, ts, prediction)
     torch.testing.assert_close(a.view(-1, 1, 1, 1) * x_target + s.view(-1, 1, 1, 1) * eps_target, z)
@@ -184,7 +184,7 @@ def test_pd_target_of_a_point_is_the_point_and_its_noise():
     sched = cosine_schedule(8, 2)
     c = torch.rand(1, 1, 4, 4, dtype=F64) * 2 - 1
     t = torch.tensor([2, 4, 6, 8])
-    a, s = losses.schedule_at(sched, t * 2, c)
+    a, s = schedule_at(sched, t * 2, c)
     eps = torch.randn(4, 1, 4, 4, dtype=F64)
     z = a.view(-1, 1, 1, 1) * c + s.view(-1, 1, 1, 1) * eps
     x_target, eps_target = losses.pd_target(GaussianDenoiser(sched, c), z, t, sched, 2)
@@ -200,7 +200,8 @@ def test_pd_loss_outputs_and_gradients():
     torch.nn.init.normal_(student.out.weight, std=0.1)
     x0 = torch.rand(6, 1, 5, 7) * 2 - 1
     g = torch.Generator().manual_seed(1)
-    out = losses.pd_loss(student, teacher, x0, sched, T, ts, generator=g)
+    objective = PDLoss(teacher, sched, T, ts)
+    out = objective(student, x0, *objective.draw(g, x0))
     assert out.loss.dim() == 0 and out.x0_hat.shape == x0.shape
     assert bool(((out.t % 2 == 0) & (out.t >= 2) & (out.t <= T)).all())
     assert not out.x_target.requires_grad and out.x0_hat.requires_grad
@@ -210,7 +211,7 @@ def test_pd_loss_outputs_and_gradients():
     assert all(p.grad is None for p in teacher.parameters())
     assert student.out.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="even"):
-        losses.pd_loss(student, teacher, x0, sched, 7, ts)
+        PDLoss(teacher, sched, 7, ts)
 
 
 # --------------------------------------------------------------------------- RCFD terms
@@ -290,9 +291,9 @@ CHANGES = {"default": set(), "use_cfd": set(), "use_ent": set(), "use_div": set(
 def test_rcfd_loss_matches_float64_and_each_switch_changes_its_term(switch):
     clf, x0_hat, x_target = rcfd_case()
     base_cfg = RCFDLossConfig(tau=0.9, alpha=0.5, beta=0.7)  # large alpha: every term counts
-    cfg = replace(base_cfg, **SWITCHES[switch])
-    total, terms = losses.rcfd_loss(clf, x0_hat, x_target, cfg)
-    _, base_terms = losses.rcfd_loss(clf, x0_hat, x_target, base_cfg)
+    cfg = base_cfg.replace(**SWITCHES[switch])
+    total, terms = losses.rcfd_terms(clf, x0_hat, x_target, cfg)
+    _, base_terms = losses.rcfd_terms(clf, x0_hat, x_target, base_cfg)
     want = ref_terms(clf, x0_hat.detach(), x_target, cfg)
     for name in ("cfd", "ent", "div", "total"):
         torch.testing.assert_close(terms[name].double(), want[name], rtol=1e-5, atol=1e-6)
@@ -314,9 +315,9 @@ def test_rcfd_distillation_gradients_reach_only_the_student():
     student = copy.deepcopy(teacher)
     clf = frozen(TinyClassifier(35))
     x0 = torch.rand(5, 1, 5, 7) * 2 - 1
-    total, terms = losses.rcfd_distillation_loss(student, teacher, clf, x0, sched, T, ts,
-                                                 generator=torch.Generator().manual_seed(0))
-    assert set(terms) >= {"cfd", "ent", "div", "reg", "total", "pd"}
+    objective = RCFDLoss(PDLoss(teacher, sched, T, ts), clf)
+    total, terms = objective(student, x0, *objective.draw(torch.Generator().manual_seed(0), x0))
+    assert set(terms) >= {"cfd", "ent", "div", "reg", "pd"}
     total.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is None for p in clf.parameters())
@@ -326,9 +327,9 @@ def test_rcfd_distillation_gradients_reach_only_the_student():
 def test_rcfd_loss_refuses_an_unfrozen_classifier():
     clf, x0_hat, x_target = rcfd_case()
     with pytest.raises(ValueError, match="requires_grad_"):
-        losses.rcfd_loss(clf.requires_grad_(True), x0_hat, x_target)
+        RCFDLoss(PDLoss(TinyNet(), cosine_schedule(8, 1), 8, 1), clf.requires_grad_(True))
     with pytest.raises(ValueError, match="eval"):
-        losses.rcfd_loss(frozen(clf).train(), x0_hat, x_target)
+        RCFDLoss(PDLoss(TinyNet(), cosine_schedule(8, 1), 8, 1), frozen(clf).train())
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -352,10 +353,11 @@ def test_base_and_pd_losses_decrease_on_a_tiny_model():
     sched = cosine_schedule(T, 1)
     x0 = (torch.rand(8, 1, 5, 5) > 0.5).float() * 2 - 1
     model = TinyNet(width=8)
-    first, last = run_steps(lambda g: losses.base_loss(model, x0, sched, T, 1, generator=g), model)
+    base = DenoisingLoss(sched, T, 1)
+    first, last = run_steps(lambda g: base(model, x0, *base.draw(g, x0)).loss, model)
     assert last < 0.7 * first
     teacher = frozen(model)
     student = TinyNet(width=8)
-    first, last = run_steps(
-        lambda g: losses.pd_loss(student, teacher, x0, sched, T, 1, generator=g).loss, student)
+    pd = PDLoss(teacher, sched, T, 1)
+    first, last = run_steps(lambda g: pd(student, x0, *pd.draw(g, x0)).loss, student)
     assert last < 0.7 * first
