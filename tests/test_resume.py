@@ -1,6 +1,5 @@
 """Resume exactness, signals, and crashes mid-write, at the trainer level."""
 
-import dataclasses
 import os
 import signal
 import subprocess
@@ -13,19 +12,15 @@ import pytest
 import torch
 
 from rcfd.checkpoint import load_checkpoint, load_diffusion_checkpoint
-from rcfd.config import BaseStageConfig, ClassifierStageConfig, PDStageConfig, TrainOptions
-from rcfd.data import DatasetSpec
-from rcfd.trainers import (
-    Interrupted,
-    RunContext,
-    metrics_path,
-    state_path,
-    train_base,
-    train_classifier,
-    train_pd,
-)
-from rcfd.trainers.rundir import read_metrics
 from rcfd.core.unet import UNetConfig
+from rcfd.data import DatasetSpec
+from rcfd.errors import Interrupted, ResumeError, StageExistsError
+from rcfd.methods.base import BaseStageConfig, train_base
+from rcfd.methods.classifier import ClassifierStageConfig, train_classifier
+from rcfd.methods.common import TrainOptions
+from rcfd.methods.pd import PDStageConfig, train_pd
+from rcfd.training.logger import read_metrics
+from rcfd.training.rundir import RunContext, metrics_path, state_path
 
 CPU = TrainOptions(bf16=False, channels_last=False, fused=False, compile=False)
 DATA = DatasetSpec(name="digits", image_size=8)
@@ -79,7 +74,7 @@ def test_base_resume_is_bitwise_exact(tmp_path):
 
 
 def test_pd_resume_across_rounds_is_exact(tmp_path):
-    teacher = train_base(dataclasses.replace(BASE, steps=2), DATA, run_ctx(tmp_path / "t"))
+    teacher = train_base(BASE.replace(steps=2), DATA, run_ctx(tmp_path / "t"))
     cfg = PDStageConfig(final_T=2, steps_per_round=5, long_round_steps=5, lr=1e-3,
                         batch_size=16, sample_interval=10 ** 6, num_sample_images=0,
                         checkpoint_interval=1000, log_interval=1, options=CPU)
@@ -105,15 +100,27 @@ def test_classifier_resume_is_exact(tmp_path):
 def test_resume_refuses_a_different_config(tmp_path):
     with pytest.raises(Interrupted):
         train_base(BASE, DATA, run_ctx(tmp_path, stop_after=2))
-    with pytest.raises(ValueError, match=r"different config \(lr: 0.001 -> 0.002"):
-        train_base(dataclasses.replace(BASE, lr=2e-3), DATA, run_ctx(tmp_path, resume=True))
+    with pytest.raises(ResumeError, match=r"config\.lr: 0\.001 -> 0\.002.*same config"):
+        train_base(BASE.replace(lr=2e-3), DATA, run_ctx(tmp_path, resume=True))
+
+
+def test_resume_refuses_other_data_and_another_thread_count(tmp_path):
+    with pytest.raises(Interrupted):
+        train_base(BASE, DATA, run_ctx(tmp_path, stop_after=2))
+    other = DatasetSpec(name="digits", image_size=8, split_seed=1)
+    with pytest.raises(ResumeError, match=r"data\.split_seed: 0 -> 1.*same data"):
+        train_base(BASE, other, run_ctx(tmp_path, resume=True))
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ResumeError, match=r"threads: 1 -> 2.*same --threads"):
+            train_base(BASE, DATA, run_ctx(tmp_path, resume=True))
+    finally:
+        torch.set_num_threads(1)  # the module's one_thread fixture
 
 
 def test_unfinished_stage_needs_resume_or_overwrite(tmp_path):
     with pytest.raises(Interrupted):
         train_base(BASE, DATA, run_ctx(tmp_path, stop_after=2))
-    from rcfd.trainers import StageExistsError
-
     with pytest.raises(StageExistsError, match="unfinished base stage"):
         train_base(BASE, DATA, run_ctx(tmp_path))
 
@@ -123,16 +130,17 @@ def test_unfinished_stage_needs_resume_or_overwrite(tmp_path):
 SCRIPT = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
-    from rcfd.config import BaseStageConfig, TrainOptions
-    from rcfd.data import DatasetSpec
-    from rcfd.trainers import RunContext, train_base
     from rcfd.core.unet import UNetConfig
+    from rcfd.data import DatasetSpec
+    from rcfd.methods.base import BaseStageConfig, train_base
+    from rcfd.methods.common import TrainOptions
+    from rcfd.training.rundir import RunContext
     unet = UNetConfig(image_size=8, in_channels=1, ch=32, ch_mult=(1,), attn=(),
                       num_res_blocks=1, dropout=0.0, num_time_indices=9)
     cfg = BaseStageConfig(unet=unet, T=8, steps=100000, batch_size=16, warmup=1,
                           sample_interval=10 ** 6, num_sample_images=0, log_interval=1,
                           checkpoint_interval=int(sys.argv[2]),
-                          options=TrainOptions(False, False, False, False))
+                          options=TrainOptions(bf16=False, channels_last=False, fused=False))
     train_base(cfg, DatasetSpec(name="digits", image_size=8),
                RunContext(sys.argv[1], device="cpu", progress=False, resume=True))
 """)

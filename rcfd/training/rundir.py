@@ -8,11 +8,12 @@ Run directory layout (``run_dir``; ``<unit>`` is one resumable training job)::
     rcfd/T<k>.pt (T4.pt, T2.pt, T1.pt)             RCFD students, one per round
     <stage>/<unit>.train.pt                        resumable training state (while unfinished)
     <stage>/<unit>.jsonl                           metrics: one line per logged step
+    tensorboard/<stage>/<unit>/                    the same metrics as TensorBoard events
     <stage>/<unit>_step<N>.png                     sample grids (diffusion stages)
 
 A ``<unit>.pt`` file is written once, when its training finished; it is what later stages
 and the report read (:func:`checkpoint_path`); the ``.train.pt`` state is what
-:func:`rcfd.trainers.loop.run_job` resumes from.
+:func:`rcfd.training.loop.run_job` resumes from.
 
 Only rank 0 writes. :class:`RunContext` says where and how a stage runs; :func:`unit_done`
 decides whether a unit is skipped (resumed), trained again (overwritten) or refused.
@@ -20,17 +21,15 @@ decides whether a unit is skipped (resumed), trained again (overwritten) or refu
 
 from __future__ import annotations
 
-import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from rcfd import distributed as dist
-
-
-class StageExistsError(RuntimeError):
-    """The run directory already holds this stage (finished or in progress)."""
+from rcfd.atomicio import temp_file_pattern
+from rcfd.errors import StageExistsError
 
 
 @dataclass
@@ -84,11 +83,20 @@ def metrics_path(run_dir: Path | str, stage: str, unit: str) -> Path:
     return Path(run_dir) / stage / f"{unit}.jsonl"
 
 
+def tensorboard_dir(run_dir: Path | str, stage: str, unit: str) -> Path:
+    return Path(run_dir) / "tensorboard" / stage / unit
+
+
 def unit_files(run_dir: Path, stage: str, unit: str) -> list[Path]:
+    """Every file a unit leaves: its checkpoint, state, metrics, sample grids and the
+    temporary files of interrupted writes."""
     d = Path(run_dir) / stage
     fixed = [checkpoint_path(run_dir, stage, unit), state_path(run_dir, stage, unit),
              metrics_path(run_dir, stage, unit)]
-    return fixed + sorted(d.glob(f"{unit}_step*.png")) if d.is_dir() else fixed
+    if not d.is_dir():
+        return fixed
+    temps = [p for f in fixed for p in d.iterdir() if temp_file_pattern(f).fullmatch(p.name)]
+    return fixed + sorted(d.glob(f"{unit}_step*.png")) + temps
 
 
 def unit_done(run: RunContext, stage: str, unit: str) -> bool:
@@ -102,6 +110,7 @@ def unit_done(run: RunContext, stage: str, unit: str) -> bool:
         if run.is_main:
             for p in unit_files(run.run_dir, stage, unit):
                 p.unlink(missing_ok=True)
+            shutil.rmtree(tensorboard_dir(run.run_dir, stage, unit), ignore_errors=True)
         dist.barrier()
         return False
     if run.resume:
@@ -111,36 +120,3 @@ def unit_done(run: RunContext, stage: str, unit: str) -> bool:
     raise StageExistsError(f"{run.run_dir} already holds {what}. Pass resume=True "
                            "(--resume) to keep it and continue, or overwrite=True "
                            "(--overwrite) to train it again from scratch")
-
-
-# --------------------------------------------------------------------------- metrics log
-
-
-def append_metrics(path: Path, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _rows(path: Path) -> list[dict]:
-    """The rows of a metrics log; a torn last line (a process killed while appending) is
-    dropped."""
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Keep the metrics rows of steps ``<= step`` (those after the resumed checkpoint are
-    trained again); a fresh start (``step == 0``) empties the log."""
-    if path.exists():
-        keep = [r for r in _rows(path) if step and r.get("step", 0) <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
-
-
-def read_metrics(path: Path | str) -> list[dict]:
-    """The rows of a metrics log (for loss-curve plots)."""
-    return _rows(Path(path))

@@ -1,4 +1,4 @@
-"""Optimization for the training loop (:mod:`rcfd.trainers.loop`): the optimizer and its
+"""Optimization for the training loop (:mod:`rcfd.training.loop`): the optimizer and its
 learning-rate schedule (:class:`OptimSpec`, :func:`lr_at`, :func:`make_optimizer`), gradient
 norms and clipping (:func:`grad_norm`), and the exponential moving average of the weights
 (:class:`EMA`). The learning rate is a pure function of the step, so a resumed run needs no
@@ -7,6 +7,7 @@ scheduler state.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -80,8 +81,6 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        import copy
-
         self.decay = decay
         self.model = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
 
