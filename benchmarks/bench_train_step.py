@@ -30,12 +30,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rcfd.core.classifiers import ClassifierConfig, frozen
-from rcfd.losses import RCFDLossConfig, diversity_loss, entropy_loss, rcfd_loss
+from rcfd.core.classifiers import ClassifierConfig, build, frozen
 from rcfd.core.schedule import cosine_schedule
-from rcfd.trainers.base import draw_noise, pd_objective
-from rcfd.trainers.loop import StepInfo
 from rcfd.core.unet import UNet, UNetConfig
+from rcfd.losses import PDLoss, RCFDLossConfig, diversity_loss, entropy_loss, rcfd_terms
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -88,7 +86,7 @@ def make_step(case: str, mode: str):
     classifier = None
     if case.startswith("rcfd"):
         arch = case.split("-", 1)[1]
-        classifier = frozen(ClassifierConfig(arch, in_channels=cfg.in_channels, **clf_kw).build())
+        classifier = frozen(build(ClassifierConfig(name=arch, in_channels=cfg.in_channels, **clf_kw)))
         classifier = classifier.to(DEVICE, memory_format=fmt)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=5e-5, fused=(ours and CUDA) or None)
@@ -97,18 +95,17 @@ def make_step(case: str, mode: str):
     gen = torch.Generator(DEVICE).manual_seed(0)
     x0 = (torch.rand(BATCH, cfg.in_channels, cfg.image_size, cfg.image_size, device=DEVICE) * 2 - 1)
     x0 = x0.contiguous(memory_format=fmt)
-    info = StepInfo(0, gen, 0, 1, BATCH)
+    objective = PDLoss(teacher, schedule, TEACHER_T, TEACHER_TS)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if ours and CUDA else contextlib.nullcontext
     backend = contextlib.nullcontext if ours else reference_ops
 
     def step():
         with backend(), autocast():
-            out = pd_objective(net, teacher, x0, schedule, TEACHER_TS, "both", "x0",
-                               draw_noise(info, x0, 1, TEACHER_T // 2))
+            out = objective(net, x0, *objective.draw(gen, x0))
             if classifier is None:
                 loss = out.loss
             elif ours:
-                loss = rcfd_loss(classifier, out.x0_hat, out.x_target, LOSS)[0]
+                loss = rcfd_terms(classifier, out.x0_hat, out.x_target, LOSS)[0]
             else:
                 loss = reference_rcfd_loss(classifier, out.x0_hat, out.x_target, LOSS)
         opt.zero_grad(set_to_none=True)

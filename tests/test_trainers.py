@@ -9,36 +9,28 @@ import pytest
 import torch
 
 from rcfd import losses
-from rcfd.checkpoint import load_diffusion_checkpoint
-from rcfd.core.classifiers import ClassifierConfig, frozen
-from rcfd.config import (
-    BaseStageConfig,
-    ClassifierStageConfig,
-    PDStageConfig,
-    RCFDStageConfig,
-    TrainOptions,
-)
+from rcfd.checkpoint import DiffusionInfo, load_diffusion_checkpoint
+from rcfd.core.classifiers import ClassifierConfig, build, frozen
+from rcfd.core.unet import UNetConfig
 from rcfd.data import DatasetSpec, load_dataset
-from rcfd.core.schedule import cosine_schedule
-from rcfd.trainers import (
-    NonFiniteLossError,
-    RunContext,
-    StageExistsError,
+from rcfd.errors import NonFiniteLossError, StageExistsError
+from rcfd.losses import draw_noise
+from rcfd.methods.base import BaseStageConfig, train_base
+from rcfd.methods.classifier import (
+    ClassifierStageConfig,
+    accuracy,
     load_classifier,
-    metrics_path,
-    train_base,
     train_classifier,
-    train_pd,
-    train_rcfd,
 )
-from rcfd.trainers import base as base_mod
-from rcfd.trainers.base import base_objective, draw_noise, pd_objective
-from rcfd.trainers.classifier import accuracy
-from rcfd.trainers.loop import Job, StepInfo, run_job
-from rcfd.trainers.optim import EMA, OptimSpec, lr_at
-from rcfd.trainers.rcfd import check_classifier_fits
-from rcfd.trainers.rundir import read_metrics
-from rcfd.core.unet import UNet, UNetConfig
+from rcfd.methods.common import TrainOptions
+from rcfd.methods.distill import check_halving
+from rcfd.methods.pd import PDStageConfig, train_pd
+from rcfd.methods.rcfd import RCFDStageConfig, check_classifier_fits, train_rcfd
+from rcfd.training import threads
+from rcfd.training.logger import read_metrics
+from rcfd.training.loop import Job, StepInfo, run_job
+from rcfd.training.optim import EMA, OptimSpec, lr_at
+from rcfd.training.rundir import RunContext, metrics_path
 
 CPU = TrainOptions(bf16=False, channels_last=False, fused=False, compile=False)
 DATA = DatasetSpec(name="digits", image_size=8)  # the original 8x8 digits: no resize
@@ -83,35 +75,14 @@ def trained(tmp_path_factory):
     return run, base, clf
 
 
-# --------------------------------------------------------------------------- objectives
-
-
-def test_objectives_equal_the_losses_module():
-    torch.manual_seed(0)
-    net = dataclasses.replace(UNET, num_time_indices=17)
-    student, teacher = UNet(net).double(), UNet(net).double()
-    x = torch.rand(6, 1, 8, 8, dtype=torch.float64) * 2 - 1
-    s = cosine_schedule(8, 2)
-
-    def pair():
-        return torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-
-    g1, g2 = pair()
-    info = StepInfo(0, g2, 0, 1, 6)
-    assert torch.equal(losses.base_loss(student, x, s, 8, 2, generator=g1),
-                       base_objective(student, x, s, 2, "both", "x0", draw_noise(info, x, 0, 8)))
-    g1, g2 = pair()
-    info = StepInfo(0, g2, 0, 1, 6)
-    ref = losses.pd_loss(student, teacher, x, s, 8, 2, "eps", generator=g1)
-    ours = pd_objective(student, teacher, x, s, 2, "eps", "x0", draw_noise(info, x, 1, 4))
-    assert torch.equal(ref.loss, ours.loss) and torch.equal(ref.x_target, ours.x_target)
+# --------------------------------------------------------------------------- noise
 
 
 def test_noise_shards_tile_the_global_batch():
     x = torch.zeros(8, 1, 4, 4)
-    whole = draw_noise(StepInfo(0, torch.Generator().manual_seed(1), 0, 1, 8), x, 0, 9)
-    parts = [draw_noise(StepInfo(0, torch.Generator().manual_seed(1), r, 4, 8), x[:2], 0, 9)
-             for r in range(4)]
+    whole = draw_noise(torch.Generator().manual_seed(1), x, 0, 9)
+    infos = [StepInfo(0, torch.Generator().manual_seed(1), r, 4, 8) for r in range(4)]
+    parts = [draw_noise(i.generator, x[:2], 0, 9, i.global_batch, i.rows) for i in infos]
     assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])
     assert torch.equal(torch.cat([p[1] for p in parts]), whole[1])
 
@@ -226,16 +197,16 @@ def test_rcfd_checks_teacher_and_classifier(trained):
     data = load_dataset(DATA, "train")
     cfg = distill_cfg(RCFDStageConfig, start_T=8, final_T=4)
     with pytest.raises(ValueError, match=r"T=4 \(rcfd.start_T\)"):
-        train_rcfd(dataclasses.replace(cfg, start_T=4, final_T=2), base, clf, DATA, run)
-    rgb = frozen(ClassifierConfig("resnet18", width=8, in_channels=3).build())
+        train_rcfd(cfg.replace(start_T=4, final_T=2), base, clf, DATA, run)
+    rgb = frozen(build(ClassifierConfig(name="resnet18", width=8, in_channels=3)))
     with pytest.raises(ValueError, match="3-channel images but the model makes 1-channel"):
         check_classifier_fits(rgb, data, cfg)
     with pytest.raises(ValueError, match="trained on 16x16 images"):
         check_classifier_fits(frozen(load_classifier(clf)), data, cfg, trained_size=16)
-    five = frozen(ClassifierConfig("resnet18", width=8, in_channels=1, num_classes=5).build())
+    five = frozen(build(ClassifierConfig(name="resnet18", width=8, in_channels=1, num_classes=5)))
     with pytest.raises(ValueError, match="predicts 5 classes but the digits data has 10"):
         check_classifier_fits(five, data, cfg)
-    cfd_only = dataclasses.replace(cfg, loss=losses.RCFDLossConfig(alpha=0.0))
+    cfd_only = cfg.replace(loss=losses.RCFDLossConfig(alpha=0.0))
     check_classifier_fits(five, data, cfd_only)  # CFD alone does not need the data's classes
 
 
@@ -264,17 +235,17 @@ def test_overwrite_trains_again(tmp_path):
 
 def _nan_at(step_to_break):
     calls = {"n": 0}
-    real = base_mod.base_objective
+    real = losses.DenoisingLoss.__call__
 
     def objective(*a, **k):
         calls["n"] += 1
-        loss = real(*a, **k)
-        return loss * float("nan") if calls["n"] == step_to_break else loss
+        out = real(*a, **k)
+        return out._replace(loss=out.loss * float("nan")) if calls["n"] == step_to_break else out
     return objective
 
 
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr(base_mod, "base_objective", _nan_at(4))
+    monkeypatch.setattr(losses.DenoisingLoss, "__call__", _nan_at(4))
     run = RunContext(tmp_path, device="cpu", progress=False)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 4.*loss.*nan.*"
                                                  r"last good checkpoint is .*model\.train\.pt"):
@@ -285,7 +256,7 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, m
 
 
 def test_nonfinite_steps_can_be_skipped(tmp_path, monkeypatch):
-    monkeypatch.setattr(base_mod, "base_objective", _nan_at(3))
+    monkeypatch.setattr(losses.DenoisingLoss, "__call__", _nan_at(3))
     run = RunContext(tmp_path, device="cpu", progress=False, skip_nonfinite=1)
     path = train_base(base_cfg(steps=6), DATA, run)
     rows = read_metrics(metrics_path(tmp_path, "base", "model"))
@@ -342,46 +313,19 @@ def test_gpu_options_end_to_end(tmp_path):
     assert mean_loss(log, rows=slice(-10, None)) < mean_loss(log, rows=slice(0, 10))
 
 
-def test_configure_threads(monkeypatch):
-    from rcfd.trainers import loop
-
+def test_threads_default_to_the_cores_whatever_the_load():
     n = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0))
     try:
-        assert loop.configure_threads(1) == 1 == torch.get_num_threads()
-        auto = loop.configure_threads(None)
-        assert 1 <= auto <= cores and torch.get_num_threads() == auto
-        monkeypatch.setattr(loop, "busy_cores", lambda: 0.0)  # an idle machine: every core
-        assert loop.configure_threads(None) == cores
-        assert loop.configure_threads(None, processes=2) == max(1, cores // 2)
-        monkeypatch.setattr(loop, "busy_cores", lambda: float(cores))  # all busy: one thread
-        assert loop.configure_threads(None) == 1
-        monkeypatch.setattr(loop, "busy_cores", lambda: None)  # not Linux: the load average
-        assert 1 <= loop.configure_threads(None) <= cores
+        assert threads.configure_threads(1) == 1 == torch.get_num_threads()
+        auto = threads.configure_threads(None)
+        assert auto == min(cores, threads.MAX_DEFAULT_THREADS) == torch.get_num_threads()
+        assert threads.configure_threads(None, processes=2) == max(1, auto // 2)
     finally:
         torch.set_num_threads(n)
 
 
-def test_busy_cores_from_proc_stat():
-    from rcfd.trainers.loop import busy_cores, cpu_times
-
-    text = ("cpu  100 5 50 1000 20 1 2 3 7 0\ncpu0 50 2 25 500 10 0 1 1 3 0\n"
-            "cpu1 50 3 25 500 10 1 1 2 4 0\nintr 1 2\n")
-    assert cpu_times(text) == (1020, 1181)  # idle + iowait; user .. steal
-    assert cpu_times(text, [0]) == (510, 589)  # the affinity set's own lines
-    assert cpu_times(text, [0, 1]) == (1020, 1181)
-    with pytest.raises(ValueError):
-        cpu_times("intr 1 2\n")
-    with pytest.raises(ValueError):
-        cpu_times(text, [7])
-    busy = busy_cores(0.05)
-    assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1)
-
-
 def test_a_teacher_that_cannot_halve_is_refused():
-    from rcfd.checkpoint import DiffusionInfo
-    from rcfd.trainers.progressive import check_halving
-
     info = lambda T: DiffusionInfo(T=T, time_scale=1, prediction="x0", config=None, source="rcfd", weights="state_dict")  # noqa: E731
     assert check_halving(info(8), 2, "t.pt") == [(8, 4), (4, 2)]
     with pytest.raises(ValueError, match="t.pt is a T=12 sampler.*power of two"):

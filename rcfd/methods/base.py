@@ -1,0 +1,149 @@
+"""Base diffusion training (METHOD.md, "Base training"): the ``(T, 1)`` model every
+distillation starts from, trained on :class:`rcfd.losses.DenoisingLoss`. Its samplers for
+evaluation are the training-free ones (DDIM, DPM-Solver, PNDM: ``eval.samplers``) at
+``eval.base_steps``.
+
+The noise of a step (``t``, ``eps``) is drawn for the whole GLOBAL batch from the stage's
+generator and each rank keeps its rows (the same rows the data loader gives it), so N
+processes see exactly the data and noise of one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import model_validator
+
+from rcfd.checkpoint import save_diffusion_checkpoint
+from rcfd.config import Decay, NonNegInt, PosFloat, PosInt, Pow2, Section
+from rcfd.core.schedule import cosine_schedule
+from rcfd.core.unet import UNet, UNetConfig
+from rcfd.losses import DenoisingLoss
+from rcfd.methods.common import (
+    TrainOptions,
+    check_images_fit,
+    data_batches,
+    data_identity,
+    data_spec_dict,
+    grid_sampler,
+    load_train,
+)
+from rcfd.methods.registry import Method, Row, register
+from rcfd.training.loop import Job, run_job
+from rcfd.training.optim import OptimSpec
+from rcfd.training.rundir import RunContext, checkpoint_path, unit_done
+from rcfd.training.state import stage_seed
+
+STAGE, UNIT = "base", "model"
+SAMPLER_LABELS = {"ddim": "DDIM", "dpm-solver": "DPM-Solver++(2M)", "pndm": "PNDM"}
+
+
+class BaseStageConfig(Section):
+    """The base diffusion model (METHOD.md, "Base training"): sampler ``(T, 1)``, Adam with
+    a linear ``warmup``, EMA ``ema_decay`` (``None``: no EMA), grad-norm clip ``grad_clip``
+    (``None``: no clipping), random horizontal ``flip`` of the data. Dropout is
+    ``unet.dropout``. ``sample_steps``: DDIM steps of the periodic sample grid (``None``:
+    ``T``)."""
+
+    unet: UNetConfig = UNetConfig.cifar10()
+    T: Pow2 = 1024
+    loss: Literal["both", "x", "eps"] = "both"
+    prediction: Literal["x0", "eps"] = "x0"
+    lr: PosFloat = 2e-4
+    warmup: NonNegInt = 5000
+    batch_size: PosInt = 128
+    steps: PosInt = 800_000
+    ema_decay: Decay | None = 0.9999
+    grad_clip: PosFloat | None = 1.0
+    flip: bool = True
+    sample_interval: PosInt = 20_000
+    sample_steps: Pow2 | None = None
+    num_sample_images: NonNegInt = 64
+    checkpoint_interval: PosInt = 10_000
+    log_interval: PosInt = 10
+    options: TrainOptions = TrainOptions()
+
+    @model_validator(mode="after")
+    def _check(self) -> "BaseStageConfig":
+        if self.T < 2:
+            raise ValueError(f"T must be >= 2 (a base model of at least two steps), got {self.T}")
+        if self.unet.num_time_indices < self.T + 1:
+            raise ValueError(f"unet.num_time_indices={self.unet.num_time_indices} is too small "
+                             f"for T={self.T}: it needs T + 1 = {self.T + 1} rows")
+        if self.sample_steps is not None and self.sample_steps > self.T:
+            raise ValueError(f"sample_steps={self.sample_steps} exceeds T={self.T}")
+        return self
+
+
+def train_base(cfg: BaseStageConfig, data, run: RunContext) -> Path:
+    """Train the base model ``(T, 1)``: ``t ~ U{0..T}``, the ``cfg.loss`` denoising loss,
+    Adam with linear warmup, EMA, grad-norm clipping, a sample grid every
+    ``sample_interval`` steps. Returns ``run_dir/base/model.pt`` (weights and EMA weights;
+    :func:`rcfd.checkpoint.load_diffusion_checkpoint` picks the EMA)."""
+    if unit_done(run, STAGE, UNIT):
+        return checkpoint_path(run.run_dir, STAGE, UNIT)
+    dataset = load_train(data)
+    check_images_fit(cfg.unet, dataset, "base.unet")
+    torch.manual_seed(stage_seed(run.seed, STAGE, UNIT, "init"))
+    model = UNet(cfg.unet)
+    schedule = cosine_schedule(cfg.T, 1)
+    objective = DenoisingLoss(schedule, cfg.T, 1, cfg.loss, cfg.prediction)
+    identity = data_identity(data, dataset)
+
+    def loss_fn(net, x, y, info):
+        t, noise = objective.draw(info.generator, x, info.global_batch, info.rows)
+        return objective(net, x, t, noise)
+
+    def finalize(net, ema_net, extra, path):
+        return save_diffusion_checkpoint(
+            path, net, T=cfg.T, time_scale=1, prediction=cfg.prediction, ema_model=ema_net,
+            extra={"stage": STAGE, "finished": True, "steps": extra["steps"],
+                   "skipped_steps": extra["skipped_steps"], "config": cfg.to_dict(),
+                   "data": data_spec_dict(identity)})
+
+    o = cfg.options
+    shape = (dataset.channels, dataset.image_size, dataset.image_size)
+    job = Job(stage=STAGE, unit=UNIT, model=model, loss_fn=loss_fn,
+              batches=data_batches(dataset, cfg.batch_size, run, STAGE, UNIT, flip=cfg.flip),
+              steps=cfg.steps, config=cfg.to_dict(), finalize=finalize, data=identity,
+              optim=OptimSpec("adam", cfg.lr, "constant", warmup=cfg.warmup, fused=o.fused),
+              ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip, log_interval=cfg.log_interval,
+              checkpoint_interval=cfg.checkpoint_interval,
+              sample_fn=grid_sampler(schedule, cfg.T, 1, cfg.sample_steps or cfg.T,
+                                     cfg.num_sample_images, shape,
+                                     stage_seed(run.seed, STAGE, "grid"), run.torch_device,
+                                     cfg.prediction),
+              sample_interval=cfg.sample_interval, bf16=o.bf16,
+              channels_last=o.channels_last, compile=o.compile)
+    return run_job(job, run)
+
+
+# --------------------------------------------------------------------------- the method
+
+
+def _rows(cfg) -> list[Row]:
+    """The base model with each training-free sampler of ``eval.samplers`` at
+    ``eval.base_steps``."""
+    return [Row(STAGE, f"{SAMPLER_LABELS[sampler]} (base model)", s, STAGE, UNIT, sampler)
+            for sampler in cfg.eval.samplers for s in sorted(cfg.eval.base_steps)]
+
+
+def _check(cfg) -> None:
+    u, data = cfg.base.unet, cfg.data
+    if (u.image_size, u.in_channels) != (data.image_size, data.channels):
+        raise ValueError(f"base.unet takes {u.in_channels}x{u.image_size}x{u.image_size} images "
+                         f"but data gives {data.channels}x{data.image_size}x{data.image_size}; "
+                         "set base.unet.image_size / in_channels to match")
+    for name in ("steps", "base_steps"):
+        for s in getattr(cfg.eval, name):
+            if s > cfg.base.T:
+                raise ValueError(f"eval.{name} {s} exceed the base model's T={cfg.base.T}")
+
+
+METHOD = register(Method(
+    name=STAGE, sections={"base": (BaseStageConfig, BaseStageConfig)},
+    train=lambda cfg, run: [train_base(cfg.base, cfg.data, run)],
+    describe=lambda cfg: f"T={cfg.base.T}, {cfg.base.steps} steps, batch {cfg.base.batch_size}",
+    rows=_rows, check=_check, help="the base diffusion model"))

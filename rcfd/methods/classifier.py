@@ -1,0 +1,227 @@
+"""The classifier stage (METHOD.md, "Classifiers"): the distillation classifier that RCFD
+distills into, and the evaluation classifier that measures samples where the Inception
+weights cannot be had. SGD with momentum and weight decay, the learning rate divided by 10
+at 1/2 and 3/4 of training, crop + flip + AutoAugment + Cutout on every batch
+(:func:`rcfd.data.augment.classifier_augment`), test accuracy logged at every epoch (or
+``eval_interval``) and the best weights kept. Writes ``run_dir/classifier/<role>.pt``
+(``kind="classifier"``, with its :class:`~rcfd.core.classifiers.ClassifierConfig`, so
+:func:`load_classifier` rebuilds it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from rcfd.checkpoint import (
+    load_checkpoint,
+    load_classifier_checkpoint,
+    make_checkpoint,
+    save_checkpoint,
+)
+from rcfd.config import Decay, Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Section
+from rcfd.core.classifiers import CLASSIFIER_NAMES, ClassifierConfig, build
+from rcfd.data import DatasetSpec, ImageDataset, load_dataset, to_float
+from rcfd.data.augment import classifier_augment
+from rcfd.errors import UsageError
+from rcfd.methods.common import TrainOptions, data_batches, data_identity, data_spec_dict
+from rcfd.methods.registry import Method, register
+from rcfd.training.loop import Job, run_job
+from rcfd.training.optim import OptimSpec
+from rcfd.training.rundir import RunContext, checkpoint_path, unit_done
+from rcfd.training.state import stage_seed
+
+STAGE = "classifier"
+TRAINABLE = tuple(n for n in CLASSIFIER_NAMES if not n.startswith("imagenet_"))
+
+
+class ClassifierStageConfig(Section):
+    """A classifier trained with SGD (METHOD.md, "Classifiers"): ``lr`` multiplied by
+    ``lr_decay`` at each fraction of training in ``milestones``. Train for ``epochs`` or for
+    ``steps`` (exactly one is set). ``role`` says which classifier this is (``"distill"``:
+    used by RCFD; ``"eval"``: the evaluation feature extractor); ``seed_offset`` makes the
+    two differ when their settings are equal."""
+
+    role: Literal["distill", "eval"] = "distill"
+    arch: Literal[TRAINABLE] = "resnet18"
+    width: Annotated[PosInt, Field(le=4096)] | None = None
+    epochs: PosInt | None = 300
+    steps: PosInt | None = None
+    batch_size: PosInt = 128
+    lr: PosFloat = 0.1
+    momentum: Decay = 0.9
+    weight_decay: NonNegFloat = 5e-4
+    milestones: tuple[Annotated[Fraction, Field(gt=0, lt=1)], ...] = (0.5, 0.75)
+    lr_decay: Annotated[PosFloat, Field(le=1)] = 0.1
+    crop: bool = True
+    flip: bool = True
+    autoaugment: bool = True
+    cutout: bool = True
+    seed_offset: NonNegInt = 0
+    eval_interval: PosInt | None = None  # steps between test-accuracy checks; None: each epoch
+    log_interval: PosInt = 10
+    options: TrainOptions = TrainOptions()
+
+    @model_validator(mode="after")
+    def _check(self) -> "ClassifierStageConfig":
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError(f"set exactly one of epochs or steps, got epochs={self.epochs!r}, "
+                             f"steps={self.steps!r}")
+        if list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"milestones must be increasing fractions of training, got "
+                             f"{self.milestones}")
+        return self
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, dataset: ImageDataset, device: torch.device,
+             batch_size: int = 500) -> float:
+    """Top-1 accuracy of ``model`` (evaluated in eval mode, restored afterwards)."""
+    was = model.training
+    model.eval()
+    correct = 0
+    try:
+        for i in range(0, len(dataset), batch_size):
+            x = to_float(dataset.images[i:i + batch_size].to(device))
+            logits, _ = model(x)
+            correct += int((logits.argmax(1).cpu() == dataset.labels[i:i + batch_size]).sum())
+    finally:
+        model.train(was)
+    return correct / len(dataset)
+
+
+def train_classifier(cfg: ClassifierStageConfig, data: DatasetSpec | ImageDataset,
+                     run: RunContext) -> Path:
+    """Train the ``cfg.role`` classifier on ``data``'s training split, measuring top-1
+    accuracy on its test split. Returns ``run_dir/classifier/<role>.pt`` holding the weights
+    of the best test accuracy (``extra``: ``accuracy``, ``best_step``, ``final_accuracy``,
+    ``image_size``)."""
+    unit = cfg.role
+    if unit_done(run, STAGE, unit):
+        return checkpoint_path(run.run_dir, STAGE, unit)
+    train = data if isinstance(data, ImageDataset) else load_dataset(data, "train")
+    test = load_dataset(data, "test") if isinstance(data, DatasetSpec) else train
+    if train.labels is None:
+        raise UsageError(f"classifier training needs labelled images; the {train.name} data has "
+                         "no labels (use digits or cifar10, or pass a trained classifier)")
+    device = run.torch_device
+    config = ClassifierConfig(name=cfg.arch, num_classes=train.num_classes,
+                              in_channels=train.channels, width=cfg.width)
+    torch.manual_seed(stage_seed(run.seed + cfg.seed_offset, STAGE, unit, "init"))
+    model = build(config)
+    data_iter = data_batches(train, cfg.batch_size, run, STAGE, unit, cfg.seed_offset, flip=False)
+    steps = cfg.steps or cfg.epochs * data_iter.batches_per_epoch
+    identity = data_identity(data, train)
+
+    def loss_fn(net, x, y, info):
+        x = classifier_augment(x, info.generator, crop=cfg.crop, flip=cfg.flip,
+                               autoaugment=cfg.autoaugment, cutout=cfg.cutout)
+        if cfg.options.channels_last and x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits, _ = net(x)
+        loss = F.cross_entropy(logits.float(), y)
+        return loss, {"train_acc": (logits.argmax(1) == y).float().mean()}
+
+    def eval_fn(net, extra, step):
+        acc = accuracy(net, test, device)
+        if acc > extra.get("accuracy", -1.0):
+            extra.update(accuracy=acc, best_step=step,
+                         best_state={k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
+        extra["final_accuracy"] = acc
+        return {"test_acc": acc, "best_acc": extra["accuracy"]}
+
+    def finalize(net, ema_net, extra, path):
+        state = extra.pop("best_state", None) or net.state_dict()
+        info = {k: extra[k] for k in ("accuracy", "best_step", "final_accuracy") if k in extra}
+        return save_checkpoint(make_checkpoint(
+            "classifier", config.to_dict(), state,
+            extra={"stage": STAGE, "role": cfg.role, "finished": True, **info,
+                   "image_size": train.image_size, "steps": extra["steps"],
+                   "config": cfg.to_dict(), "data": data_spec_dict(identity)}), path)
+
+    o = cfg.options
+    interval = cfg.eval_interval or data_iter.batches_per_epoch
+    job = Job(stage=STAGE, unit=unit, model=model, loss_fn=loss_fn, batches=data_iter,
+              steps=steps, config=cfg.to_dict(), finalize=finalize, data=identity,
+              optim=OptimSpec("sgd", cfg.lr, "multistep", milestones=cfg.milestones,
+                              decay=cfg.lr_decay, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay, fused=o.fused),
+              log_interval=cfg.log_interval, checkpoint_interval=interval, eval_fn=eval_fn,
+              eval_interval=interval, bf16=o.bf16, channels_last=o.channels_last,
+              compile=o.compile, seed_offset=cfg.seed_offset, rank_generator=True)
+    return run_job(job, run)
+
+
+def load_classifier(source: Path | str | nn.Module, device: torch.device | str = "cpu",
+                    arch: str | None = None, in_channels: int = 3) -> nn.Module:
+    """A classifier in eval mode on ``device`` from: a module (returned as is), one of our
+    checkpoints (rebuilt from its :class:`ClassifierConfig`), a reference ``{'model':
+    state_dict}`` file (``arch`` names its architecture; CIFAR-10 normalisation), or an
+    ``imagenet_*`` name (torchvision ImageNet weights from the local cache, taking
+    ``in_channels``-channel images). Files go through
+    :func:`rcfd.checkpoint.load_classifier_checkpoint` (checked before anything is built)."""
+    if isinstance(source, nn.Module):
+        return source.to(device).eval()
+    name = str(source)
+    if name.startswith("imagenet_") and not Path(name).exists():
+        return build(ClassifierConfig(name=name, in_channels=in_channels)).to(device).eval()
+    return load_classifier_checkpoint(name, device, arch)
+
+
+def classifier_info(source) -> dict:
+    """What one of our classifier checkpoints records besides weights (``role``,
+    ``accuracy``, ``image_size``, ...); ``{}`` for other sources."""
+    if isinstance(source, nn.Module) or not Path(str(source)).is_file():
+        return {}
+    ckpt = load_checkpoint(source)
+    return dict(ckpt.get("extra") or {}) if isinstance(ckpt, dict) else {}
+
+
+# --------------------------------------------------------------------------- the method
+
+SECTIONS = {"distill_classifier": "distill", "eval_classifier": "eval"}
+
+
+def stages(cfg) -> list[ClassifierStageConfig]:
+    """The classifier sections ``cfg`` switches on."""
+    return [c for c in (getattr(cfg, k, None) for k in SECTIONS) if c is not None]
+
+
+def _train(cfg, run: RunContext) -> list[Path]:
+    return [train_classifier(c, cfg.data, run) for c in stages(cfg)]
+
+
+def _describe(cfg) -> str:
+    def one(c):
+        steps = f"{c.steps} steps" if c.steps is not None else f"{c.epochs} epochs"
+        return f"{c.role} {c.arch}{'' if c.width is None else f' (width {c.width})'}, {steps}"
+    return ", ".join(one(c) for c in stages(cfg)) or "none"
+
+
+def _check(cfg) -> None:
+    for key, role in SECTIONS.items():
+        c = getattr(cfg, key)
+        if c is not None and c.role != role:
+            raise ValueError(f"{key}.role must be {role!r}, got {c.role!r}")
+    d, e = cfg.distill_classifier, cfg.eval_classifier
+    if d is not None and e is not None and e.replace(role="distill") == d:
+        raise ValueError("eval_classifier equals distill_classifier: give it another "
+                         "seed_offset (or architecture) so evaluation is not circular")
+    if cfg.data.name == "folder" and stages(cfg):
+        raise ValueError("a folder of images has no labels, so no classifier can be trained on "
+                         "it: set distill_classifier and eval_classifier to null and "
+                         "rcfd.classifier to a classifier checkpoint (or imagenet_resnet50)")
+
+
+METHOD = register(Method(
+    name=STAGE,
+    sections={"distill_classifier": (ClassifierStageConfig | None, ClassifierStageConfig),
+              "eval_classifier": (ClassifierStageConfig | None,
+                                  lambda: ClassifierStageConfig(role="eval", seed_offset=1))},
+    train=_train, describe=_describe, check=_check,
+    help="the distillation and evaluation classifiers"))

@@ -1,0 +1,163 @@
+"""Halving rounds, the skeleton every distillation method shares (METHOD.md, "Progressive
+distillation target"): teacher ``(T, time_scale)`` -> student ``(T/2, 2 time_scale)``, each
+student initialised from its teacher, round ``k``'s student round ``k+1``'s teacher, every
+round writing ``run_dir/<stage>/T<student T>.pt``. A method supplies its objective (a loss
+object of :mod:`rcfd.losses`) and :func:`distill_rounds` does the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from rcfd.checkpoint import DiffusionInfo, load_diffusion_checkpoint, save_diffusion_checkpoint
+from rcfd.config import Decay, NonNegInt, PosFloat, PosInt, Pow2, Section, is_pow2
+from rcfd.core.schedule import cosine_schedule
+from rcfd.core.unet import UNet
+from rcfd.errors import CheckpointError, UsageError
+from rcfd.methods.common import (
+    TrainOptions,
+    check_images_fit,
+    data_batches,
+    data_identity,
+    data_spec_dict,
+    grid_sampler,
+    load_train,
+)
+from rcfd.training.loop import Job, log_line, run_job
+from rcfd.training.optim import OptimSpec
+from rcfd.training.rundir import RunContext, checkpoint_path, unit_done
+from rcfd.training.state import stage_seed
+
+
+class DistillConfig(Section):
+    """Fields every distillation method shares: rounds halve ``T`` down to ``final_T``; a
+    round whose student has ``T <= long_round_max_T`` trains ``long_round_steps``, the others
+    ``steps_per_round``; Adam at ``lr``, cosine-annealed to 0 (or constant), no EMA by
+    default, the student's dropout set to ``dropout``, the data flipped when ``flip``."""
+
+    final_T: Pow2 = 1
+    steps_per_round: PosInt = 10_000
+    long_round_steps: PosInt = 20_000
+    long_round_max_T: NonNegInt = 2
+    lr: PosFloat = 5e-5
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup: NonNegInt = 0
+    batch_size: PosInt = 128
+    grad_clip: PosFloat | None = 1.0
+    ema_decay: Decay | None = None
+    dropout: Decay = 0.0
+    flip: bool = True
+    sample_interval: PosInt = 5_000
+    num_sample_images: NonNegInt = 64
+    checkpoint_interval: PosInt = 5_000
+    log_interval: PosInt = 10
+    options: TrainOptions = TrainOptions()
+
+    def round_steps(self, student_T: int) -> int:
+        """Training steps of the round whose student takes ``student_T`` steps."""
+        return self.long_round_steps if student_T <= self.long_round_max_T else self.steps_per_round
+
+
+def halving_rounds(teacher_T: int, final_T: int) -> list[tuple[int, int]]:
+    """``[(teacher_T, student_T), ...]`` halving from ``teacher_T`` down to ``final_T``."""
+    if not (is_pow2(teacher_T) and is_pow2(final_T)) or final_T > teacher_T:
+        raise ValueError(f"rounds need powers of two with final_T <= teacher_T; got "
+                         f"teacher_T={teacher_T}, final_T={final_T}")
+    out, t = [], teacher_T
+    while t > final_T:
+        out.append((t, t // 2))
+        t //= 2
+    return out
+
+
+def load_teacher(path: Path | str, device) -> tuple[nn.Module, DiffusionInfo]:
+    """A frozen teacher (eval mode, no parameter grads; its EMA weights when it has them)."""
+    model, info = load_diffusion_checkpoint(path, device)
+    return model.eval().requires_grad_(False), info
+
+
+def check_halving(info: DiffusionInfo, final_T: int, source) -> list[tuple[int, int]]:
+    """The rounds ``[(T, T/2), ..., (2 final_T, final_T)]`` from a teacher, with clear
+    errors when its ``T`` cannot halve down to ``final_T``."""
+    if info.T & (info.T - 1) or info.T <= final_T:
+        raise UsageError(f"{source} is a T={info.T} sampler; distillation halves T each round "
+                         f"down to final_T={final_T}, so the teacher's T must be a power of two "
+                         f"above {final_T}")
+    return halving_rounds(info.T, final_T)
+
+
+def _student(teacher: nn.Module, info: DiffusionInfo, dropout: float) -> UNet:
+    """The student of a round: the teacher's architecture with ``dropout``, its weights."""
+    student = UNet(info.config.replace(dropout=dropout))
+    student.load_state_dict(teacher.state_dict())
+    return student
+
+
+def distill_rounds(cfg: DistillConfig, stage: str, teacher_path: Path | str, data,
+                   run: RunContext, make_objective: Callable,
+                   extra_info: dict | None = None) -> list[Path]:
+    """Run the halving rounds of ``cfg`` from ``teacher_path``. ``make_objective(teacher,
+    schedule, teacher_T, time_scale, prediction)`` builds a round's loss object (with
+    ``draw`` and ``__call__(student, x0, t, noise)``, as :class:`rcfd.losses.PDLoss`)."""
+    device = run.torch_device
+    dataset = load_train(data)
+    identity = data_identity(data, dataset)
+    teacher, info = load_teacher(teacher_path, device)
+    check_images_fit(info.config, dataset, f"the teacher {teacher_path}")
+    rounds = check_halving(info, cfg.final_T, teacher_path)
+    schedule = cosine_schedule(info.T, info.time_scale)  # T * time_scale is the same every round
+    time_scale, source, paths = info.time_scale, str(teacher_path), []
+    shape = (dataset.channels, dataset.image_size, dataset.image_size)
+    o = cfg.options
+    for teacher_T, student_T in rounds:
+        unit, student_ts = f"T{student_T}", 2 * time_scale
+        if unit_done(run, stage, unit):
+            path = checkpoint_path(run.run_dir, stage, unit)
+            log_line(run, f"{stage}/{unit} is finished; using {path}")
+        else:
+            if o.channels_last and device.type == "cuda":
+                teacher = teacher.to(memory_format=torch.channels_last)
+            objective = make_objective(teacher, schedule, teacher_T, time_scale, info.prediction)
+
+            def loss_fn(net, x, y, step, objective=objective):
+                t, noise = objective.draw(step.generator, x, step.global_batch, step.rows)
+                out = objective(net, x, t, noise)
+                return out.loss, out.terms
+
+            def finalize(net, ema_net, extra, path, T=student_T, ts2=student_ts, src=source,
+                         prediction=info.prediction):
+                return save_diffusion_checkpoint(
+                    path, net, T=T, time_scale=ts2, prediction=prediction, ema_model=ema_net,
+                    extra={"stage": stage, "finished": True, "teacher": src, "steps": extra["steps"],
+                           "skipped_steps": extra["skipped_steps"], "config": cfg.to_dict(),
+                           "data": data_spec_dict(identity), **(extra_info or {})})
+
+            job = Job(stage=stage, unit=unit, model=_student(teacher, info, cfg.dropout),
+                      loss_fn=loss_fn, data=identity,
+                      batches=data_batches(dataset, cfg.batch_size, run, stage, unit, flip=cfg.flip),
+                      steps=cfg.round_steps(student_T), config=cfg.to_dict(), finalize=finalize,
+                      optim=OptimSpec("adam", cfg.lr, cfg.lr_schedule, warmup=cfg.warmup,
+                                      fused=o.fused),
+                      ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip,
+                      log_interval=cfg.log_interval, checkpoint_interval=cfg.checkpoint_interval,
+                      sample_fn=grid_sampler(schedule, student_T, student_ts, student_T,
+                                             cfg.num_sample_images, shape,
+                                             stage_seed(run.seed, stage, "grid"), device,
+                                             info.prediction),
+                      sample_interval=cfg.sample_interval, bf16=o.bf16,
+                      channels_last=o.channels_last, compile=o.compile)
+            path = run_job(job, run)
+            del job
+        teacher, new = load_teacher(path, device)
+        if (new.T, new.time_scale) != (student_T, student_ts):
+            raise CheckpointError(f"{path} is a (T={new.T}, time_scale={new.time_scale}) sampler, "
+                                  f"not the (T={student_T}, time_scale={student_ts}) student of "
+                                  "this round; delete it or pass --overwrite")
+        info, time_scale, source = new, new.time_scale, str(path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,108 @@
+"""The method registry: a method defined and registered in this file alone runs through the
+pipeline (its config section, its stage on the command line, its training), is evaluated,
+and gets its row in results.md; and the registry's own rules."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rcfd import report
+from rcfd.checkpoint import load_diffusion_checkpoint, save_diffusion_checkpoint
+from rcfd.cli import train
+from rcfd.config import PosInt, Pow2, Section
+from rcfd.core.schedule import cosine_schedule
+from rcfd.losses import DenoisingLoss
+from rcfd.methods import registry
+from rcfd.methods.common import data_batches, load_train, require
+from rcfd.pipeline_config import pipeline_config_class
+from rcfd.presets import get_preset
+from rcfd.training.loop import Job, run_job
+from rcfd.training.optim import OptimSpec
+from rcfd.training.rundir import checkpoint_path, unit_done
+
+
+class ToyConfig(Section):
+    """A method that fine-tunes the base model for a few steps at a low learning rate."""
+
+    steps: PosInt = 2
+    lr: float = 1e-5
+    eval_steps: Pow2 = 4
+
+
+def train_toy(cfg, run) -> list[Path]:
+    if unit_done(run, "toy", "model"):
+        return [checkpoint_path(run.run_dir, "toy", "model")]
+    model, info = load_diffusion_checkpoint(require(run.run_dir, "base", "model"))
+    objective = DenoisingLoss(cosine_schedule(info.T, 1), info.T, 1)
+
+    def loss_fn(net, x, y, step):
+        out = objective(net, x, *objective.draw(step.generator, x, step.global_batch, step.rows))
+        return out.loss, out.terms
+
+    def finalize(net, ema, extra, path):
+        return save_diffusion_checkpoint(path, net, T=info.T, time_scale=1, extra={"stage": "toy"})
+
+    dataset = load_train(cfg.data)
+    job = Job(stage="toy", unit="model", model=model.train(), loss_fn=loss_fn,
+              batches=data_batches(dataset, 16, run, "toy", "model"), steps=cfg.toy.steps,
+              optim=OptimSpec("adam", cfg.toy.lr), config=cfg.toy.to_dict(), finalize=finalize)
+    return [run_job(job, run)]
+
+
+TOY = registry.Method(
+    name="toy", sections={"toy": (ToyConfig, ToyConfig)}, train=train_toy,
+    describe=lambda cfg: f"fine-tune the base model for {cfg.toy.steps} steps",
+    rows=lambda cfg: [registry.Row("toy", "Toy method", cfg.toy.eval_steps, "toy", "model")],
+    needs=("base",), help="a toy method defined in a test")
+
+TINY = ["--set", "distill_classifier.steps=2", "--set", "eval_classifier.steps=2",
+        "--set", "base.steps=2", "--set", "pd.steps_per_round=1", "--set", "pd.long_round_steps=1",
+        "--set", "rcfd.steps_per_round=1", "--set", "rcfd.long_round_steps=1",
+        "--set", "eval.num_samples=16", "--set", "eval.steps=[1]", "--set", "eval.batch_size=16",
+        "--set", "threads=1"]
+
+
+@pytest.fixture
+def toy():
+    with registry.registered(TOY):
+        yield TOY
+
+
+def test_a_method_registered_in_a_test_runs_through_the_pipeline(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert "toy" in pipeline_config_class().model_fields
+    assert get_preset("smoke").toy == ToyConfig()
+    assert "toy" in train.stages() and "a toy method defined in a test" in train.build_parser().format_help()
+    code = train.main(["--preset", "smoke", "--out", str(out), "--device", "cpu", "--no-progress",
+                       "--set", "toy.steps=3", *TINY])
+    assert code == 0, capsys.readouterr().err
+    stdout = capsys.readouterr().out
+    assert "toy        fine-tune the base model for 3 steps" in stdout  # the stage plan
+    model, info = load_diffusion_checkpoint(out / "toy" / "model.pt")
+    assert info.extra["stage"] == "toy"
+    results = json.loads((out / report.RESULTS_JSON).read_text())
+    toy_rows = [e for e in results["entries"] if e["method"] == "toy"]
+    assert [(e["label"], e["steps"]) for e in toy_rows] == [("Toy method", 4)]
+    assert "| Toy method |" in (out / report.RESULTS_MD).read_text()
+    assert json.loads((out / "config.json").read_text())["toy"]["steps"] == 3
+
+
+def test_registry_rules():
+    assert "toy" not in pipeline_config_class().model_fields  # the fixture cleaned up
+    names = [m.name for m in registry.methods()]
+    assert names[:4] == ["classifier", "base", "pd", "rcfd"]
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(registry.get("pd"))
+    clash = registry.Method(name="other", sections={"pd": (ToyConfig, ToyConfig)},
+                            train=train_toy, describe=str)
+    with pytest.raises(ValueError, match=r"section\(s\) \['pd'\] of 'other' are taken"):
+        registry.register(clash)
+    orphan = registry.Method(name="orphan", sections={}, train=train_toy, describe=str,
+                             needs=("nothing",))
+    with pytest.raises(ValueError, match="needs \\['nothing'\\]"):
+        registry.register(orphan)
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        registry.get("nope")
+    with pytest.raises(ValueError, match="need it"):
+        registry.unregister("base")
