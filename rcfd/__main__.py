@@ -7,7 +7,7 @@ import importlib
 import sys
 from typing import Sequence
 
-COMMANDS = {"train": "rcfd.train", "sample": "rcfd.sample", "evaluate": "rcfd.evaluate"}
+COMMANDS = {"train": "rcfd.cli.train", "sample": "rcfd.cli.sample", "evaluate": "rcfd.cli.evaluate"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

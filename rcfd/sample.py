@@ -1,117 +1,12 @@
-"""Images from any diffusion checkpoint (ours or a reference-format one) with an N-step DDIM
-sampler, written as a PNG grid or an ``.npz``.
+"""``python -m rcfd.sample``: images from a diffusion checkpoint. The command line lives in
+:mod:`rcfd.cli.sample`; this module only gives it its short name."""
 
-    python -m rcfd.sample runs/digits/checkpoints/rcfd_1.pt --steps 1 --num 64 --out grid.png
-    python -m rcfd.sample base.pt --steps 8 --num 10000 --batch-size 500 --out samples.npz
-
-The ``.npz`` holds ``arr_0``: uint8 ``[N, H, W, C]`` (the layout common evaluation scripts
-read), and ``steps``, ``seed``, ``T``, ``time_scale``. Noise is drawn on the CPU from
-``--seed``, so a seed gives the same images on any device; on a GPU the steps run as one
-captured CUDA graph per batch shape (``--no-cuda-graph`` for the eager loop).
-"""
-
-from __future__ import annotations
-
-import argparse
-import os
 import sys
-from pathlib import Path
-from typing import Sequence
 
-import numpy as np
-import torch
-
-from rcfd.train import (
-    UsageError,
-    add_common_device_args,
-    add_model_args,
-    load_model,
-    resolve_device,
-    run_cli,
-)
-
-OUTPUT_SUFFIXES = (".png", ".npz")
-
-
-def save_npz(images: torch.Tensor, path: str | os.PathLike, **meta) -> Path:
-    """Write uint8 images ``[N, C, H, W]`` as ``arr_0`` ``[N, H, W, C]`` plus ``meta``
-    scalars, atomically."""
-    if images.dtype != torch.uint8 or images.dim() != 4:
-        raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, arr_0=images.permute(0, 2, 3, 1).contiguous().numpy(),
-             **{k: np.asarray(v) for k, v in meta.items()})
-    os.replace(tmp, path)
-    return path
-
-
-def save_samples(images: torch.Tensor, path: str | os.PathLike, *, nrow: int | None = None,
-                 scale: int | None = None, **meta) -> Path:
-    """Write uint8 images as a PNG grid or an ``.npz``, chosen by ``path``'s suffix."""
-    from rcfd.report import display_scale, save_grid
-
-    suffix = Path(path).suffix.lower()
-    if suffix == ".npz":
-        return save_npz(images, path, **meta)
-    if suffix == ".png":
-        scale = display_scale(images.shape[-1]) if scale is None else scale
-        return save_grid(images, path, nrow=nrow, scale=scale)
-    raise UsageError(f"--out must end in .png (a grid) or .npz (the images), got {path}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rcfd.sample", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="diffusion checkpoint (rcfd or reference format)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's T)")
-    p.add_argument("--num", type=int, default=64, help="number of images (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--out", default=None, help="output .png grid or .npz (default: samples_<steps>steps.png "
-                   "next to the checkpoint)")
-    p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: a square)")
-    p.add_argument("--scale", type=int, default=None, help="enlarge grid images this many times "
-                   "(default: to at least 32 px)")
-    add_model_args(p)
-    p.add_argument("--no-progress", action="store_true")
-    add_common_device_args(p)
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(_main, argv)
-
-
-def _main(argv: Sequence[str] | None) -> int:
-    from rcfd.evaluate import sample_images
-
-    args = build_parser().parse_args(argv)
-    for name in ("num", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    if args.out is not None and Path(args.out).suffix.lower() not in OUTPUT_SUFFIXES:
-        raise UsageError(f"--out must end in .png (a grid) or .npz (the images), got {args.out}")
-    device = resolve_device(args.device)
-    model, info = load_model(args, device)
-    steps = args.steps or info.T
-    if steps < 1 or steps > info.T or info.T % steps:
-        raise UsageError(f"--steps {steps} must divide the checkpoint's T={info.T} (try a power of two <= {info.T})")
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(
-        f"{Path(args.checkpoint).stem}_samples_{steps}steps.png")
-    print(f"{args.checkpoint}: T={info.T}, time_scale={info.time_scale}, {info.source} format ({info.weights}); "
-          f"{args.num} images, {steps} step{'s' if steps > 1 else ''}, seed {args.seed}, on {device}", flush=True)
-    images = sample_images(model, info, num_samples=args.num, num_steps=steps, batch_size=args.batch_size,
-                           device=device, seed=args.seed, use_cuda_graph=not args.no_cuda_graph,
-                           progress=not args.no_progress)
-    path = save_samples(images, out, nrow=args.nrow, scale=args.scale, steps=steps, seed=args.seed,
-                        T=info.T, time_scale=info.time_scale)
-    print(f"wrote {path}")
-    return 0
-
+from rcfd.cli import stop_cleanly_on_sigterm
 
 if __name__ == "__main__":
-    from rcfd.sample import main as _entry  # one module identity for the error classes
+    stop_cleanly_on_sigterm()
+    from rcfd.cli.sample import main  # after the handler: a SIGTERM while importing stops cleanly
 
-    sys.exit(_entry())
+    sys.exit(main())

@@ -1,39 +1,39 @@
-"""Typed configs: round trips, presets, overrides and the validation errors."""
+"""Typed configs (pydantic): round trips, presets, overrides and the validation errors that
+name the key."""
 
 import json
 
 import pytest
 import yaml
 
-from rcfd.config import (
-    BaseStageConfig,
-    ClassifierStageConfig,
-    EvalStageConfig,
-    PDStageConfig,
-    PipelineConfig,
-    RCFDStageConfig,
-    halving_rounds,
-    load_config,
-    save_config,
-)
-from rcfd.losses import RCFDLossConfig
-from rcfd.presets import PRESETS, get_preset
+from rcfd.config import save_config
 from rcfd.core.unet import UNetConfig
+from rcfd.errors import ConfigError
+from rcfd.losses import RCFDLossConfig
+from rcfd.methods.base import BaseStageConfig
+from rcfd.methods.classifier import ClassifierStageConfig
+from rcfd.methods.distill import halving_rounds
+from rcfd.methods.pd import PDStageConfig
+from rcfd.methods.rcfd import RCFDStageConfig
+from rcfd.pipeline_config import EvalConfig, load_config, pipeline_config_class
+from rcfd.presets import PRESET_CONFIGS, PRESETS, get_preset
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_round_trip(name, tmp_path):
     cfg = get_preset(name)
+    PipelineConfig = pipeline_config_class()
     assert PipelineConfig.from_dict(cfg.to_dict()) == cfg
     assert PipelineConfig.from_dict(json.loads(cfg.to_json())) == cfg
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     assert load_config(tmp_path / "c.yaml") == cfg
     assert load_config(save_config(cfg, tmp_path / "c.json")) == cfg
+    assert type(cfg).from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
 
 
 def test_stage_configs_round_trip():
     for cfg in (ClassifierStageConfig(), BaseStageConfig(), PDStageConfig(), RCFDStageConfig(),
-                EvalStageConfig()):
+                EvalConfig()):
         assert type(cfg).from_dict(json.loads(cfg.to_json())) == cfg
 
 
@@ -74,43 +74,57 @@ def test_overrides_are_dotted_and_parse_strings():
     assert new.base.steps == 100 and new.rcfd.loss.tau == 0.9 and new.eval.steps == (1, 2)
     assert new.base.ema_decay is None and new.pd.lr == 1e-4 and new.rcfd.lr == 2e-5
     assert cfg.base.steps != 100  # frozen: the original is unchanged
-    with pytest.raises(ValueError, match=r"'base\.stepz'.*steps"):
+    with pytest.raises(ConfigError, match=r"'base\.stepz'.*steps"):
         cfg.with_overrides({"base.stepz": 1})
     with pytest.raises(ValueError, match="is a value, not a section"):
         cfg.with_overrides({"seed.x": 1})
 
 
 def test_unknown_keys_name_the_key_and_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown key 'lrr'.*valid keys:.*\blr\b"):
+    PipelineConfig = pipeline_config_class()
+    with pytest.raises(ConfigError, match=r"lrr: unknown key.*valid keys there:.*\blr\b"):
         BaseStageConfig.from_dict({"lrr": 1})
-    with pytest.raises(ValueError, match=r"unknown key 'rcfd\.loss\.taux'.*tau"):
+    with pytest.raises(ConfigError, match=r"rcfd\.loss\.taux: unknown key.*tau"):
         PipelineConfig.from_dict({"rcfd": {"loss": {"taux": 1}}})
-    with pytest.raises(ValueError, match=r"base\.unet"):
+    with pytest.raises(ConfigError, match=r"base\.unet\.chh: unknown key"):
         PipelineConfig.from_dict({"base": {"unet": {"chh": 3}}})
 
 
 def test_load_config_merges_over_a_preset(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("preset: smoke\nbase:\n  steps: 3\npd:\n  lr: 1e-4\n")
-    cfg = load_config(p)
+    cfg = load_config(p, presets=PRESET_CONFIGS)
     assert cfg.base.steps == 3 and cfg.name == "smoke"
     assert cfg.pd.lr == 1e-4  # YAML 1.1 alone would read 1e-4 as a string
     assert cfg.base.unet == get_preset("smoke").base.unet
-    with pytest.raises(ValueError, match="must end in"):
+    with pytest.raises(ConfigError, match="must end in"):
         load_config(tmp_path / "c.txt")
+    p.write_text("preset: nope\n")
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; presets: smoke"):
+        load_config(p, presets=PRESET_CONFIGS)
+    p.write_text("base: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p, presets=PRESET_CONFIGS)
+    p.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(p, presets=PRESET_CONFIGS)
 
 
 @pytest.mark.parametrize("overrides, match", [
-    ({"base.lr": -1e-4}, r"base: lr must be a number in \(0"),
-    ({"pd.lr": 0}, r"pd: lr"),
-    ({"base.T": 48}, "power of two"),
-    ({"base.steps": 0}, "steps must be an integer >= 1"),
+    ({"base.lr": -1e-4}, r"base\.lr: Input should be greater than 0 \(got -0\.0001\)"),
+    ({"pd.lr": 0}, r"pd\.lr: Input should be greater than 0"),
+    ({"base.lr": "nan"}, r"base\.lr: must be a finite number"),
+    ({"base.T": 48}, r"base\.T: must be a power of two"),
+    ({"base.steps": 0}, r"base\.steps: Input should be greater than or equal to 1"),
+    ({"base.steps": True}, r"base\.steps: must be a number, not true/false"),
     ({"base.sample_steps": 3}, "power of two"),
-    ({"eval.steps": [1, 3]}, "power of two"),
-    ({"eval.steps": [64]}, "exceed the base model's T=32"),
-    ({"rcfd.loss.tau": 0.0}, r"tau must be > 0"),
-    ({"rcfd.loss.tau": -1.0}, r"tau must be > 0"),
-    ({"rcfd.loss.beta": 1.5}, r"beta"),
+    ({"eval.steps": [1, 3]}, r"eval\.steps\[1\]: must be a power of two"),
+    ({"eval.steps": [64]}, r"eval\.steps 64 exceed the base model's T=32"),
+    ({"eval.methods": ["bogus"]}, r"'bogus' is not a method.*choose from base, pd, rcfd"),
+    ({"eval.samplers": ["euler"]}, r"eval\.samplers\[0\]: Input should be 'ddim', 'dpm-solver' or 'pndm'"),
+    ({"rcfd.loss.tau": 0.0}, r"rcfd\.loss\.tau: Input should be greater than 0"),
+    ({"rcfd.loss.tau": -1.0}, r"rcfd\.loss\.tau"),
+    ({"rcfd.loss.beta": 1.5}, r"rcfd\.loss\.beta"),
     ({"rcfd.final_T": 8}, "must be below start_T"),
     ({"rcfd.start_T": 6}, "power of two"),
     ({"pd.final_T": 16}, r"pd\.final_T=16 must be <= rcfd\.start_T"),
@@ -124,13 +138,17 @@ def test_load_config_merges_over_a_preset(tmp_path):
     ({"distill_classifier": None}, r"rcfd\.classifier='distill' needs a distill_classifier"),
     ({"pd.ema_decay": 1.0}, "ema_decay"),
     ({"pd.grad_clip": 0}, "grad_clip"),
-    ({"base.loss": "l1"}, "loss must be one of"),
-    ({"device": "tpu"}, "device must be"),
+    ({"base.loss": "l1"}, r"base\.loss: Input should be 'both', 'x' or 'eps' \(got 'l1'\)"),
+    ({"device": "tpu"}, r"device: must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ({"base": 5}, r"base: Input should be a valid dictionary"),
+    ({"data": None}, r"data: Input should be a valid dictionary"),
+    ({"base.unet": None}, r"base\.unet: Input should be a valid dictionary"),
+    ({"seed.x": 1}, "is a value, not a section"),
     ({"distill_classifier.milestones": [0.75, 0.5]}, "milestones"),
     ({"rcfd.classifier": "eval", "eval.extractor": "classifier"}, "measures with the features"),
 ])
 def test_bad_values_give_clear_errors(overrides, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         get_preset("digits").with_overrides(overrides)
 
 
@@ -143,7 +161,7 @@ def test_halving_rounds():
 
 
 def test_unknown_preset():
-    with pytest.raises(ValueError, match="presets: smoke"):
+    with pytest.raises(ConfigError, match="presets: smoke"):
         get_preset("nope")
 
 
@@ -152,3 +170,11 @@ def test_rcfd_loss_switches_travel_through_the_config():
                                               dual_temperature=True))
     back = RCFDStageConfig.from_dict(cfg.to_dict())
     assert back.loss == cfg.loss
+
+
+def test_null_sections_switch_methods_off_and_on():
+    cfg = get_preset("digits")
+    assert cfg.cfd is None  # CFD alone is off unless configured
+    on = cfg.with_overrides({"cfd.start_T": "8"})
+    assert on.cfd.loss.alpha == 0.0 and on.cfd.start_T == 8  # its defaults: CFD alone
+    assert on.with_overrides({"cfd": None}).cfd is None

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from rcfd import distributed as dist
-from rcfd.trainers.rundir import metrics_path, read_metrics
+from rcfd.training.logger import read_metrics
+from rcfd.training.rundir import metrics_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +62,9 @@ SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     from rcfd import distributed as dist
     from rcfd.presets import get_preset
-    from rcfd.trainers import RunContext, train_base, train_pd
+    from rcfd.methods.base import train_base
+    from rcfd.methods.pd import train_pd
+    from rcfd.training.rundir import RunContext
 
     info = dist.init_distributed("cpu")
     cfg = get_preset("smoke")

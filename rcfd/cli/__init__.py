@@ -1,0 +1,21 @@
+"""The command lines: :mod:`~rcfd.cli.train` (the study), :mod:`~rcfd.cli.sample` (images from
+a checkpoint) and :mod:`~rcfd.cli.evaluate` (metrics of a checkpoint). Each parses its
+arguments, builds a config and calls the library; nothing in :mod:`rcfd` imports from here.
+Shared options and error handling are :mod:`~rcfd.cli.common`."""
+
+import signal
+import sys
+
+STOPPED = "stopped by SIGTERM outside a training step; nothing was in progress to save"
+
+
+def _stop(signum, frame):
+    print(STOPPED, file=sys.stderr, flush=True)
+    raise SystemExit(0)
+
+
+def stop_cleanly_on_sigterm() -> None:
+    """Until a command installs its own handlers, SIGTERM stops it with exit code 0 and a
+    message (instead of the default exit 143), also while its modules are being imported.
+    Called by the ``python -m rcfd.<command>`` entry points before anything heavy loads."""
+    signal.signal(signal.SIGTERM, _stop)
