@@ -114,27 +114,6 @@ def test_one_step_dpm_solver_and_pndm_are_ddim():
     assert not torch.allclose(two, run("ddim", model, x_T, 2)[0])
 
 
-# --------------------------------------------------------------------------- old sampler
-
-
-@pytest.mark.parametrize("clip", [True, False])
-@pytest.mark.parametrize("prediction", ["x0", "eps"])
-@pytest.mark.parametrize("num_steps", [1, 2, 3, 8])
-def test_ddim_equals_the_old_eager_sampler(num_steps, prediction, clip):
-    """While ``rcfd.sampling`` exists: the same images, fp32 (compiled op) and float64.
-    The old sampler always clamps its result; the new one only with ``clip``."""
-    sampling = pytest.importorskip("rcfd.sampling")
-    sched = cosine_schedule(T, TIME_SCALE)
-    cases = [(Scaled(3).eval(), torch.randn(3, 3, 5, 7), dict(rtol=1e-6, atol=1e-6)),
-             (GaussianDenoiser(sched, torch.randn(1, 3, 5, 7, dtype=F64) * 2, 0.3, prediction),
-              torch.randn(3, 3, 5, 7, dtype=F64), dict(rtol=1e-12, atol=1e-12))]
-    for model, x_T, tol in cases:
-        old = sampling.sample_ddim(model, x_T, T, TIME_SCALE, num_steps, sched,
-                                   prediction=prediction, clip=clip)
-        new, _ = run("ddim", model, x_T, num_steps, prediction, clip, schedule=sched)
-        torch.testing.assert_close(new.clamp(-1, 1), old, **tol)
-
-
 # --------------------------------------------------------------------------- exact answers
 
 

@@ -9,7 +9,6 @@ import torch
 from standins import TinyNet
 
 from rcfd import samplers
-from rcfd.distributed import DistInfo, shard_range
 from rcfd.samplers import graph as graph_module
 
 NAMES = tuple(samplers.SAMPLERS)
@@ -68,9 +67,10 @@ def test_generate_yields_n_reproducible_images(name):
     assert all(x.shape[1:] == (3, 4, 5) and x.abs().max() <= 1 for x in a)
     torch.testing.assert_close(torch.cat(a), torch.cat(b))
     assert not torch.allclose(torch.cat(a), torch.cat(c))
-    g = torch.Generator().manual_seed(5)
-    first = samplers.get_sampler(name)(model, torch.randn(3, 3, 4, 5, generator=g), plan)
-    torch.testing.assert_close(torch.cat(a)[:3], first)
+    first_noise = torch.randn(3, 3, 4, 5, generator=torch.Generator().manual_seed(
+        samplers.batch_seed(5, 0)))  # batch 0 starts from its own seeded noise
+    first = samplers.get_sampler(name)(model, first_noise, plan)
+    torch.testing.assert_close(a[0], first)
 
 
 def test_generate_labels_its_progress_bar_with_the_sampler(capsys):
@@ -80,52 +80,51 @@ def test_generate_labels_its_progress_bar_with_the_sampler(capsys):
     assert "2-step dpm-solver" in capsys.readouterr().err
 
 
-def test_generate_refuses_bad_sizes_and_names():
+def test_generate_refuses_bad_sizes_names_and_dtypes():
     model = TinyNet(ch=3, width=8).eval()
     with pytest.raises(ValueError, match="positive"):
         next(samplers.generate(model, 0, 2, shape=(3, 4, 4), plan=plan_of(8, 1, 2)))
     with pytest.raises(ValueError, match="unknown sampler"):
         next(samplers.generate(model, 2, 2, shape=(3, 4, 4), plan=plan_of(8, 1, 2), sampler="ddpm"))
+    with pytest.raises(ValueError, match="dtype must be 'auto' or one of fp32, bf16, fp16"):
+        next(samplers.generate(model, 2, 2, shape=(3, 4, 4), plan=plan_of(8, 1, 2), dtype="int8"))
+
+
+def test_sampling_dtype_is_bf16_on_cuda_by_default():
+    assert samplers.sampling_dtype("auto", "cuda") == "bf16"
+    assert samplers.sampling_dtype("auto", "cpu") == "fp32"
+    assert samplers.sampling_dtype("fp32", "cuda") == "fp32"
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 5), (1, 16, 16)], ids=str)
 def test_noise_blocks_equal_one_process_noise_for_any_world_size(shape):
-    """Each rank's block holds the noise one process draws for those samples, so the union
-    over ranks is the same sample set for 1, 2, 3 or 4 processes (60 values per image
-    included: not a multiple of the 16 that CPU randn fills at a time)."""
+    """Each rank's block of whole batches holds the noise one process draws for those
+    batches, so the union over ranks is the same sample set for 1, 2, 3 or 4 processes (and
+    a rank draws only its own noise)."""
     n, batch = 23, 5
-
-    def noise(indices=None):
-        g = torch.Generator().manual_seed(11)
-        return list(samplers.noise_batches(n, batch, shape, g, indices))
-
-    whole = noise()
+    whole = list(samplers.noise_batches(n, batch, shape, seed=11))
     assert [x.shape[0] for x in whole] == [5, 5, 5, 5, 3]
-    for world in (1, 2, 3, 4):
-        blocks = []
-        for rank in range(world):
-            block = shard_range(n, DistInfo(rank=rank, world_size=world))
-            got = noise(block)
-            sizes = [x.shape[0] for x in got]
-            assert sum(sizes) == len(block) and all(s == batch for s in sizes[:-1])
-            blocks += got
-        assert torch.equal(torch.cat(blocks), torch.cat(whole)), f"world size {world}"
+    for world in (1, 2, 3, 4, 6):
+        blocks = [samplers.shard_batches(n, batch, rank, world) for rank in range(world)]
+        assert [i for b in blocks for i in b] == list(range(n))  # they tile the samples
+        got = [x for b in blocks for x in samplers.noise_batches(n, batch, shape, 11, "cpu", b)]
+        assert torch.equal(torch.cat(got), torch.cat(whole)), f"world size {world}"
 
 
-def test_noise_blocks_must_be_contiguous_and_inside():
-    g = torch.Generator()
-    for bad in (range(0, 10, 2), range(5, 11), range(-1, 3)):
-        with pytest.raises(ValueError, match="contiguous block"):
-            next(samplers.noise_batches(10, 4, (1, 2, 2), g, bad))
-    assert list(samplers.noise_batches(10, 4, (1, 2, 2), g, range(3, 3))) == []
+def test_noise_blocks_must_be_whole_batches_inside():
+    for bad in (range(0, 10, 2), range(5, 10), range(4, 11), range(-4, 4), range(0, 6)):
+        with pytest.raises(ValueError, match="block of whole batches"):
+            next(samplers.noise_batches(10, 4, (1, 2, 2), 0, "cpu", bad))
+    assert list(samplers.noise_batches(10, 4, (1, 2, 2), 0, "cpu", range(8, 8))) == []
+    assert [x.shape[0] for x in samplers.noise_batches(10, 4, (1, 2, 2), 0, "cpu", range(4, 10))] == [4, 2]
 
 
 def test_generate_block_equals_its_slice_of_all():
     model = TinyNet(ch=3, width=8).eval()
     kw = dict(shape=(3, 4, 5), plan=plan_of(8, 1, 2), sampler="pndm", progress=False, seed=3)
     whole = torch.cat(list(samplers.generate(model, 9, 4, **kw)))
-    part = torch.cat(list(samplers.generate(model, 9, 4, indices=range(2, 7), **kw)))
-    torch.testing.assert_close(part, whole[2:7])
+    part = torch.cat(list(samplers.generate(model, 9, 4, indices=range(4, 9), **kw)))
+    torch.testing.assert_close(part, whole[4:9])
 
 
 # --------------------------------------------------------------------------- CUDA
@@ -185,14 +184,15 @@ def test_graph_sampler_bf16_autocast_matches_eager_bf16(name):
 
 
 @pytest.mark.cuda
-def test_generate_on_cuda_equals_generate_on_cpu():
-    model = TinyNet(ch=3, width=8).eval()
-    kw = dict(shape=(3, 8, 8), plan=plan_of(8, 1, 4), sampler="dpm-solver", progress=False, seed=2)
-    cpu = torch.cat(list(samplers.generate(model, 6, 4, **kw)))
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions on both devices
-    try:
-        gpu = torch.cat(list(samplers.generate(model.cuda(), 6, 4, device="cuda", **kw)))
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
-    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
+def test_generate_on_cuda_draws_its_noise_there_and_reproduces():
+    """On CUDA the noise comes from a CUDA generator per batch: the same seed gives the same
+    images run to run (fp32 here), and no host sync is needed per batch."""
+    model = TinyNet(ch=3, width=8).eval().cuda()
+    kw = dict(shape=(3, 8, 8), plan=plan_of(8, 1, 4), sampler="dpm-solver", progress=False,
+              seed=2, device="cuda", dtype="fp32")
+    a = torch.cat(list(samplers.generate(model, 6, 4, **kw)))
+    b = torch.cat(list(samplers.generate(model, 6, 4, **kw)))
+    assert a.device.type == "cuda"
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    noise = next(samplers.noise_batches(6, 4, (3, 8, 8), 2, "cuda"))
+    assert noise.device.type == "cuda"

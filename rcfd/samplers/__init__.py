@@ -16,7 +16,7 @@
 
 from rcfd.samplers.ddim import ddim, ddim_transfer
 from rcfd.samplers.dpm_solver import dpm_solver_2m
-from rcfd.samplers.generate import generate, noise_batches
+from rcfd.samplers.generate import DTYPES, batch_seed, generate, noise_batches, sampling_dtype, shard_batches
 from rcfd.samplers.graph import GraphSampler
 from rcfd.samplers.plan import Plan, finish, make_plan, predict_x0, resolve_steps
 from rcfd.samplers.pndm import pndm
@@ -26,5 +26,6 @@ __all__ = [
     "Plan", "make_plan", "resolve_steps", "predict_x0", "finish",
     "ddim", "ddim_transfer", "dpm_solver_2m", "pndm",
     "SAMPLERS", "Sampler", "get_sampler", "sampler_name", "sample",
-    "GraphSampler", "generate", "noise_batches",
+    "GraphSampler", "generate", "noise_batches", "shard_batches", "batch_seed", "sampling_dtype",
+    "DTYPES",
 ]
