@@ -11,6 +11,7 @@ from rcfd.checkpoint import load_diffusion_checkpoint, save_diffusion_checkpoint
 from rcfd.cli import evaluate as cli
 from rcfd.core.unet import UNet, UNetConfig
 from rcfd.data import DatasetSpec, ImageDataset, load_dataset
+from rcfd.distributed import DistInfo
 from rcfd.errors import ConfigError, UsageError
 from rcfd.evaluation import EvalSettings, References, evaluate_rows
 from rcfd.evaluation.features import PixelExtractor, RandomConvExtractor
@@ -95,6 +96,19 @@ def test_evaluate_rows_checks_its_settings(checkpoint, references, panel):
         evaluate_rows([], None, eval_cfg=EvalSettings(primary="pixels"), references=references, extractors=panel)
     assert EvalSettings.from_config(type("Cfg", (), {"num_samples": 99, "extractors": ["pixels"]})()) == \
         EvalSettings(num_samples=99, extractors=("pixels",))
+
+
+def test_other_ranks_only_sample(checkpoint):
+    loads = []
+
+    def load(row):
+        loads.append(row.key)
+        return load_diffusion_checkpoint(checkpoint)
+
+    rank1 = DistInfo(rank=1, world_size=2)  # no process group: this rank's share, nothing gathered
+    r = evaluate_rows(_rows()[:2], load, eval_cfg=EvalSettings(num_samples=20), references=None, extractors=(),
+                      dist=rank1, progress=False)
+    assert r is None and loads == ["base"]
 
 
 def test_nan_samples_are_measured_as_black_with_a_warning(references, panel):

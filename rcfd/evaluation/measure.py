@@ -14,24 +14,27 @@ from rcfd import distributed
 from rcfd.core.schedule import cosine_schedule
 from rcfd.data import DatasetSpec, ImageDataset, load_dataset, to_uint8
 from rcfd.errors import DataError, UsageError
-from rcfd.samplers import generate, make_plan
+from rcfd.samplers import generate, make_plan, shard_batches
 
 # --------------------------------------------------------------------------- sampling
 
 
 def sample_images(model: nn.Module, info, *, num_samples: int, num_steps: int, batch_size: int,
                   sampler: str = "ddim", device: Any = "cpu", seed: int = 0, dist=None,
-                  use_cuda_graph: bool = True, progress: bool = True) -> torch.Tensor | None:
+                  use_cuda_graph: bool = True, progress: bool = True, dtype: str = "auto") -> torch.Tensor | None:
     """``num_samples`` images (uint8 ``[N, C, H, W]`` on the CPU) from a diffusion model
     (``info``: its :class:`rcfd.checkpoint.DiffusionInfo`) with the ``num_steps``-step
     ``sampler``, through :func:`rcfd.samplers.generate`. Under ``torchrun`` (``dist``: a
-    :class:`rcfd.distributed.DistInfo`) each rank makes its block of
-    :func:`rcfd.distributed.shard_range` and rank 0 gets them all, in rank order (the other
-    ranks get ``None``). Every block starts from the noise one process would draw from
-    ``seed`` for those samples, so the set is the same for any number of processes."""
+    :class:`rcfd.distributed.DistInfo`) each rank makes its block of whole batches
+    (:func:`rcfd.samplers.shard_batches`) and rank 0 gets them all, in rank order (the other
+    ranks get ``None``). A batch's noise depends only on ``seed``, its index, ``batch_size``
+    and the device type, so the set is the same for any number of processes, and rows
+    sampled with the same ``seed`` and ``batch_size`` start from the same noise.
+    ``dtype``: the model's (:func:`rcfd.samplers.sampling_dtype`; ``"auto"``: bf16 on CUDA)."""
     dist = dist or distributed.SINGLE
     device = torch.device(device)
-    block = distributed.shard_range(num_samples, dist)
+    batch_size = min(batch_size, num_samples)
+    block = shard_batches(num_samples, batch_size, dist.rank, dist.world_size)
     n = len(block)
     cfg = info.config
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
@@ -39,7 +42,7 @@ def sample_images(model: nn.Module, info, *, num_samples: int, num_steps: int, b
                      num_steps, prediction=info.prediction, device=device)
     out, bad = [], 0
     if n:
-        for x in generate(model, num_samples, min(batch_size, num_samples), shape=shape,
+        for x in generate(model, num_samples, batch_size, shape=shape, dtype=dtype,
                           plan=plan, sampler=sampler, device=device, seed=seed,
                           use_cuda_graph=use_cuda_graph, progress=progress and dist.is_main,
                           indices=block):

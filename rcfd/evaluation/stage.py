@@ -114,16 +114,18 @@ def evaluate_rows(rows: Sequence, load_model: Callable, *, eval_cfg: Any, refere
                   teacher: tuple[str, int] | None = None, say: Callable[[str], None] = print) -> dict | None:
     """Sample and measure every row (``rows``: :class:`rcfd.methods.registry.Row` in table
     order; ``load_model(row) -> (model, info)`` of its checkpoint), then the floors. Under
-    torchrun every rank samples its share and rank 0 measures; the other ranks get ``None``.
+    torchrun every rank samples its share and rank 0 measures; the other ranks get ``None``
+    (and may pass ``references=None, extractors=()``: only rank 0 uses them).
     ``out_dir``: where the sample grids go (``samples/``); ``teacher``: ``(key, steps)`` of
     the row that is the distillation teacher (labelled as the upper bound in reports).
     Returns the results dict (module docstring of :mod:`rcfd.report`)."""
     cfg = EvalSettings.from_config(eval_cfg)
+    dist = dist or distributed.SINGLE
     names = [e.name for e in extractors]
-    cfg.check(names, references.splits)
+    if dist.is_main:
+        cfg.check(names, references.splits)
     if not rows:
         raise UsageError("nothing to evaluate: no rows (no method produced a sampler)")
-    dist = dist or distributed.SINGLE
     cache, entries, cells = _ModelCache(load_model), [], {}
     floor_rows = {"first": list(rows[:1]), "all": list(rows), "none": []}[cfg.floor]
     floors: dict[str, Any] = {"two_seeds": [], "test_vs_train": None}
