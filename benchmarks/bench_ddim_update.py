@@ -93,10 +93,17 @@ def report_target(request):
     """After the module: public vs eager per case, and the 2x target's verdict."""
     yield
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is None or not _MEDIANS:
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None or not _MEDIANS:
         return
-    reporter.write_line("")
-    reporter.write_line(f"ddim_update on {DEVICE}: public rcfd.ops.ddim_update vs eager (medians)")
+    with capture.global_and_fixture_disabled():  # teardown output is captured otherwise
+        _report(reporter.write_line)
+
+
+def _report(write):
+    write("")
+    write(f"ddim_update on {DEVICE} ({torch.get_num_threads()} threads): public "
+          "rcfd.ops.ddim_update vs eager (medians)")
     for case in CASES:
         times = _MEDIANS.get(group_name(case), {})
         if "eager" not in times or "public" not in times:
@@ -106,7 +113,7 @@ def report_target(request):
                 f"{times['public'] / ROTATE * 1e6:.1f} us, {ratio:.2f}x")
         if case[0] in TARGET_BATCHES and case[1] == "fp32":
             line += f"  target >= {TARGET:g}x: {'met' if ratio >= TARGET else 'NOT MET'}"
-        reporter.write_line(line)
+        write(line)
 
 
 def _eager_args(c):

@@ -11,7 +11,8 @@ Two hot paths have kernels of their own:
 Each has a plain PyTorch reference (``*_reference``) that defines what the kernel computes
 and serves where no kernel applies. :func:`backend` decides which implementation runs for
 an op on a device; the decision is logged once per (op, device type) so a run always says
-what it used. ``RCFD_BACKEND=reference`` forces the PyTorch references everywhere and
+what it used. ``RCFD_BACKEND=reference`` forces the PyTorch references everywhere (the
+DDIM update reads it once per device type, at its first call there) and
 ``RCFD_KL_BACKEND=triton`` runs the Triton KL on the CPU (through ``TRITON_INTERPRET=1``).
 """
 
@@ -32,6 +33,7 @@ Coef = Union[float, torch.Tensor]
 
 _EXT = None
 _EXT_ERROR: str | None = None
+_OPS: dict = {}  # the compiled DDIM ops' overloads, looked up once when the extension loads
 
 
 def _load_extension():
@@ -43,6 +45,8 @@ def _load_extension():
         from rcfd import _C  # noqa: F401  (importing registers the torch.ops.rcfd ops)
 
         _register_ddim_python()
+        _OPS.update(tensor=torch.ops.rcfd.ddim_update.default,
+                    scalar=torch.ops.rcfd.ddim_update_scalar.default)
         _EXT = _C
     except Exception as exc:  # ImportError, or an undefined symbol from an ABI mismatch
         _EXT_ERROR = f"{type(exc).__name__}: {exc}"
@@ -268,17 +272,22 @@ def _checked_reference(z_t, x0, coefs: tuple, clip: bool) -> torch.Tensor:
     return ddim_update_reference(z_t, x0, *named.values(), clip)
 
 
-# The backend per (device type, RCFD_BACKEND), decided by backend() once and reused: the
-# public function runs once per sampler step, where a few microseconds matter.
+# The DDIM backend per device type, decided by backend() at the first call on that device
+# type (RCFD_BACKEND is read then) and reused: the public function runs once per sampler
+# step, where a microsecond matters (reading os.environ alone costs about one).
 _DDIM_ROUTE: dict = {}
 
 
 def _ddim_backend(device: torch.device) -> str:
-    key = (device.type, os.environ.get("RCFD_BACKEND"))
-    choice = _DDIM_ROUTE.get(key)
+    choice = _DDIM_ROUTE.get(device.type)
     if choice is None:
-        choice = _DDIM_ROUTE[key] = backend("ddim_update", device)
+        choice = _DDIM_ROUTE[device.type] = backend("ddim_update", device)
     return choice
+
+
+def _ddim_uses_extension(z_t: torch.Tensor) -> bool:
+    """Whether ``z_t``'s update runs on the compiled op (float64 always takes the reference)."""
+    return z_t.dtype != torch.float64 and _ddim_backend(z_t.device) == "extension"
 
 
 def _coef_tensor(c, name: str, z_t: torch.Tensor) -> torch.Tensor:
@@ -310,19 +319,19 @@ def ddim_update(
     channels-last; float64 inputs take the float64 reference. Differentiable in ``z_t`` and
     ``x0``. Bad inputs raise TypeError / ValueError naming the argument.
     """
-    if (not isinstance(z_t, torch.Tensor) or not isinstance(x0, torch.Tensor)
-            or z_t.dtype == torch.float64 or _ddim_backend(z_t.device) != "extension"):
+    Tensor = torch.Tensor
+    if not (isinstance(z_t, Tensor) and isinstance(x0, Tensor) and _ddim_uses_extension(z_t)):
         return _checked_reference(z_t, x0, (alpha_s, sigma_s, alpha_t, sigma_t), clip)
-    if not (isinstance(alpha_s, torch.Tensor) or isinstance(sigma_s, torch.Tensor)
-            or isinstance(alpha_t, torch.Tensor) or isinstance(sigma_t, torch.Tensor)):
+    if not (isinstance(alpha_s, Tensor) or isinstance(sigma_s, Tensor)
+            or isinstance(alpha_t, Tensor) or isinstance(sigma_t, Tensor)):
         try:
             coefs = (float(alpha_s), float(sigma_s), float(alpha_t), float(sigma_t))
         except (TypeError, ValueError):
             coefs = tuple(_coef_float(c, n) for c, n in zip((alpha_s, sigma_s, alpha_t, sigma_t), _COEF_NAMES))
-        return torch.ops.rcfd.ddim_update_scalar.default(z_t, x0, *coefs, bool(clip))
+        return _OPS["scalar"](z_t, x0, *coefs, bool(clip))
     coefs = (_coef_tensor(alpha_s, "alpha_s", z_t), _coef_tensor(sigma_s, "sigma_s", z_t),
              _coef_tensor(alpha_t, "alpha_t", z_t), _coef_tensor(sigma_t, "sigma_t", z_t))
-    return torch.ops.rcfd.ddim_update.default(z_t, x0, *coefs, bool(clip))
+    return _OPS["tensor"](z_t, x0, *coefs, bool(clip))
 
 
 # --------------------------------------------------------------------------- feature KL

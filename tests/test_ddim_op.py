@@ -203,9 +203,15 @@ def test_forward_and_backward_trace_under_torch_compile(kind):
     torch.testing.assert_close(gx.double(), rx, rtol=1e-5, atol=1e-6)
 
 
+def force_reference(monkeypatch):
+    """RCFD_BACKEND=reference, with the DDIM route decided afresh (it is read once)."""
+    monkeypatch.setenv("RCFD_BACKEND", "reference")
+    monkeypatch.setattr(ops, "_DDIM_ROUTE", {})
+
+
 def test_backend_choice_follows_rcfd_backend(monkeypatch):
     assert ops._ddim_backend(torch.device("cpu")) == "extension"
-    monkeypatch.setenv("RCFD_BACKEND", "reference")
+    force_reference(monkeypatch)
     assert ops._ddim_backend(torch.device("cpu")) == "reference"
     z_t, x0 = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
     torch.testing.assert_close(ops.ddim_update(z_t, x0, 0.9, 0.4, 0.8, 0.6),
@@ -244,7 +250,7 @@ PUBLIC_BAD_INPUTS = [  # (make bad arguments from good ones, exception, words in
 @pytest.mark.parametrize("mutate, exc, words", PUBLIC_BAD_INPUTS)
 def test_bad_input_is_named(mutate, exc, words, route, monkeypatch):
     if route == "reference":
-        monkeypatch.setenv("RCFD_BACKEND", "reference")
+        force_reference(monkeypatch)
     z, x, c = mutate(*_good())
     with pytest.raises(exc) as info:
         ops.ddim_update(z, x, *c)
