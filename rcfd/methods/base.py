@@ -31,6 +31,7 @@ from rcfd.methods.common import (
     load_train,
 )
 from rcfd.methods.registry import Method, Row, register
+from rcfd.training.fast_step import ObjectiveStep
 from rcfd.training.loop import Job, run_job
 from rcfd.training.optim import OptimSpec
 from rcfd.training.rundir import RunContext, checkpoint_path, unit_done
@@ -92,10 +93,6 @@ def train_base(cfg: BaseStageConfig, data, run: RunContext) -> Path:
     objective = DenoisingLoss(schedule, cfg.T, 1, cfg.loss, cfg.prediction)
     identity = data_identity(data, dataset)
 
-    def loss_fn(net, x, y, info):
-        t, noise = objective.draw(info.generator, x, info.global_batch, info.rows)
-        return objective(net, x, t, noise)
-
     def finalize(net, ema_net, extra, path):
         return save_diffusion_checkpoint(
             path, net, T=cfg.T, time_scale=1, prediction=cfg.prediction, ema_model=ema_net,
@@ -105,7 +102,7 @@ def train_base(cfg: BaseStageConfig, data, run: RunContext) -> Path:
 
     o = cfg.options
     shape = (dataset.channels, dataset.image_size, dataset.image_size)
-    job = Job(stage=STAGE, unit=UNIT, model=model, loss_fn=loss_fn,
+    job = Job(stage=STAGE, unit=UNIT, model=model, loss_fn=ObjectiveStep(objective),
               batches=data_batches(dataset, cfg.batch_size, run, STAGE, UNIT, flip=cfg.flip),
               steps=cfg.steps, config=cfg.to_dict(), finalize=finalize, data=identity,
               optim=OptimSpec("adam", cfg.lr, "constant", warmup=cfg.warmup, fused=o.fused),

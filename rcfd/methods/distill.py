@@ -28,6 +28,7 @@ from rcfd.methods.common import (
     grid_sampler,
     load_train,
 )
+from rcfd.training.fast_step import ObjectiveStep
 from rcfd.training.loop import Job, log_line, run_job
 from rcfd.training.optim import OptimSpec
 from rcfd.training.rundir import RunContext, checkpoint_path, unit_done
@@ -124,11 +125,6 @@ def distill_rounds(cfg: DistillConfig, stage: str, teacher_path: Path | str, dat
                 teacher = teacher.to(memory_format=torch.channels_last)
             objective = make_objective(teacher, schedule, teacher_T, time_scale, info.prediction)
 
-            def loss_fn(net, x, y, step, objective=objective):
-                t, noise = objective.draw(step.generator, x, step.global_batch, step.rows)
-                out = objective(net, x, t, noise)
-                return out.loss, out.terms
-
             def finalize(net, ema_net, extra, path, T=student_T, ts2=student_ts, src=source,
                          prediction=info.prediction):
                 return save_diffusion_checkpoint(
@@ -138,7 +134,7 @@ def distill_rounds(cfg: DistillConfig, stage: str, teacher_path: Path | str, dat
                            "data": data_spec_dict(identity), **(extra_info or {})})
 
             job = Job(stage=stage, unit=unit, model=_student(teacher, info, cfg.dropout),
-                      loss_fn=loss_fn, data=identity,
+                      loss_fn=ObjectiveStep(objective), data=identity,
                       batches=data_batches(dataset, cfg.batch_size, run, stage, unit, flip=cfg.flip),
                       steps=cfg.round_steps(student_T), config=cfg.to_dict(), finalize=finalize,
                       optim=OptimSpec("adam", cfg.lr, cfg.lr_schedule, warmup=cfg.warmup,

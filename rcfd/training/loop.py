@@ -11,7 +11,6 @@ rank 0 writes. The optimizer, learning-rate schedule and EMA are in
 
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
 import sys
@@ -30,6 +29,13 @@ from rcfd import distributed as dist
 from rcfd.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
 from rcfd.errors import Interrupted, NonFiniteLossError
 from rcfd.training import state as st
+from rcfd.training.fast_step import (
+    ObjectiveStep,
+    autocast,
+    compile_step,
+    fresh_compile_cache,
+    use_fast_backends,
+)
 from rcfd.training.logger import MetricsLogger
 from rcfd.training.optim import EMA, OptimSpec, grad_norm, lr_at, make_optimizer
 from rcfd.training.rundir import (
@@ -65,7 +71,12 @@ class Job:
     ``finalize(model, ema_model, extra, path) -> Path`` writes the unit's ``<unit>.pt``
     (rank 0). ``sample_fn(model, path)`` writes a sample grid; ``eval_fn(model, extra,
     step) -> dict`` logs metrics (e.g. test accuracy) and may keep a best state in
-    ``extra``. ``data`` identifies the training data (a resume on other data is refused)."""
+    ``extra``. ``data`` identifies the training data (a resume on other data is refused).
+
+    ``compile`` takes effect on CUDA only (:func:`rcfd.training.fast_step.compile_step`):
+    a ``loss_fn`` that is an :class:`~rcfd.training.fast_step.ObjectiveStep` then runs
+    compiled as a whole (the fast step), any other has its model compiled; ``bf16``
+    (autocast) and ``channels_last`` also take effect on CUDA only."""
 
     stage: str
     unit: str
@@ -134,6 +145,9 @@ class _Trainer:
         self.job, self.run_ctx, self.info = job, run, run.dist
         self.device = run.torch_device
         self.cuda = self.device.type == "cuda"
+        self.compiled = compile_step(job.compile, self.device)
+        if self.compiled:
+            use_fast_backends(self.device)
         d, stage, unit = run.run_dir, job.stage, job.unit
         self.final, self.state = checkpoint_path(d, stage, unit), state_path(d, stage, unit)
         self.logger = MetricsLogger(metrics_path(d, stage, unit), tensorboard_dir(d, stage, unit))
@@ -167,7 +181,8 @@ class _Trainer:
         if self.info.enabled:
             trained = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.cuda else None)
-        if job.compile and self.cuda:
+        self.loss_fn = self._step_function()
+        if self.compiled and not isinstance(self.loss_fn, ObjectiveStep):
             trained = torch.compile(trained)
         start, reduced = self.step, {"_stop": 0.0}
         self.t0 = time.perf_counter()
@@ -178,13 +193,27 @@ class _Trainer:
             with _Signals(run.handle_signals) as signals, bar:
                 done_here = 0
                 while self.step < job.steps:
-                    reduced = self._train_step(trained, signals)
+                    t_step = time.perf_counter()
+                    reduced = self._train_step(trained, signals)  # ends in a host sync
+                    if self.compiled and done_here == 0:
+                        log_line(run, f"compiled the {job.stage} step ({job.unit}) in "
+                                      f"{time.perf_counter() - t_step:.1f} s")
                     done_here += 1
                     bar.update(1)
                     self._after_step(reduced, bar, done_here, signals)
         finally:
             self.logger.close()
         return self._finish(start, reduced)
+
+    def _step_function(self) -> Callable:
+        """The job's ``loss_fn``, compiled as a whole when it is an ``ObjectiveStep`` and
+        the step compiles (each stage starting from an empty compile cache)."""
+        fn = self.job.loss_fn
+        if self.compiled:
+            fresh_compile_cache(self.job.stage)
+            if isinstance(fn, ObjectiveStep):
+                fn = fn.compiled()
+        return fn
 
     def _train_step(self, trained, signals) -> dict:
         job = self.job
@@ -196,10 +225,8 @@ class _Trainer:
             g["lr"] = lr
         sinfo = StepInfo(self.step, self.generator, self.info.rank, self.info.world_size,
                          job.batches.batch_size)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if job.bf16 and self.cuda
-                    else contextlib.nullcontext())
-        with autocast:
-            loss, terms = job.loss_fn(trained, x, y, sinfo)
+        with autocast(job.bf16, self.device):
+            loss, terms = self.loss_fn(trained, x, y, sinfo)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = grad_norm(self.params, job.grad_clip)

@@ -1,0 +1,112 @@
+"""The training step of a loss object, eager or compiled as one region (the fast step).
+
+A method hands the loop an :class:`ObjectiveStep` as its job's ``loss_fn``: built from a loss
+object of :mod:`rcfd.losses` (``draw(generator, x0, global_batch, rows)`` and
+``__call__(model, x0, t, noise)``), it draws the step's time steps and noise eagerly from the
+step's generator (for the global batch, keeping this rank's rows, so N processes see the
+noise of one) and then calls the objective.
+
+On CUDA with ``options.compile`` (the default) the loop runs :meth:`ObjectiveStep.compiled`:
+the whole objective, i.e. for PD and RCFD the teacher's two-step target (under no_grad), the
+student's forward and the classifier on both batches, and so also their backward, compiled
+by ``torch.compile`` (Inductor, default mode) in the loop's bf16 autocast with channels_last
+tensors, with ``cudnn.benchmark`` on (:func:`use_fast_backends`). Only the draw stays
+outside the compiled region, so the generator stays eager. Inductor fuses each GroupNorm
+with the SiLU after it (statistics, normalisation, affine and activation in one kernel,
+forward and backward), so no kernel of our own is needed for them. The first step pays the
+compilation (the loop logs ``compiled the <stage> step in N s``); the halving rounds of a
+stage reuse it (the teacher, student and time scale are inputs of the compiled code), and
+each stage starts from an empty compile cache (:func:`fresh_compile_cache`). The whole step
+is not captured in a CUDA graph: that is unmeasured, so it stays off.
+
+Without compilation (on the CPU, or ``options.compile=False``) the step is exactly the
+eager one, bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch
+
+_COMPILED_STAGE: list = [None]  # the stage whose compiled steps the Dynamo cache holds
+
+
+class ObjectiveStep:
+    """A job's ``loss_fn(model, x, y, info) -> (loss, terms)`` from a loss ``objective``:
+    ``t, noise = objective.draw(info.generator, x, info.global_batch, info.rows)`` (eager),
+    then ``objective(model, x, t, noise)``, compiled when ``compiled``.
+
+    ``backend`` is ``torch.compile``'s (``"inductor"``; the tests also use ``"aot_eager"``).
+    Before its first compiled call the objective runs once eagerly under no_grad, in a
+    forked RNG, so that the caches it fills (the schedule tables on the device, the fused
+    ops' backend routes) are only read inside the compiled region: a cache filled during
+    the first compiled call would fail its guard and compile everything a second time."""
+
+    def __init__(self, objective: Any, compiled: bool = False,
+                 backend: str | Callable = "inductor"):
+        if not (callable(objective) and callable(getattr(objective, "draw", None))):
+            raise TypeError("objective must be a loss object of rcfd.losses: callable as "
+                            "objective(model, x0, t, noise), with a draw(generator, x0, "
+                            f"global_batch, rows) method; got {type(objective).__name__}")
+        self.objective, self.is_compiled, self.backend = objective, compiled, backend
+        self._loss = torch.compile(self.loss, backend=backend) if compiled else self.loss
+        self._warm = not compiled
+
+    def compiled(self, backend: str | Callable | None = None) -> "ObjectiveStep":
+        """The same step with the objective compiled (``backend``: this step's by default)."""
+        return ObjectiveStep(self.objective, True, backend or self.backend)
+
+    def loss(self, model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
+        """``(loss, terms)`` of the objective on drawn ``t`` and ``noise``: the region
+        that is compiled."""
+        out = self.objective(model, x0, t, noise)
+        return out.loss, out.terms
+
+    def __call__(self, model, x: torch.Tensor, y, info) -> tuple[torch.Tensor, dict]:
+        t, noise = self.objective.draw(info.generator, x, info.global_batch, info.rows)
+        if not self._warm:
+            _warm_up(self.objective, model, x, t, noise)
+            self._warm = True
+        return self._loss(model, x, t, noise)
+
+
+def _warm_up(objective, model, x0, t, noise) -> None:
+    """One eager, gradient-free call of ``objective`` that leaves every RNG as it found it."""
+    devices = []
+    if x0.is_cuda:
+        devices = [torch.cuda.current_device() if x0.device.index is None else x0.device.index]
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        objective(model, x0, t, noise)
+
+
+def compile_step(requested: bool, device: torch.device) -> bool:
+    """Whether the loop compiles a job's step: ``options.compile`` takes effect on CUDA
+    only (on the CPU the step stays eager; tests compile an :class:`ObjectiveStep` on the
+    CPU explicitly)."""
+    return bool(requested) and torch.device(device).type == "cuda"
+
+
+def use_fast_backends(device: torch.device) -> None:
+    """Process-wide settings of the fast step on CUDA: ``cudnn.benchmark`` (cuDNN times its
+    convolution algorithms once per shape and keeps the fastest)."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def fresh_compile_cache(stage: str) -> None:
+    """Empty Dynamo's cache when a new stage starts compiling. Dynamo keeps at most
+    ``recompile_limit`` (8) compiled versions of one function and falls back to eager
+    beyond that; the rounds of one stage share one or two versions of
+    :meth:`ObjectiveStep.loss`, but every stage adds its own."""
+    if _COMPILED_STAGE[0] not in (None, stage):
+        torch.compiler.reset()
+    _COMPILED_STAGE[0] = stage
+
+
+def autocast(enabled: bool, device: torch.device):
+    """bf16 autocast on CUDA when ``enabled``; a null context otherwise."""
+    if enabled and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
