@@ -18,6 +18,8 @@ Tolerances, stated once:
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounter
+from torch._inductor.utils import run_and_get_code
 
 from rcfd.core.classifiers import ClassifierConfig, build, frozen
 from rcfd.core.schedule import cosine_schedule
@@ -189,6 +191,21 @@ def test_compiled_step_draws_outside_the_graph(kind):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * float(w.abs().max()))
 
 
+def test_later_halving_rounds_reuse_the_compiled_step():
+    """New teacher and student modules and a doubled time scale each round: the second
+    round recompiles (with the time scale symbolic), the third compiles nothing."""
+    counter, frames = CompileCounter(), []
+    torch.compiler.reset()
+    schedule = cosine_schedule(8, 1)
+    for teacher_T, time_scale in ((8, 1), (4, 2), (2, 4)):
+        student, _, x0 = make_case("base")
+        teacher = lively(UNet(UNET), teacher_T).eval().requires_grad_(False)
+        step = ObjectiveStep(PDLoss(teacher, schedule, teacher_T, time_scale)).compiled(counter)
+        loss_and_grads(step, student, x0, info())
+        frames.append(counter.frame_count)
+    assert frames[0] > 0 and frames[2] == frames[1]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["base", "rcfd"])
 def test_inductor_step_matches_eager_fp32(kind):
@@ -203,8 +220,6 @@ def test_inductor_step_matches_eager_fp32(kind):
 def fused_group_norm_silu_kernels(device: str) -> list[str]:
     """Names of the kernels Inductor generates for ``SiLU(GroupNorm(x))`` (forward and
     backward) whose name covers both ops (Inductor names a fused kernel after its ops)."""
-    from torch._inductor.utils import run_and_get_code  # the test's only Inductor internal
-
     block = torch.nn.Sequential(torch.nn.GroupNorm(8, 32), torch.nn.SiLU()).to(device)
     x = torch.randn(3, 32, 7, 5, device=device, requires_grad=True)
 

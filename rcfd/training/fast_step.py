@@ -12,12 +12,14 @@ student's forward and the classifier on both batches, and so also their backward
 by ``torch.compile`` (Inductor, default mode) in the loop's bf16 autocast with channels_last
 tensors, with ``cudnn.benchmark`` on (:func:`use_fast_backends`). Only the draw stays
 outside the compiled region, so the generator stays eager. Inductor fuses each GroupNorm
-with the SiLU after it (statistics, normalisation, affine and activation in one kernel,
-forward and backward), so no kernel of our own is needed for them. The first step pays the
-compilation (the loop logs ``compiled the <stage> step in N s``); the halving rounds of a
-stage reuse it (the teacher, student and time scale are inputs of the compiled code), and
-each stage starts from an empty compile cache (:func:`fresh_compile_cache`). The whole step
-is not captured in a CUDA graph: that is unmeasured, so it stays off.
+with the SiLU after it (statistics, normalisation, affine and activation in one generated
+kernel, and their backward likewise; ``tests/test_fast_step.py`` checks the generated code),
+so no kernel of our own is needed for them. The first step pays the compilation (the loop
+logs ``compiled the <stage> step (<unit>) in N s``). The teacher, student and classifier
+are inputs of the compiled code, not constants, so the halving rounds of a stage reuse it:
+the second round recompiles once with the time scale symbolic, later rounds compile nothing.
+Each stage starts from an empty compile cache (:func:`fresh_compile_cache`). The whole step
+is not captured in a CUDA graph: whether that is faster is unmeasured, so it stays off.
 
 Without compilation (on the CPU, or ``options.compile=False``) the step is exactly the
 eager one, bit for bit.
