@@ -181,8 +181,8 @@ at::Tensor ddim_update_scalar_cpu(const at::Tensor& z_t, const at::Tensor& x0, d
 
 }  // namespace
 
-// The DDIM update alone (z_s from z_t and the model's x0); "ddim_step" in Python is the model
-// call plus this update. Coefficients are [] / [1] / [B] float32 tensors, or four floats.
+// The DDIM update alone: z_s from z_t and the model's x0 (a sampler's DDIM step is the model
+// call plus this update). Coefficients are [] / [1] / [B] float32 tensors, or four floats.
 TORCH_LIBRARY(rcfd, m) {
   m.def(
       "ddim_update(Tensor z_t, Tensor x0, Tensor alpha_s, Tensor sigma_s, Tensor alpha_t, "

@@ -142,8 +142,8 @@ def backend(op: str, device: torch.device | str) -> str:
 
 # --------------------------------------------------------------------------- DDIM update
 #
-# The compiled ops torch.ops.rcfd.ddim_update / ddim_update_scalar are the update alone (the
-# model call plus the update is rcfd.sampling.ddim_step). Their schemas, CPU and CUDA kernels,
+# The compiled ops torch.ops.rcfd.ddim_update / ddim_update_scalar are the update alone (a
+# sampler's DDIM step is the model call plus this update). Their schemas, CPU and CUDA kernels,
 # input checks and autograd kernel are C++ (csrc/); here are their fake kernels, which
 # torch.compile and meta tensors use, and the public function, which only routes: the
 # compiled op checks its own inputs, so the public path adds no Python checks of its own.
@@ -186,7 +186,8 @@ def _check_ddim_meta(z_t, x0, coefs: dict, op_dtypes: bool) -> None:
         if not isinstance(c, torch.Tensor):
             continue
         if (c.dtype != torch.float32) if op_dtypes else not c.is_floating_point():
-            raise TypeError(f"{where}: {name} must be a float32 tensor, got {c.dtype}")
+            kind = "float32" if op_dtypes else "floating-point"
+            raise TypeError(f"{where}: {name} must be a {kind} tensor, got {c.dtype}")
         if c.device != z_t.device:
             raise ValueError(f"{where}: {name} is on {c.device} but z_t is on {z_t.device}; move it there")
         if not (c.dim() == 0 or (c.dim() == 1 and c.shape[0] in (1, z_t.shape[0]))):

@@ -1,6 +1,6 @@
 """The fused DDIM update: the public rcfd.ops.ddim_update and the compiled ops
-torch.ops.rcfd.ddim_update / ddim_update_scalar (the update alone; rcfd.sampling.ddim_step is
-the model call plus this update)."""
+torch.ops.rcfd.ddim_update / ddim_update_scalar (the update alone; a sampler's DDIM step is the
+model call plus this update)."""
 
 import json
 import os
