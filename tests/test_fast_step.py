@@ -41,6 +41,13 @@ RANDOM_OPS = ("rand", "normal", "bernoulli", "multinomial", "uniform", "exponent
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(autouse=True)
+def _empty_compile_cache():
+    """Each test compiles from an empty Dynamo cache: they all compile the same function,
+    ObjectiveStep.loss, and Dynamo keeps a limited number of versions of one function."""
+    torch.compiler.reset()
+
+
 def lively(net: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Weights that make every layer matter: the DDPM initialisation scales the last layer
     of each block by 1e-5, which would leave the outputs (and the test) near zero."""
@@ -195,7 +202,6 @@ def test_later_halving_rounds_reuse_the_compiled_step():
     """New teacher and student modules and a doubled time scale each round: the second
     round recompiles (with the time scale symbolic), the third compiles nothing."""
     counter, frames = CompileCounter(), []
-    torch.compiler.reset()
     schedule = cosine_schedule(8, 1)
     for teacher_T, time_scale in ((8, 1), (4, 2), (2, 4)):
         student, _, x0 = make_case("base")
