@@ -108,7 +108,7 @@ def test_pixels_and_whitened_pca(digits):
         PixelExtractor(SHAPE, pca_dims=4)
 
 
-def test_random_conv_is_fixed_by_its_seed_and_scaled_on_the_fit_set(digits):
+def test_random_conv_is_fixed_by_its_seed_and_standardised_on_the_fit_set(digits):
     torch.manual_seed(1)
     a = random_conv(1, seed=0)
     torch.manual_seed(2)
@@ -117,7 +117,10 @@ def test_random_conv_is_fixed_by_its_seed_and_scaled_on_the_fit_set(digits):
     train = digits[0].images[:300]
     ext = RandomConvExtractor(SHAPE, fit_images=train)
     f = ext(train).features
-    assert f.shape == (300, 32 + 64 + 128) and f.var(0, ddof=1).mean() == pytest.approx(1.0, rel=1e-5)
+    assert f.shape == (300, 32 + 64 + 128) and f.var(0, ddof=1).mean() == pytest.approx(1.0, rel=1e-9)
+    np.testing.assert_allclose(f.mean(0), 0, atol=1e-9)  # centred on the fit set
+    raw = random_conv(1)(to_float(train)).double().numpy()  # one affine map of the raw features
+    np.testing.assert_allclose(f, (raw - raw.mean(0)) / np.sqrt(raw.var(0, ddof=1).mean()), rtol=1e-4, atol=1e-4)
     assert RandomConvExtractor(SHAPE, fit_images=train).fingerprint == ext.fingerprint
     assert RandomConvExtractor(SHAPE).fingerprint != ext.fingerprint  # another scale, another cache name
     odd = RandomConvExtractor((3, 7, 7))  # any channels and size

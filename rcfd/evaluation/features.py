@@ -213,28 +213,35 @@ def random_conv(in_channels: int, seed: int = 0, widths=RANDOM_CONV_WIDTHS) -> R
 
 
 class RandomConvExtractor(FeatureExtractor):
-    """``"random-conv"``: :func:`random_conv` features of images in ``[-1, 1]``, multiplied by
-    one number ``1 / sqrt(mean_d Var_d)`` of ``fit_images`` (the reference training split),
-    so that its features have unit variance on average there. The scale only makes the
-    numbers readable (a random network's features are small); it changes no ranking."""
+    """``"random-conv"``: :func:`random_conv` features of images in ``[-1, 1]``, standardised
+    on ``fit_images`` (the reference training split) by one affine map, ``(f - m) * c`` with
+    ``m`` their mean and ``c = 1 / sqrt(mean_d Var_d)``, so that they are centred with unit
+    variance on average there. A random network's raw features are small and far from 0;
+    FID does not see the shift and only scales with ``c^2``, but KID's cubic kernel
+    ``(x.y / D + 1)^3`` is meant for features of this order (it blows up and becomes noisy
+    on uncentred ones)."""
 
     def __init__(self, image_shape: tuple[int, int, int], *, seed: int = 0, widths=RANDOM_CONV_WIDTHS,
                  fit_images: torch.Tensor | None = None):
         self.image_shape = tuple(image_shape)
         self.net = random_conv(image_shape[0], seed, tuple(widths))
-        self.name, self.scale = "random-conv", 1.0
+        self.name, self.scale, self.shift = "random-conv", 1.0, torch.zeros(sum(widths), dtype=torch.float64)
+        h = hashlib.sha256(module_fingerprint(self.net).encode())
         if fit_images is not None:
-            f = FeatureExtractor.__call__(self, fit_images).features
-            var = float(f.var(0, ddof=1).mean()) if f.shape[0] > 1 else 0.0
+            f = torch.from_numpy(FeatureExtractor.__call__(self, fit_images).features)
+            var = float(f.var(0).mean()) if f.shape[0] > 1 else 0.0
             if not var > 0:
                 raise ValueError("the fit images give constant random-conv features; pass the training split")
-            self.scale = var ** -0.5
-        self.detail = f"random-conv:seed{seed}:{'-'.join(map(str, widths))}:scale{self.scale:.6g}"
-        self.fingerprint = hashlib.sha256(f"{module_fingerprint(self.net)}:{self.scale!r}".encode()).hexdigest()
+            self.shift, self.scale = f.mean(0), var ** -0.5
+            h.update(self.shift.numpy().tobytes() + repr(self.scale).encode())
+        self.detail = f"random-conv:seed{seed}:{'-'.join(map(str, widths))}" + (
+            f":standardised-on-{fit_images.shape[0]}-images" if fit_images is not None else "")
+        self.fingerprint = h.hexdigest()
 
     def to(self, device):
         self.net.to(device)
         return self
 
     def batch(self, images):
-        return self.net(to_float(images)) * self.scale, None
+        f = self.net(to_float(images)).double()
+        return (f - self.shift.to(f.device)) * self.scale, None

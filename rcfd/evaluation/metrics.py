@@ -127,19 +127,30 @@ def kid(features1, features2, *, subsets: int = KID_SUBSETS, subset_size: int | 
     if m < 2:
         raise ValueError(f"KID needs subsets of at least 2 points, got {m}")
     rng = np.random.RandomState(seed)
-    full = max(a.shape[0], b.shape[0]) ** 2 <= KID_FULL_KERNEL_MAX  # every kernel value once, then gathers
-    if full:
-        k_aa, k_ab, k_bb = (polynomial_kernel(x, y, degree) for x, y in ((a, a), (a, b), (b, b)))
-    values = np.empty(subsets)
-    for i in range(subsets):
-        ia, ib = rng.choice(a.shape[0], m, replace=False), rng.choice(b.shape[0], m, replace=False)
-        if full:
-            values[i] = mmd2_unbiased(k_aa[np.ix_(ia, ia)], k_ab[np.ix_(ia, ib)], k_bb[np.ix_(ib, ib)])
-        else:
-            x, y = a[ia], b[ib]
-            values[i] = mmd2_unbiased(polynomial_kernel(x, x, degree), polynomial_kernel(x, y, degree),
-                                      polynomial_kernel(y, y, degree))
+    draws = [(rng.choice(a.shape[0], m, replace=False), rng.choice(b.shape[0], m, replace=False))
+             for _ in range(subsets)]
+    if max(a.shape[0], b.shape[0]) ** 2 <= KID_FULL_KERNEL_MAX:
+        values = _mmd2_of_subsets(a, b, draws, degree)
+    else:
+        values = np.array([mmd2_unbiased(polynomial_kernel(a[ia], a[ia], degree), polynomial_kernel(a[ia], b[ib], degree),
+                                         polynomial_kernel(b[ib], b[ib], degree)) for ia, ib in draws])
     return float(values.mean()), float(values.std())
+
+
+def _mmd2_of_subsets(a: np.ndarray, b: np.ndarray, draws, degree: int) -> np.ndarray:
+    """:func:`mmd2_unbiased` of every drawn pair of subsets at once: each kernel value is
+    computed once, and the sum of a subset's block ``K[I, J]`` is ``u_I^T K u_J`` with
+    ``u`` the subsets' indicator vectors (one matrix product for all subsets)."""
+    m = len(draws[0][0])
+    ua, ub = torch.zeros(a.shape[0], len(draws), dtype=torch.float64), torch.zeros(b.shape[0], len(draws), dtype=torch.float64)
+    for s, (ia, ib) in enumerate(draws):
+        ua[torch.from_numpy(ia), s] = 1.0
+        ub[torch.from_numpy(ib), s] = 1.0
+    k_aa, k_ab, k_bb = (torch.from_numpy(polynomial_kernel(x, y, degree)) for x, y in ((a, a), (a, b), (b, b)))
+    xx = ((k_aa @ ua) * ua).sum(0) - k_aa.diagonal() @ ua
+    yy = ((k_bb @ ub) * ub).sum(0) - k_bb.diagonal() @ ub
+    xy = ((k_ab @ ub) * ua).sum(0)
+    return ((xx + yy) / (m * (m - 1)) - 2 * xy / (m * m)).numpy()
 
 
 # --------------------------------------------------------------------------- IS
