@@ -14,6 +14,7 @@ from rcfd.data import DatasetSpec, ImageDataset, load_dataset
 from rcfd.distributed import DistInfo
 from rcfd.errors import ConfigError, UsageError
 from rcfd.evaluation import EvalSettings, References, evaluate_rows
+from rcfd.evaluation.stage import floor_rows
 from rcfd.evaluation.features import PixelExtractor, RandomConvExtractor
 from rcfd.methods.registry import Row
 
@@ -88,8 +89,10 @@ def test_evaluate_rows_checks_its_settings(checkpoint, references, panel):
 
     with pytest.raises(ConfigError, match="primary"):
         run(primary="classifier")
-    with pytest.raises(ConfigError, match="floor"):
+    with pytest.raises(ConfigError, match="floor must be one of"):
         run(floor="sometimes")
+    assert [(r.key, r.steps) for r in floor_rows(_rows(), "base")] == [("base", 1)]  # the cheapest
+    assert floor_rows(_rows(), "all") == _rows() and floor_rows(_rows(), "none") == []
     with pytest.raises(ConfigError, match="num_samples"):
         run(num_samples=10)
     with pytest.raises(UsageError, match="no rows"):

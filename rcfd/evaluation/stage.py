@@ -50,8 +50,9 @@ class EvalSettings:
     * ``num_samples`` per row (and per floor set), ``batch_size`` for sampling and features;
     * ``primary``: the extractor of the Table-1-shaped table and the flattened ``fid``/``kid``/
       ``is`` of each entry; ``reference``: its split (``"test"``, the held-out images);
-    * ``floor``: which rows are sampled a second time for the two-seed floor (``"first"``:
-      the first row given; ``"all"``; ``"none"``);
+    * ``floor``: which rows are sampled a second time for the two-seed floor: ``"first"``
+      (the first row given), ``"all"``, ``"none"``, or a row key (its row with the fewest
+      steps: the cheapest, e.g. ``"pd"`` for the one-step PD student);
     * ``grid_images``: images per row in its sample grid."""
 
     num_samples: int = 5000
@@ -76,11 +77,20 @@ class EvalSettings:
             raise ConfigError(f"eval.primary={self.primary!r} is not one of the extractors {list(names)}")
         if self.reference not in splits:
             raise ConfigError(f"eval.reference={self.reference!r}: the data has only the splits {list(splits)}")
-        if self.floor not in FLOOR_MODES:
-            raise ConfigError(f"eval.floor must be one of {FLOOR_MODES}, got {self.floor!r}")
         if self.num_samples < 20 or self.batch_size < 1:
             raise ConfigError(f"eval.num_samples must be >= 20 and batch_size >= 1, got "
                               f"{self.num_samples}, {self.batch_size}")
+
+
+def floor_rows(rows: Sequence, floor: str) -> list:
+    """The rows sampled twice for the two-seed floor (:class:`EvalSettings`, ``floor``)."""
+    if floor in FLOOR_MODES:
+        return {"first": list(rows[:1]), "all": list(rows), "none": []}[floor]
+    mine = [r for r in rows if r.key == floor]
+    if not mine:
+        raise ConfigError(f"eval.floor must be one of {FLOOR_MODES} or a row key "
+                          f"({sorted({r.key for r in rows})}), got {floor!r}")
+    return [min(mine, key=lambda r: r.steps)]
 
 
 def _grid_name(row, steps: int) -> str:
@@ -127,7 +137,7 @@ def evaluate_rows(rows: Sequence, load_model: Callable, *, eval_cfg: Any, refere
     if not rows:
         raise UsageError("nothing to evaluate: no rows (no method produced a sampler)")
     cache, entries, cells = _ModelCache(load_model), [], {}
-    floor_rows = {"first": list(rows[:1]), "all": list(rows), "none": []}[cfg.floor]
+    twice = floor_rows(rows, cfg.floor)
     floors: dict[str, Any] = {"two_seeds": [], "test_vs_train": None}
     if dist.is_main:
         floors["test_vs_train"] = data_floor(extractors, references, seed=seed)
@@ -139,7 +149,7 @@ def evaluate_rows(rows: Sequence, load_model: Callable, *, eval_cfg: Any, refere
                   "use_cuda_graph": use_cuda_graph}
         images = sample_images(model, info, seed=seed, **sample)
         t1 = time.perf_counter()
-        second = sample_images(model, info, seed=seed + FLOOR_SEED_OFFSET, **sample) if row in floor_rows else None
+        second = sample_images(model, info, seed=seed + FLOOR_SEED_OFFSET, **sample) if row in twice else None
         if not dist.is_main:
             continue
         feats = panel_features(images, extractors, device=device, batch_size=cfg.batch_size)
