@@ -225,22 +225,27 @@ def plot_metric_vs_steps(series: Mapping[str, Mapping[str, Sequence[tuple[int, f
                          path: str | os.PathLike, *, metric: str = "FID", note: str = "") -> Path:
     """One panel per extractor (``series``: extractor -> row label -> ``[(steps, value,
     error)]``), the metric against the number of steps on a log2 axis, error bars where the
-    error is non-zero (the spread over seeds)."""
+    error is non-zero (the spread over seeds); the value axis is logarithmic when the values
+    are positive and span more than 20-fold."""
     plt = _pyplot()
     n = max(1, len(series))
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
     markers = "os^vD<>pP*"
     for ax, (extractor, rows) in zip(axes.flat, series.items()):
         ticks = set()
+        values = []
         for i, (label, pts) in enumerate(rows.items()):
             pts = sorted(p for p in pts if p[1] is not None and math.isfinite(p[1]))
             if not pts:
                 continue
             xs, ys, err = zip(*pts)
             ticks.update(xs)
+            values += ys
             ax.errorbar(xs, ys, yerr=err if any(err) else None, fmt=markers[i % len(markers)] + "-",
                         capsize=3, label=label, linewidth=1.1, markersize=4)
         ax.set_xscale("log", base=2)
+        if values and min(values) > 0 and max(values) > 20 * min(values):
+            ax.set_yscale("log")
         if ticks:
             ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
         ax.minorticks_off()
@@ -262,25 +267,28 @@ def plot_paired_differences(rows: Sequence[Mapping], path: str | os.PathLike, *,
     plt = _pyplot()
     rows = [r for r in rows if r["metric"] == metric]
     extractors = list(dict.fromkeys(r["extractor"] for r in rows)) or ["(none)"]
-    comparisons = list(dict.fromkeys((r["method"], r["baseline"]) for r in rows))
+    comparisons = list(dict.fromkeys((r["method_label"], r["baseline_label"]) for r in rows))
     fig, axes = plt.subplots(1, len(extractors), figsize=(4.2 * len(extractors), 3.4), squeeze=False)
     for ax, extractor in zip(axes.flat, extractors):
+        ax.set_xscale("log", base=2)
+        ticks = set()
         for i, (m, b) in enumerate(comparisons):
             pts = sorted((r["steps"], r["mean"], r["ci_low"], r["ci_high"]) for r in rows
-                         if r["extractor"] == extractor and (r["method"], r["baseline"]) == (m, b))
+                         if r["extractor"] == extractor and (r["method_label"], r["baseline_label"]) == (m, b)
+                         and r["ci_low"] is not None)
             if not pts:
                 continue
             steps, mean, lo, hi = (np.asarray(v, dtype=np.float64) for v in zip(*pts))
             x = steps * 2 ** (0.08 * (i - (len(comparisons) - 1) / 2))  # side by side on the log axis
-            ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], fmt="o", capsize=3, label=f"{m} - {b}",
+            ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], fmt="o", capsize=3, label=f"{m} − {b}",
                         markersize=4)
-            ticks = sorted({int(s) for s in steps})
-            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ticks.update(int(s) for s in steps)
+        ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xscale("log", base=2)
         ax.minorticks_off()
         ax.set_xlabel("sampling steps")
-        ax.set_ylabel(f"{metric.upper()} difference (lower: method better)")
+        better = "lower" if metric in ("fid", "kid") else "higher"
+        ax.set_ylabel(f"{metric.upper()} difference ({better}: method better)")
         ax.set_title(f"paired by seed, 95% t-interval, extractor {extractor}", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)

@@ -14,8 +14,8 @@ from rcfd.data import DatasetSpec, ImageDataset, load_dataset
 from rcfd.distributed import DistInfo
 from rcfd.errors import ConfigError, UsageError
 from rcfd.evaluation import EvalSettings, References, evaluate_rows
-from rcfd.evaluation.stage import floor_rows
 from rcfd.evaluation.features import PixelExtractor, RandomConvExtractor
+from rcfd.evaluation.stage import floor_rows
 from rcfd.methods.registry import Row
 
 SHAPE = (1, 16, 16)
