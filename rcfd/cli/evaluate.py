@@ -140,8 +140,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    from rcfd.evaluate import (
-        main as _entry,  # one module identity for the error classes
-    )
+    # the entry point of `python -m rcfd.evaluate`: one module identity for the error classes
+    from rcfd.evaluate import main as _entry
 
     sys.exit(_entry())
