@@ -20,7 +20,8 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -151,8 +152,9 @@ def _is_text(annotation: Any) -> bool:
         return True
     if get_origin(annotation) is Literal:
         return all(isinstance(a, str) for a in get_args(annotation))
-    return get_origin(annotation) is not None and any(_is_text(a) for a in get_args(annotation)
-                                                      if a is not type(None))
+    if get_origin(annotation) in (Union, UnionType):  # str | None and the like
+        return any(_is_text(a) for a in get_args(annotation) if a is not type(None))
+    return False
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:

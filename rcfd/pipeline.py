@@ -18,20 +18,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rcfd import distributed, report
+from rcfd import distributed
 from rcfd.atomicio import read_json, write_json
 from rcfd.config import save_config
+from rcfd.data import load_dataset
 from rcfd.errors import ResumeError, StageExistsError, UsageError
 from rcfd.pipeline_eval import check_evaluation, evaluate_run, finish_run_report, summary
 from rcfd.methods import registry
-from rcfd.runinfo import header
+from rcfd.runinfo import commit, header, platform_record
+from rcfd.study_report import write_study
 from rcfd.training.rundir import RunContext, checkpoint_path
 from rcfd.training.threads import configure_threads
 
 log = logging.getLogger("rcfd")
 
 TIMINGS_JSON, CONFIG_JSON = "timings.json", "config.json"
-RESUMABLE_CHANGES = ("eval",)  # config sections a resumed run may change: they train nothing
+HARMLESS_CHANGES = ("eval",)  # config sections a run directory's later commands may change
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ def stage_plan(cfg) -> dict[str, str]:
     """One line per stage that ``cfg`` switches on, saying what it trains or measures."""
     plan = {m.name: m.describe(cfg) for m in registry.methods() if m.enabled(cfg)}
     plan["evaluate"] = (f"{len(evaluation_rows(cfg))} (sampler, steps) pairs x "
-                        f"{cfg.eval.num_samples} samples, extractor {cfg.eval.extractor}")
+                        f"{cfg.eval.num_samples} samples, against the {cfg.eval.reference} split")
     return plan
 
 
@@ -87,8 +89,9 @@ def setup(cfg):
 
 
 def check_run_dir(cfg, run_dir: Path, options: RunOptions) -> None:
-    """Refuse, before anything is written, a run directory that holds another run: with a
-    different config and neither ``--overwrite`` nor a resumable change."""
+    """Refuse, before anything is written, a run directory that holds another run: a config
+    that differs in what was trained (anything but the evaluation settings), unless
+    ``--overwrite``."""
     path = run_dir / CONFIG_JSON
     if not path.is_file() or options.overwrite:
         return
@@ -96,7 +99,7 @@ def check_run_dir(cfg, run_dir: Path, options: RunOptions) -> None:
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if not changed:
         return
-    if options.resume and all(k in RESUMABLE_CHANGES for k in changed):
+    if all(k in HARMLESS_CHANGES for k in changed):
         return
     keys = ", ".join(changed)
     if options.resume:
@@ -120,6 +123,20 @@ def check_inputs(cfg, run_dir: Path, stages: list[str]) -> None:
             if producer not in stages and not path.is_file():
                 raise UsageError(f"{path} does not exist: run the {producer} stage first "
                                  f"(python -m rcfd.train {producer} --out {run_dir})")
+
+
+def check_batch_sizes(cfg, stages: list[str]) -> None:
+    """Refuse, before anything is written, a training batch larger than the training split."""
+    sections = [(key, getattr(cfg, key)) for s in stages if s != "evaluate"
+                for key in registry.get(s).sections if getattr(cfg, key) is not None]
+    sized = [(key, sec.batch_size) for key, sec in sections if hasattr(sec, "batch_size")]
+    if not sized:
+        return
+    n = len(load_dataset(cfg.data, "train"))
+    for key, batch in sized:
+        if batch > n:
+            raise UsageError(f"{key}.batch_size={batch} is larger than the {n} training images of "
+                             f"{cfg.data.name}; set {key}.batch_size to at most {n}")
 
 
 def _record_timing(run_dir: Path, stage: str, seconds: float) -> None:
@@ -154,6 +171,7 @@ def run_pipeline(cfg, run_dir: str | os.PathLike, *, stage: str = "all",
     extractor = check_evaluation(cfg) if "evaluate" in stages else None  # data and extractor, first
     check_run_dir(cfg, run_dir, options)
     check_inputs(cfg, run_dir, stages)
+    check_batch_sizes(cfg, stages)
     _say(header(cfg, run_dir, device, dist, source), dist)
     plan = stage_plan(cfg)
     if extractor is not None:
@@ -188,9 +206,9 @@ def run_pipeline(cfg, run_dir: str | os.PathLike, *, stage: str = "all",
     return results
 
 
-def comparisons() -> list[tuple[str, str]]:
-    """``(method, baseline)`` pairs compared by seed in a study."""
-    return [(m.name, m.compare_to) for m in registry.methods() if m.compare_to]
+def comparisons(cfg) -> list[tuple[str, str]]:
+    """``(method, baseline)`` pairs compared by seed in a study (the enabled methods)."""
+    return [(m.name, m.compare_to) for m in registry.methods() if m.compare_to and m.enabled(cfg)]
 
 
 def run_study(cfg, out: str | os.PathLike, *, num_seeds: int, stage: str = "all",
@@ -212,6 +230,7 @@ def run_study(cfg, out: str | os.PathLike, *, num_seeds: int, stage: str = "all"
                                      source=source, dist=dist, device=device))
     if not dist.is_main or "evaluate" not in stages_to_run(cfg, stage):
         return None
-    study = report.write_study(out, per_seed, comparisons=comparisons(), device=device)
-    _say("\n" + report.study_summary(study), dist)
+    study = write_study(out, per_seed, comparisons(cfg), commit=commit() or "unknown",
+                        platform=platform_record(device))
+    _say(f"\nstudy over {num_seeds} seeds: {', '.join(str(p) for p in study.values())}", dist)
     return study

@@ -28,28 +28,44 @@ from rcfd.config import (
 )
 from rcfd.data import DatasetSpec
 from rcfd.errors import ConfigError
+from rcfd.evaluation.extractors import DEFAULT_EXTRACTORS, EXTRACTOR_NAMES
 from rcfd.methods import registry
 from rcfd.samplers import SAMPLERS
 
-EXTRACTORS = ("auto", "inception", "classifier")
 
 
 class EvalConfig(Section):
-    """Evaluation (METHOD.md, "Evaluation"): IS/FID/KID of ``num_samples`` samples of every
-    row the methods produce: each distilled student whose ``T`` is in ``steps``, and the base
-    model with each sampler of ``samplers`` at ``base_steps``. ``methods``: which methods'
-    rows to measure (``None``: all). ``extractor``: ``"inception"`` (needs its weights),
-    ``"classifier"`` (the evaluation classifier), or ``"auto"`` (Inception when its weights
-    are found)."""
+    """Evaluation (METHOD.md, "Evaluation"; the protocol: docs/results-digits.md, "How samples
+    are measured"): ``num_samples`` samples of every row the methods produce (each distilled
+    student whose ``T`` is in ``steps``; the base model with each sampler of ``samplers`` at
+    ``base_steps``), measured by every extractor of the panel (``extractors``, plus Inception
+    per ``inception``: ``auto`` adds it when its weights are here) against the held-out test
+    split and the training split. ``primary``/``reference`` pick the numbers of the
+    Table-1-shaped table; ``floor``: the row sampled twice for the two-seed noise floor (a
+    row key such as ``pd`` takes its cheapest row; or ``first``, ``all``, ``none``);
+    ``methods``: which methods' rows to measure (``None``: all). ``dtype``: the model's while
+    sampling (``auto``: bf16 on CUDA, fp32 elsewhere); recorded with the results."""
 
     steps: tuple[Pow2, ...] = (1, 2, 4, 8)
     methods: tuple[str, ...] | None = None
     base_steps: tuple[Pow2, ...] = ()
     samplers: tuple[Literal[tuple(SAMPLERS)], ...] = ("ddim",)
-    num_samples: Annotated[Int, Field(ge=10)] = 50_000
+    num_samples: Annotated[Int, Field(ge=20)] = 50_000
     batch_size: PosInt = 500
-    extractor: Literal[EXTRACTORS] = "auto"
+    extractors: tuple[Literal[EXTRACTOR_NAMES], ...] = DEFAULT_EXTRACTORS
+    inception: Literal["auto", "always", "never"] = "auto"
     inception_weights: str | None = None
+    primary: Literal[EXTRACTOR_NAMES] = "classifier"
+    reference: Literal["test", "train"] = "test"
+    floor: str = "pd"
+    grid_images: NonNegInt = 64
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+
+    @model_validator(mode="after")
+    def _primary_measured(self):
+        if self.primary not in self.extractors and self.primary != "inception":
+            raise ValueError(f"primary={self.primary!r} is not one of the extractors {list(self.extractors)}")
+        return self
 
 
 class PipelineBase(Section):

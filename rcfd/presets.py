@@ -25,7 +25,8 @@ def _cifar10_paper(arch: str = "resnet18") -> dict:
             "data": {"name": "cifar10", "path": "data/cifar-10-batches-py"},
             "distill_classifier": {"arch": arch}, "eval_classifier": None,
             "rcfd": {"loss": loss},
-            "eval": {"extractor": "inception", "base_steps": [8, 1024]}}
+            "eval": {"extractors": ["inception", "random-conv"], "inception": "always",
+                     "primary": "inception", "reference": "train", "base_steps": [8, 1024]}}
 
 
 def _digits() -> dict:
@@ -48,8 +49,7 @@ def _digits() -> dict:
                      log_interval=10),
         "pd": distill,
         "rcfd": {**distill, "loss": dict(tau=0.95, alpha=0.003, beta=0.75)},
-        "eval": dict(steps=[1, 2, 4, 8], base_steps=[8, 32], num_samples=1000, batch_size=250,
-                     extractor="classifier"),
+        "eval": dict(steps=[1, 2, 4, 8], base_steps=[8, 32], num_samples=2000, batch_size=250),
     }
 
 
@@ -74,7 +74,7 @@ def _smoke() -> dict:
         "pd": dict(final_T=1, **distill),
         "rcfd": dict(start_T=8, final_T=1, **distill),
         "eval": dict(steps=[1, 2, 4, 8], base_steps=[16], num_samples=64, batch_size=64,
-                     extractor="classifier"),
+                     extractors=["classifier", "pixels"]),
     }
 
 

@@ -1,7 +1,7 @@
-"""The command lines: `python -m rcfd.train` (config resolution, --dry-run, user errors),
-`python -m rcfd.sample` (PNG grid, .npz) and `python -m rcfd.evaluate` (IS/FID/KID with a
-named extractor), on tiny hand-made checkpoints. Expected user errors exit with code 2 and
-one line on stderr, without a traceback."""
+"""The command lines: `python -m rcfd.train` (config resolution, --dry-run, user errors) and
+`python -m rcfd.sample` (PNG grid, .npz), on tiny hand-made checkpoints (`rcfd.evaluate`:
+tests/test_evaluation_stage.py). Expected user errors exit with code 2 and one line on
+stderr, without a traceback; the hostile and careless inputs of tests/test_cli_errors.py."""
 
 import json
 import subprocess
@@ -13,12 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from rcfd import evaluate, metrics, report, sample, train
+from rcfd import report
 from rcfd.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, save_diffusion_checkpoint
-from rcfd.core.classifiers import ClassifierConfig
-from rcfd.config import PipelineConfig
-from rcfd.presets import get_preset
+from rcfd.cli import sample, train
+from rcfd.core.classifiers import ClassifierConfig, build
 from rcfd.core.unet import UNet, UNetConfig
+from rcfd.pipeline_config import pipeline_config_class
+from rcfd.presets import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 T = 4
@@ -38,7 +39,7 @@ def ckpts(tmp_path_factory):
     for name, arch, seed in (("eval", "densenet_small", 1), ("distill", "resnet18", 2)):
         torch.manual_seed(seed)
         cfg = ClassifierConfig(name=arch, in_channels=1, width=8)
-        save_checkpoint(make_checkpoint("classifier", cfg.to_dict(), cfg.build().state_dict()), d / f"{name}.pt")
+        save_checkpoint(make_checkpoint("classifier", cfg.to_dict(), build(cfg).state_dict()), d / f"{name}.pt")
     return d
 
 
@@ -59,7 +60,7 @@ def test_dry_run_round_trips(capsys):
     assert train.main(["--preset", "smoke", "--set", "base.steps=3", "--set", "rcfd.loss.tau=0.9",
                        "--seed", "5", "--device", "cpu", "--dry-run"]) == 0
     d = json.loads(capsys.readouterr().out)
-    cfg = PipelineConfig.from_dict(d)
+    cfg = pipeline_config_class().from_dict(d)
     assert cfg.to_dict() == d
     assert (cfg.name, cfg.base.steps, cfg.rcfd.loss.tau, cfg.seed, cfg.device) == ("smoke", 3, 0.9, 5, "cpu")
     assert cfg == get_preset("smoke").with_overrides({"base.steps": 3, "rcfd.loss.tau": 0.9, "seed": 5,
@@ -68,7 +69,7 @@ def test_dry_run_round_trips(capsys):
 
 def test_default_is_digits(capsys):
     assert train.main(["--dry-run"]) == 0
-    assert PipelineConfig.from_dict(json.loads(capsys.readouterr().out)) == get_preset("digits")
+    assert pipeline_config_class().from_dict(json.loads(capsys.readouterr().out)) == get_preset("digits")
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
@@ -77,7 +78,7 @@ def test_config_file(tmp_path, capsys, suffix):
     path = tmp_path / f"c{suffix}"
     path.write_text(json.dumps(body))  # JSON is YAML too
     assert train.main(["--config", str(path), "--set", "pd.lr=1e-4", "--dry-run"]) == 0
-    cfg = PipelineConfig.from_dict(json.loads(capsys.readouterr().out))
+    cfg = pipeline_config_class().from_dict(json.loads(capsys.readouterr().out))
     assert (cfg.name, cfg.base.steps, cfg.eval.num_samples, cfg.pd.lr) == ("smoke", 7, 32, 1e-4)
 
 
@@ -88,7 +89,13 @@ def test_bad_preset(capsys):
 def test_unknown_set_key(capsys):
     expect_usage_error(capsys, train.main, ["--set", "base.stepz=3"], "base.stepz", "valid keys")
     expect_usage_error(capsys, train.main, ["--set", "base.steps"], "KEY=VALUE")
-    expect_usage_error(capsys, train.main, ["--set", "base.steps=-1"], "steps")
+    expect_usage_error(capsys, train.main, ["--set", "base.steps=-1"], "base.steps")
+    for pair, needle in (("base=5", "base: Input should be a valid dictionary"),
+                         ("data=null", "data: Input should be a valid dictionary"),
+                         ("base.unet=null", "base.unet: Input should be a valid dictionary"),
+                         ("base.steps=true", "not true/false"),
+                         ("eval.samplers=[euler]", "eval.samplers[0]")):
+        expect_usage_error(capsys, train.main, ["--dry-run", "--set", pair], needle)
 
 
 def test_missing_config_file_and_bad_flags(tmp_path, capsys):
@@ -110,6 +117,7 @@ def test_module_entry_point_exit_code():
     p = subprocess.run([sys.executable, "-m", "rcfd.train", "--set", "nope=1"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "unknown config key 'nope'" in p.stderr and "Traceback" not in p.stderr
+    assert p.stderr.count("\n") == 1  # one line
 
 
 # --------------------------------------------------------------------------- rcfd.sample
@@ -158,68 +166,29 @@ def test_sample_errors(ckpts, tmp_path, capsys):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     expect_usage_error(capsys, sample.main, [str(garbage), "--device", "cpu"], "garbage.pt")
-
-
-# --------------------------------------------------------------------------- rcfd.evaluate
-
-
-def no_inception(monkeypatch, tmp_path):
-    """As on a machine without torch-fidelity's Inception weights in torch hub's cache."""
-    monkeypatch.setattr(metrics, "inception_cache_path", lambda: str(tmp_path / "no-inception.pth"))
-
-
-def test_evaluate_names_extractor(ckpts, tmp_path, capsys, monkeypatch):
-    no_inception(monkeypatch, tmp_path)
-    out = tmp_path / "r.json"
-    assert evaluate.main([str(ckpts / "model.pt"), "--steps", "1", "2", "--num-samples", "20", "--device", "cpu",
-                          "--classifier", str(ckpts / "eval.pt"), "--distillation-classifier",
-                          str(ckpts / "distill.pt"), "--json", str(out)]) == 0
-    printed = capsys.readouterr().out
-    results = json.loads(out.read_text())
-    assert [r["steps"] for r in results] == [1, 2]
-    for r in results:
-        assert r["extractor"].startswith("classifier:densenet_small:") and r["extractor"] in printed
-        assert r["num_samples"] == 20 and np.isfinite(r["fid"]) and r["isc_mean"] >= 1 - 1e-6
-
-
-def test_evaluate_refuses_distillation_classifier(ckpts, tmp_path, capsys, monkeypatch):
-    no_inception(monkeypatch, tmp_path)
-    expect_usage_error(capsys, evaluate.main, [str(ckpts / "model.pt"), "--num-samples", "20", "--device", "cpu",
-                                               "--classifier", str(ckpts / "distill.pt"),
-                                               "--distillation-classifier", str(ckpts / "distill.pt")], "circular")
-
-
-def test_evaluate_errors(ckpts, tmp_path, capsys, monkeypatch):
-    no_inception(monkeypatch, tmp_path)
-    model = str(ckpts / "model.pt")
-    expect_usage_error(capsys, evaluate.main, [str(tmp_path / "none.pt"), "--device", "cpu"], "none.pt")
-    expect_usage_error(capsys, evaluate.main, [model, "--device", "cpu"], "no feature extractor", "--classifier")
-    expect_usage_error(capsys, evaluate.main, [model, "--device", "cpu", "--classifier", str(tmp_path / "c.pt")],
-                       "c.pt", "does not exist")
-    expect_usage_error(capsys, evaluate.main, [model, "--device", "cpu", "--inception-weights",
-                                               str(tmp_path / "inc.pth")], "inc.pth")
-    expect_usage_error(capsys, evaluate.main, [model, "--device", "cpu", "--data", "cifar10", "--data-path",
-                                               str(tmp_path / "cifar"), "--classifier", str(ckpts / "eval.pt")],
-                       "does not exist")
+    for bad in ("0", "-2"):  # --steps 0 is a mistake, not "the checkpoint's T"
+        expect_usage_error(capsys, sample.main, [str(ckpts / "model.pt"), "--steps", bad, "--device", "cpu"],
+                           "--steps must be a positive integer")
 
 
 def test_package_entry_point(capsys):
     from rcfd.__main__ import main as rcfd_main
 
     assert rcfd_main(["train", "--preset", "smoke", "--dry-run"]) == 0
-    assert PipelineConfig.from_dict(json.loads(capsys.readouterr().out)) == get_preset("smoke")
+    assert pipeline_config_class().from_dict(json.loads(capsys.readouterr().out)) == get_preset("smoke")
     assert rcfd_main(["nope"]) == 2 and "unknown command" in capsys.readouterr().err
     assert rcfd_main([]) == 0 and "usage" in capsys.readouterr().out
 
 
 @pytest.mark.cuda
 def test_sample_cuda_graph_matches_eager(ckpts, tmp_path):
-    """On a GPU the sample CLI replays a captured CUDA graph; it draws the same images as the
-    eager loop (same noise from the CPU generator), up to a rare one-level rounding change."""
+    """On a GPU the sample CLI replays a captured CUDA graph; in fp32 it draws the same images
+    as the eager loop (same noise), up to a rare one-level rounding change."""
     def run(name, *extra):
         out = tmp_path / name
         assert sample.main([str(ckpts / "model.pt"), "--steps", "4", "--num", "40", "--batch-size", "16",
-                            "--out", str(out), "--device", "cuda", "--no-progress", *extra]) == 0
+                            "--out", str(out), "--device", "cuda", "--dtype", "fp32", "--no-progress",
+                            *extra]) == 0
         with np.load(out) as z:
             return z["arr_0"].astype(np.int16)
 

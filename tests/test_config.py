@@ -145,7 +145,9 @@ def test_load_config_merges_over_a_preset(tmp_path):
     ({"base.unet": None}, r"base\.unet: Input should be a valid dictionary"),
     ({"seed.x": 1}, "is a value, not a section"),
     ({"distill_classifier.milestones": [0.75, 0.5]}, "milestones"),
-    ({"rcfd.classifier": "eval", "eval.extractor": "classifier"}, "measures with the features"),
+    ({"rcfd.classifier": "eval"}, "measures with the features"),
+    ({"eval.primary": "pca"}, "primary=.pca. is not one of the extractors"),
+    ({"eval.extractors": ["pixels", "nope"]}, r"eval\.extractors\[1\]"),
 ])
 def test_bad_values_give_clear_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):

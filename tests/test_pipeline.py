@@ -10,19 +10,20 @@ import pytest
 import torch
 from PIL import Image
 
-from rcfd import report, sample, train
+from rcfd import report
 from rcfd.checkpoint import load_checkpoint, load_diffusion_checkpoint
-from rcfd.config import PipelineConfig
+from rcfd.cli import sample, train
+from rcfd.evaluation import load_classifier, sample_images
+from rcfd.evaluation.features import module_fingerprint
+from rcfd.pipeline import evaluation_rows
+from rcfd.pipeline_config import pipeline_config_class
 from rcfd.presets import get_preset
-from rcfd.evaluate import load_classifier
-from rcfd.metrics import module_fingerprint
-from rcfd.pipeline import evaluation_pairs
 
 TINY = ["--set", "distill_classifier.steps=2", "--set", "eval_classifier.steps=2",
         "--set", "base.steps=2", "--set", "base.checkpoint_interval=1",
         "--set", "pd.steps_per_round=1", "--set", "pd.long_round_steps=1",
         "--set", "rcfd.steps_per_round=1", "--set", "rcfd.long_round_steps=1",
-        "--set", "eval.num_samples=16", "--set", "eval.steps=[1,2,8]", "--set", "eval.batch_size=16",
+        "--set", "eval.num_samples=20", "--set", "eval.steps=[1,2,8]", "--set", "eval.batch_size=20",
         "--set", "threads=1"]  # one thread: small batches on a shared CPU
 
 
@@ -37,8 +38,9 @@ def tiny_run(tmp_path_factory):
     return out
 
 
-def check_run_dir(out: Path, cfg: PipelineConfig) -> dict:
+def check_run_dir(out: Path, cfg) -> dict:
     """Every artifact of a finished run, opened and checked."""
+    PipelineConfig = pipeline_config_class()
     saved = json.loads((out / "config.json").read_text())
     assert PipelineConfig.from_dict(saved) == cfg and PipelineConfig.from_dict(saved).to_dict() == saved
     ckpts = [out / "classifier" / "distill.pt", out / "classifier" / "eval.pt", out / "base" / "model.pt"]
@@ -49,23 +51,27 @@ def check_run_dir(out: Path, cfg: PipelineConfig) -> dict:
         model, info = load_diffusion_checkpoint(p)
         assert info.T == int(p.stem[1:]) if p.stem.startswith("T") else info.T == cfg.base.T
     results = json.loads((out / report.RESULTS_JSON).read_text())
-    pairs = {(m, s) for m, s, _, _ in evaluation_pairs(cfg)}
-    assert {(e["method"], e["steps"]) for e in results["entries"]} == pairs
+    pairs = {(r.key, r.steps) for r in evaluation_rows(cfg)}
+    assert {(e["key"], e["steps"]) for e in results["entries"]} == pairs
     assert pairs >= {("pd", 1), ("pd", 8), ("rcfd", 1), ("base", cfg.eval.base_steps[0])}
     size = cfg.data.image_size
     for e in results["entries"]:
-        assert isinstance(e["fid"], float) and isinstance(e["isc_mean"], float)
-        assert e["extractor"] == results["extractor"] and e["num_samples"] == cfg.eval.num_samples
+        for name in cfg.eval.extractors:
+            for split in ("test", "train"):
+                assert isinstance(e["metrics"][name][split]["fid"], float), (name, split)
+        assert e["fid"] == e["metrics"][cfg.eval.primary][cfg.eval.reference]["fid"]
         with Image.open(out / e["grid"]) as im:
             n = min(64, cfg.eval.num_samples)
             assert im.format == "PNG" and im.size == report.grid_shape(n, size, scale=report.display_scale(size))
+    assert results["extractors"] == list(cfg.eval.extractors) and results["dtype"] == "fp32"
+    assert results["floors"]["test_vs_train"] and results["floors"]["two_seeds"]
     # honest evaluation: the evaluation classifier, never the distillation one
-    fp = {r: module_fingerprint(load_classifier(out / "classifier" / f"{r}.pt")[0]) for r in ("eval", "distill")}
-    assert results["extractor"] == f"classifier:{cfg.eval_classifier.arch}:{fp['eval'][:12]}"
-    assert fp["distill"][:12] not in results["extractor"]
+    fp = {r: module_fingerprint(load_classifier(out / "classifier" / f"{r}.pt")) for r in ("eval", "distill")}
+    detail = results["extractor_details"]["classifier"]
+    assert fp["eval"][:12] in detail and fp["distill"][:12] not in detail
     md = (out / report.RESULTS_MD).read_text()
-    assert report.results_table(results) in md and results["extractor"] in md
-    for name in (report.FID_PLOT, report.LOSS_PLOT):
+    assert report.results_table(results) in md
+    for name in (report.FID_PLOT, report.LOSS_PLOT, results["side_by_side"]):
         with Image.open(out / name) as im:
             assert im.format == "PNG"
     assert set(json.loads((out / "timings.json").read_text())) == {"classifier", "base", "pd", "rcfd", "evaluate"}
@@ -105,7 +111,7 @@ def test_single_stage_reuses_the_run_config(tiny_run, capsys):
     assert run_train("evaluate", "--out", str(tiny_run), "--set", "eval.steps=[1]") == 0
     assert f"config file {tiny_run / 'config.json'} + 2 overrides" in capsys.readouterr().out
     results = json.loads((tiny_run / report.RESULTS_JSON).read_text())
-    assert results["num_samples"] == 16 and {e["steps"] for e in results["entries"] if e["method"] != "base"} == {1}
+    assert results["num_samples"] == 20 and {e["steps"] for e in results["entries"] if e["method"] != "base"} == {1}
     assert run_train("evaluate", "--out", str(tiny_run), *TINY) == 0  # back to the fixture's pairs
 
 
@@ -119,23 +125,17 @@ def test_sample_cli_on_a_distilled_checkpoint(tiny_run, tmp_path):
         assert z["arr_0"].shape == (5, 16, 16, 1) and int(z["steps"]) == 1
 
 
-def test_stage_without_its_inputs(tmp_path, capsys):
-    assert run_train("pd", "--preset", "smoke", "--out", str(tmp_path / "empty"), *TINY) == 2
-    err = capsys.readouterr().err
-    assert "base" in err and "model.pt" in err and "Traceback" not in err
-    assert run_train("evaluate", "--preset", "smoke", "--out", str(tmp_path / "empty"), *TINY) == 2
-    assert "missing checkpoint" in capsys.readouterr().err
-
-
 def test_missing_extractor_fails_before_training(tmp_path, capsys, monkeypatch):
-    from rcfd import metrics
+    from rcfd.evaluation import extractors, fidelity
 
-    monkeypatch.setattr(metrics, "inception_cache_path", lambda: str(tmp_path / "no-inception.pth"))
+    missing = lambda: str(tmp_path / "no-inception.pth")  # noqa: E731
+    monkeypatch.setattr(fidelity, "inception_cache_path", missing)
+    monkeypatch.setattr(extractors, "inception_cache_path", missing)
     out = tmp_path / "run"
-    assert run_train("--preset", "smoke", "--out", str(out), "--set", "eval.extractor=inception", *TINY) == 2
+    assert run_train("--preset", "smoke", "--out", str(out), "--set", "eval.inception=always", *TINY) == 2
     err = capsys.readouterr().err
-    assert "Inception weights are not on this machine" in err and "Traceback" not in err
-    assert not (out / "classifier").exists()
+    assert "needs its weights on this machine" in err and "Traceback" not in err
+    assert not out.exists()
 
 
 @pytest.mark.cuda
@@ -160,15 +160,16 @@ def test_multi_seed_study(tmp_path, capsys):
     out = tmp_path / "study"
     assert run_train("--preset", "smoke", "--out", str(out), "--seeds", "2", *TINY) == 0
     per_seed = [json.loads((out / f"seed{s}" / report.RESULTS_JSON).read_text()) for s in (0, 1)]
-    agg = json.loads((out / report.RESULTS_JSON).read_text())
-    assert agg["seeds"] == [0, 1] and agg["runs"] == ["seed0", "seed1"]
-    for e in agg["entries"]:
-        fids = [next(x["fid"] for x in r["entries"] if (x["method"], x["steps"]) == (e["method"], e["steps"]))
-                for r in per_seed]
-        assert e["fid"] == pytest.approx(sum(fids) / 2) and e["per_seed"]["fid"] == fids
-        assert e["fid_seed_std"] == pytest.approx(abs(fids[0] - fids[1]) / 2 ** 0.5)
-    md = (out / report.RESULTS_MD).read_text()
-    assert "±" in md and "seed0/results.md" in md
+    study = json.loads((out / "study.json").read_text())
+    assert [r["seed"] for r in per_seed] == [0, 1]
+    one = next(r for r in study["paired"] if r["method"] == "rcfd" and r["steps"] == 1
+               and r["extractor"] == "classifier" and r["reference"] == "test" and r["metric"] == "fid")
+    fids = {m: [next(e["metrics"]["classifier"]["test"]["fid"] for e in r["entries"]
+                     if (e["key"], e["steps"]) == (m, 1)) for r in per_seed] for m in ("rcfd", "pd")}
+    assert one["diffs"] == pytest.approx([a - b for a, b in zip(fids["rcfd"], fids["pd"])])
+    md = (out / "study.md").read_text()
+    assert "no difference shown" in md or "better" in md or "worse" in md
+    assert (out / "per_seed.csv").is_file()
     assert torch.is_tensor(load_checkpoint(out / "seed1" / "base" / "model.pt")["state_dict"]["head.weight"])
 
 
@@ -178,8 +179,6 @@ def _sharded_sampling(rank, world, ckpt, port, out):
     import torch.distributed as tdist
 
     from rcfd.distributed import DistInfo
-    from rcfd.evaluate import sample_images
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", rank=rank, world_size=world)
@@ -207,8 +206,6 @@ def test_evaluation_sampling_is_sharded_over_ranks(tiny_run, tmp_path):
     gathered, other = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert gathered.shape == (7, 1, 16, 16) and gathered.dtype == torch.uint8 and other is None
     assert not torch.equal(gathered[:3], gathered[4:])  # the ranks drew different noise
-    from rcfd.evaluate import sample_images
-
     model, info = load_diffusion_checkpoint(str(tiny_run / "pd" / "T1.pt"))
     alone = sample_images(model, info, num_samples=7, num_steps=1, batch_size=2, seed=3,
                           progress=False)

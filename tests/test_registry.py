@@ -59,7 +59,7 @@ TOY = registry.Method(
 TINY = ["--set", "distill_classifier.steps=2", "--set", "eval_classifier.steps=2",
         "--set", "base.steps=2", "--set", "pd.steps_per_round=1", "--set", "pd.long_round_steps=1",
         "--set", "rcfd.steps_per_round=1", "--set", "rcfd.long_round_steps=1",
-        "--set", "eval.num_samples=16", "--set", "eval.steps=[1]", "--set", "eval.batch_size=16",
+        "--set", "eval.num_samples=20", "--set", "eval.steps=[1]", "--set", "eval.batch_size=20",
         "--set", "threads=1"]
 
 

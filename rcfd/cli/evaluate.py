@@ -19,7 +19,6 @@ first step count and prints the noise floors.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from rcfd.cli.common import (
     resolve_device,
     run_cli,
 )
+from rcfd.atomicio import write_json
 from rcfd.errors import UsageError
 from rcfd.evaluation import (
     EXTRACTOR_NAMES,
@@ -45,7 +45,7 @@ from rcfd.evaluation import (
 )
 from rcfd.methods.registry import Row
 from rcfd.report import floors_table
-from rcfd.samplers import SAMPLERS
+from rcfd.samplers import SAMPLERS, sampling_dtype
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch-fidelity's Inception weights file (weights-inception-2015-12-05)")
     p.add_argument("--floor", action="store_true", help="also measure the noise floors (a second sample set)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="the model's dtype while sampling (default auto: bf16 on CUDA, fp32 elsewhere)")
     p.add_argument("--no-progress", action="store_true")
     add_common_args(p)
     return p
@@ -115,7 +117,8 @@ def _main(argv: Sequence[str] | None) -> int:
                         inception_weights=args.inception_weights, device=device)
     primary = args.primary or ("classifier" if "classifier" in names else names[0])
     settings = EvalSettings(num_samples=args.num_samples, batch_size=args.batch_size, extractors=names,
-                            primary=primary, reference=args.reference, floor="first" if args.floor else "none")
+                            primary=primary, reference=args.reference, floor="first" if args.floor else "none",
+                            dtype=args.dtype)
     steps = args.steps or [info.T]
     for s in steps:
         if s < 1 or s > info.T or info.T % s:
@@ -129,18 +132,14 @@ def _main(argv: Sequence[str] | None) -> int:
     results = evaluate_rows(rows, lambda row: (model, info), eval_cfg=settings, references=references,
                             extractors=panel, device=device, seed=args.seed, progress=not args.no_progress,
                             use_cuda_graph=not args.no_cuda_graph)
-    results.update(checkpoint=str(args.checkpoint), sampler=args.sampler)
+    results.update(checkpoint=str(args.checkpoint), sampler=args.sampler,
+                   dtype=sampling_dtype(args.dtype, device))
     if args.floor:
         print("noise floors:\n" + floors_table(results), flush=True)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+        print(f"wrote {write_json(args.json, results)}")
     return 0
 
 
 if __name__ == "__main__":
-    # the entry point of `python -m rcfd.evaluate`: one module identity for the error classes
-    from rcfd.evaluate import main as _entry
-
-    sys.exit(_entry())
+    sys.exit(main())

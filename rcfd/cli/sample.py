@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=None, help="enlarge grid images this many times "
                    "(default: to at least 32 px)")
     add_model_args(p)
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="the model's dtype while sampling (default auto: bf16 on CUDA, fp32 elsewhere)")
     p.add_argument("--no-progress", action="store_true")
     add_common_args(p)
     return p
@@ -95,7 +97,7 @@ def _main(argv: Sequence[str] | None) -> int:
     print(f"{args.checkpoint}: T={info.T}, time_scale={info.time_scale}, {info.source} format ({info.weights}); "
           f"{args.num} images, {steps}-step {args.sampler}, seed {args.seed}, on {device}", flush=True)
     images = sample_images(model, info, num_samples=args.num, num_steps=steps, batch_size=args.batch_size,
-                           sampler=args.sampler, device=device, seed=args.seed, use_cuda_graph=not args.no_cuda_graph,
+                           sampler=args.sampler, dtype=args.dtype, device=device, seed=args.seed, use_cuda_graph=not args.no_cuda_graph,
                            progress=not args.no_progress)
     path = save_samples(images, out, nrow=args.nrow, scale=args.scale, steps=steps, seed=args.seed,
                         T=info.T, time_scale=info.time_scale, sampler=args.sampler)

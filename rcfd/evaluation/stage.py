@@ -62,6 +62,7 @@ class EvalSettings:
     reference: str = "test"
     floor: str = "first"
     grid_images: int = 64
+    dtype: str = "auto"
 
     @classmethod
     def from_config(cls, cfg: Any) -> EvalSettings:
@@ -146,7 +147,7 @@ def evaluate_rows(rows: Sequence, load_model: Callable, *, eval_cfg: Any, refere
         model, info = cache(row)
         sample = {"num_samples": cfg.num_samples, "num_steps": row.steps, "sampler": row.sampler,
                   "batch_size": cfg.batch_size, "device": device, "dist": dist, "progress": progress,
-                  "use_cuda_graph": use_cuda_graph}
+                  "use_cuda_graph": use_cuda_graph, "dtype": cfg.dtype}
         images = sample_images(model, info, seed=seed, **sample)
         t1 = time.perf_counter()
         second = sample_images(model, info, seed=seed + FLOOR_SEED_OFFSET, **sample) if row in twice else None

@@ -197,9 +197,10 @@ def _method(stage: str, label: str, config: type, default, help: str) -> Method:
                              f"{s.start_T}: {stage} starts from the PD student at start_T")
         if s.start_T >= cfg.base.T:
             raise ValueError(f"{stage}.start_T={s.start_T} must be below base.T={cfg.base.T}")
-        if s.classifier == "eval" and cfg.eval.extractor == "classifier":
-            raise ValueError(f"{stage}.classifier='eval' with eval.extractor='classifier' "
-                             "measures with the features it distills into; use another classifier")
+        if s.classifier == "eval" and "classifier" in cfg.eval.extractors:
+            raise ValueError(f"{stage}.classifier='eval' with the 'classifier' extractor in "
+                             "eval.extractors measures with the features it distills into; use "
+                             "another classifier")
         for role in ("distill", "eval"):
             if s.classifier == role and getattr(cfg, f"{role}_classifier") is None:
                 raise ValueError(f"{stage}.classifier={role!r} needs a {role}_classifier stage; "
