@@ -34,7 +34,6 @@ SAMPLERS = ("ddim", "dpm-solver", "pndm")
 OTHER_SAMPLER_CASE = (16, 4)  # (batch, steps) where the samplers besides DDIM also run
 ROUNDS = 10 if CUDA else 2  # the CPU cases are slow: few rounds
 WARMUP = 3 if CUDA else 1     # calls before timing: capture, compile, autotune
-N_IMAGES = 50_000
 
 _eager_ips: dict = {}
 _compiled: dict = {}
@@ -137,34 +136,3 @@ def throughput(sampler, x_T, sync, reps: int) -> float:
         sync()
         times.append(time.perf_counter() - t0)
     return x_T.shape[0] / sorted(times)[len(times) // 2]
-
-
-def test_time_for_50k_one_step_images(benchmark, cuda_sync, net):
-    """Wall time for 50,000 one-step images (an FID sample), extrapolated from the best
-    measured throughput over batch sizes (and, on a GPU, fp32/bf16 through the CUDA-graph
-    sampler); the best configuration is then timed by pytest-benchmark."""
-    model, shape, device = net
-    configs = [("graph", b, d) for b in (*BATCHES, 512) for d in DTYPES] if CUDA else [
-        ("eager", b, "fp32") for b in BATCHES]
-    measured = {}
-    for mode, batch, dtype_name in configs:
-        sampler = make_sampler(model, mode, 1, DTYPES[dtype_name], device)
-        x_T = torch.randn(batch, *shape, device=device)
-        measured[f"{mode}/b={batch}/{dtype_name}"] = throughput(sampler, x_T, cuda_sync,
-                                                                reps=5 if CUDA else 1)
-        del sampler
-    best = max(measured, key=measured.get)
-    mode, batch, dtype_name = next(c for c in configs if f"{c[0]}/b={c[1]}/{c[2]}" == best)
-    sampler = make_sampler(model, mode, 1, DTYPES[dtype_name], device)
-    x_T = torch.randn(batch, *shape, device=device)
-    sampler(x_T)
-    benchmark.group = "50k one-step images"
-    benchmark.pedantic(timed(lambda: sampler(x_T), cuda_sync), rounds=ROUNDS, iterations=1,
-                       warmup_rounds=int(CUDA))
-    if benchmark.stats is None:
-        return
-    ips = batch / benchmark.stats.stats.median
-    benchmark.extra_info.update({
-        "device": device, "best": best, "images_per_s": ips,
-        "seconds_for_50k": N_IMAGES / ips, "measured_images_per_s": measured,
-    })

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from flops import count_flops, describe_mfu, mfu, peak_flops
 
+from rcfd import ops
 from rcfd.core.classifiers import ClassifierConfig, build, frozen
 from rcfd.core.schedule import cosine_schedule
 from rcfd.core.unet import UNet, UNetConfig
@@ -86,18 +87,9 @@ class ReferenceRCFDLoss:
         return LossOutput(cfd + c.alpha * reg, {})
 
 
-@contextlib.contextmanager
 def reference_ops():
-    """The PyTorch references for every fused op (the baseline's DDIM update)."""
-    old = os.environ.get("RCFD_BACKEND")
-    os.environ["RCFD_BACKEND"] = "reference"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("RCFD_BACKEND")
-        else:
-            os.environ["RCFD_BACKEND"] = old
+    """The PyTorch references for every fused op (the baseline's DDIM update and KL)."""
+    return ops.references()
 
 
 def backend_settings(mode: str):

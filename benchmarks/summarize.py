@@ -12,7 +12,8 @@ import sys
 from collections import defaultdict
 
 SHOWN_EXTRA = ("images_per_s", "GBps_effective", "pct_of_copy", "copy_GBps", "per_op_us",
-               "seconds_for_50k", "note")
+               "step_ms", "mfu", "tflops", "speedup_vs_eager", "compile_s", "first_call_s",
+               "dtype", "target", "note")
 
 
 def fmt_time(seconds: float) -> str:

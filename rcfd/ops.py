@@ -18,6 +18,7 @@ DDIM update reads it once per device type, at its first call there) and
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -273,17 +274,36 @@ def _checked_reference(z_t, x0, coefs: tuple, clip: bool) -> torch.Tensor:
     return ddim_update_reference(z_t, x0, *named.values(), clip)
 
 
-# The DDIM backend per device type, decided by backend() at the first call on that device
-# type (RCFD_BACKEND is read then) and reused: the public function runs once per sampler
-# step, where a microsecond matters (reading os.environ alone costs about one).
-_DDIM_ROUTE: dict = {}
+# The backend of each (op, device type), decided by backend() at the first call there
+# (RCFD_BACKEND / RCFD_KL_BACKEND are read then) and reused: the public functions run once per
+# sampler step, where a microsecond matters (reading os.environ alone costs about one), and
+# under torch.compile a cached route is a constant, not a graph break.
+_ROUTES: dict = {}
+_FORCED = [False]  # inside references(): every op on its PyTorch reference
+
+
+def _route(op: str, device: torch.device) -> str:
+    if _FORCED[0]:
+        return "reference"
+    choice = _ROUTES.get((op, device.type))
+    if choice is None:
+        choice = _ROUTES[(op, device.type)] = backend(op, device)
+    return choice
 
 
 def _ddim_backend(device: torch.device) -> str:
-    choice = _DDIM_ROUTE.get(device.type)
-    if choice is None:
-        choice = _DDIM_ROUTE[device.type] = backend("ddim_update", device)
-    return choice
+    return _route("ddim_update", device)
+
+
+@contextlib.contextmanager
+def references():
+    """Inside the block every op runs its PyTorch reference (e.g. a benchmark's eager
+    baseline), whatever was chosen before; the choice outside is unchanged."""
+    old, _FORCED[0] = _FORCED[0], True
+    try:
+        yield
+    finally:
+        _FORCED[0] = old
 
 
 def _ddim_uses_extension(z_t: torch.Tensor) -> bool:
@@ -352,7 +372,7 @@ def feature_kl(
     from rcfd.kernels import feature_kl as fk
 
     fk.check_inputs(student, teacher, tau_teacher, tau_student, reduction)
-    if student.dtype != torch.float64 and backend("feature_kl", student.device) == "triton":
+    if student.dtype != torch.float64 and _route("feature_kl", student.device) == "triton":
         return fk.feature_kl_triton(student, teacher, tau_teacher, tau_student, reduction)
     return fk.feature_kl_reference(student, teacher, tau_teacher, tau_student, reduction)
 

@@ -206,7 +206,7 @@ def test_forward_and_backward_trace_under_torch_compile(kind):
 def force_reference(monkeypatch):
     """RCFD_BACKEND=reference, with the DDIM route decided afresh (it is read once)."""
     monkeypatch.setenv("RCFD_BACKEND", "reference")
-    monkeypatch.setattr(ops, "_DDIM_ROUTE", {})
+    monkeypatch.setattr(ops, "_ROUTES", {})
 
 
 def test_backend_choice_follows_rcfd_backend(monkeypatch):

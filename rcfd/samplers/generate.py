@@ -73,7 +73,7 @@ def noise_batches(n: int, batch_size: int, shape: Sequence[int], seed: int,
 
 def generate(model: Callable, n: int, batch_size: int, *, shape: Sequence[int], plan: Plan,
              sampler: SamplerLike = "ddim", device: torch.device | str = "cpu", seed: int = 0,
-             dtype: str = "auto", use_cuda_graph: bool = True, compile: bool = False,
+             dtype: str = "auto", use_cuda_graph: bool = True, compile: bool | None = None,
              progress: bool = True, indices: range | None = None) -> Iterator[torch.Tensor]:
     """Yield ``n`` images of ``shape`` ``(C, H, W)`` (in ``[-1, 1]`` when ``plan.clip``) on
     ``device``, in batches of ``batch_size`` (the last may be smaller), from ``sampler`` (a
@@ -81,7 +81,7 @@ def generate(model: Callable, n: int, batch_size: int, *, shape: Sequence[int], 
     ``dtype`` (:func:`sampling_dtype`). With ``indices`` only those of the ``n`` (one rank's
     block, :func:`shard_batches`). On CUDA the batches run through a :class:`GraphSampler`
     (the model must be in eval mode), with the model compiled inside the graph when
-    ``compile``."""
+    ``compile`` (default ``None``: on CUDA; the first batch then pays the compilation)."""
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be positive, got n={n}, batch_size={batch_size}")
     device = torch.device(device)
@@ -89,7 +89,8 @@ def generate(model: Callable, n: int, batch_size: int, *, shape: Sequence[int], 
     plan = plan.to(device)
     autocast_dtype = DTYPES[sampling_dtype(dtype, device)]
     if use_cuda_graph and device.type == "cuda":
-        run = GraphSampler(model, plan, fn, autocast_dtype=autocast_dtype, compile=compile)
+        run = GraphSampler(model, plan, fn, autocast_dtype=autocast_dtype,
+                           compile=True if compile is None else compile)
     else:
         run = functools.partial(sample, model, plan=plan, sampler=fn, autocast_dtype=autocast_dtype)
     total = n if indices is None else len(indices)
