@@ -63,7 +63,9 @@ def test_digits_preset_runs_the_whole_study():
     assert cfg.distill_classifier != cfg.eval_classifier.replace(role="distill")
     assert halving_rounds(cfg.base.T, cfg.pd.final_T)[-1][1] == 1
     assert halving_rounds(cfg.rcfd.start_T, cfg.rcfd.final_T) == [(8, 4), (4, 2), (2, 1)]
-    assert cfg.base.unet.image_size == cfg.data.image_size == 16
+    assert cfg.base.unet.image_size == cfg.data.image_size == 8  # the digits' native size
+    assert cfg.cfd is not None and cfg.cfd.loss.alpha == 0.0  # the CFD-alone ablation rows
+    assert set(cfg.eval.samplers) == {"ddim", "dpm-solver", "pndm"}
 
 
 def test_overrides_are_dotted_and_parse_strings():
@@ -119,7 +121,7 @@ def test_load_config_merges_over_a_preset(tmp_path):
     ({"base.steps": True}, r"base\.steps: must be a number, not true/false"),
     ({"base.sample_steps": 3}, "power of two"),
     ({"eval.steps": [1, 3]}, r"eval\.steps\[1\]: must be a power of two"),
-    ({"eval.steps": [64]}, r"eval\.steps 64 exceed the base model's T=32"),
+    ({"eval.steps": [128]}, r"eval\.steps 128 exceed the base model's T=64"),
     ({"eval.methods": ["bogus"]}, r"'bogus' is not a method.*choose from base, pd, rcfd"),
     ({"eval.samplers": ["euler"]}, r"eval\.samplers\[0\]: Input should be 'ddim', 'dpm-solver' or 'pndm'"),
     ({"rcfd.loss.tau": 0.0}, r"rcfd\.loss\.tau: Input should be greater than 0"),
@@ -128,9 +130,9 @@ def test_load_config_merges_over_a_preset(tmp_path):
     ({"rcfd.final_T": 8}, "must be below start_T"),
     ({"rcfd.start_T": 6}, "power of two"),
     ({"pd.final_T": 16}, r"pd\.final_T=16 must be <= rcfd\.start_T"),
-    ({"rcfd.start_T": 32}, r"below base\.T"),
-    ({"base.unet.image_size": 32}, "data gives 1x16x16"),
-    ({"base.unet.num_time_indices": 32}, "needs T \\+ 1 = 33"),
+    ({"rcfd.start_T": 64, "pd.final_T": 1}, r"below base\.T"),
+    ({"base.unet.image_size": 32}, "data gives 1x8x8"),
+    ({"base.unet.num_time_indices": 32}, "needs T \\+ 1 = 65"),
     ({"distill_classifier.steps": None, "distill_classifier.epochs": None}, "exactly one"),
     ({"eval_classifier.seed_offset": 0, "eval_classifier.arch": "resnet18"}, "circular"),
     ({"eval_classifier.role": "distill"}, r"eval_classifier\.role"),
@@ -175,7 +177,7 @@ def test_rcfd_loss_switches_travel_through_the_config():
 
 
 def test_null_sections_switch_methods_off_and_on():
-    cfg = get_preset("digits")
+    cfg = get_preset("smoke")
     assert cfg.cfd is None  # CFD alone is off unless configured
     on = cfg.with_overrides({"cfd.start_T": "8"})
     assert on.cfd.loss.alpha == 0.0 and on.cfd.start_T == 8  # its defaults: CFD alone

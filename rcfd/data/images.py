@@ -145,6 +145,23 @@ class ImageDataset:
     def to_float(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return to_float(self.images, dtype)
 
+    def split_off(self, fraction: float, seed: int = 0) -> tuple["ImageDataset", "ImageDataset"]:
+        """``(rest, held_out)``: a seeded random ``fraction`` of the images held out (at least
+        one, e.g. a validation set carved from a training split), the rest kept, both in their
+        original order."""
+        if not 0 < fraction < 1 or len(self) < 2:
+            raise ValueError(f"fraction must be in (0, 1) of at least 2 images, got {fraction} of {len(self)}")
+        n_out = max(1, round(len(self) * fraction))
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        mask = torch.zeros(len(self), dtype=torch.bool)
+        mask[perm[:n_out]] = True
+
+        def part(keep: torch.Tensor, split: str) -> "ImageDataset":
+            labels = None if self.labels is None else self.labels[keep]
+            return ImageDataset(self.images[keep], labels, self.num_classes, self.name, split,
+                                self.class_names)
+        return part(~mask, self.split), part(mask, f"{self.split}-heldout")
+
     def fingerprint(self) -> str:
         """sha256 of the images and labels: names this exact data in caches."""
         h = hashlib.sha256(repr(tuple(self.images.shape)).encode())

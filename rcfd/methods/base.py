@@ -122,9 +122,13 @@ def train_base(cfg: BaseStageConfig, data, run: RunContext) -> Path:
 
 def _rows(cfg) -> list[Row]:
     """The base model with each training-free sampler of ``eval.samplers`` at
-    ``eval.base_steps``."""
-    return [Row(STAGE, f"{SAMPLER_LABELS[sampler]} (base model)", s, STAGE, UNIT, sampler)
+    ``eval.base_steps``, and with DDIM at its full ``T`` (the distillation teacher, the upper
+    bound of every distilled row)."""
+    rows = [Row(STAGE, f"{SAMPLER_LABELS[sampler]} (base model)", s, STAGE, UNIT, sampler)
             for sampler in cfg.eval.samplers for s in sorted(cfg.eval.base_steps)]
+    if not any(r.sampler == "ddim" and r.steps == cfg.base.T for r in rows):
+        rows.append(Row(STAGE, f"{SAMPLER_LABELS['ddim']} (base model)", cfg.base.T, STAGE, UNIT))
+    return rows
 
 
 def _check(cfg) -> None:

@@ -63,7 +63,8 @@ class ClassifierStageConfig(Section):
     autoaugment: bool = True
     cutout: bool = True
     seed_offset: NonNegInt = 0
-    eval_interval: PosInt | None = None  # steps between test-accuracy checks; None: each epoch
+    eval_interval: PosInt | None = None  # steps between validation checks; None: each epoch
+    val_fraction: Annotated[Fraction, Field(gt=0, lt=1)] = 0.1  # of train, to choose the weights
     log_interval: PosInt = 10
     options: TrainOptions = TrainOptions()
 
@@ -97,18 +98,20 @@ def accuracy(model: nn.Module, dataset: ImageDataset, device: torch.device,
 
 def train_classifier(cfg: ClassifierStageConfig, data: DatasetSpec | ImageDataset,
                      run: RunContext) -> Path:
-    """Train the ``cfg.role`` classifier on ``data``'s training split, measuring top-1
-    accuracy on its test split. Returns ``run_dir/classifier/<role>.pt`` holding the weights
-    of the best test accuracy (``extra``: ``accuracy``, ``best_step``, ``final_accuracy``,
-    ``image_size``)."""
+    """Train the ``cfg.role`` classifier on ``data``'s training split less a validation part
+    (``cfg.val_fraction``, seeded), keeping the weights of the best validation accuracy; the
+    test split is never seen, so it stays held out for the evaluation. Returns
+    ``run_dir/classifier/<role>.pt`` (``extra``: ``accuracy`` (validation), ``best_step``,
+    ``final_accuracy``, ``test_accuracy`` of the kept weights, ``image_size``)."""
     unit = cfg.role
     if unit_done(run, STAGE, unit):
         return checkpoint_path(run.run_dir, STAGE, unit)
-    train = data if isinstance(data, ImageDataset) else load_dataset(data, "train")
-    test = load_dataset(data, "test") if isinstance(data, DatasetSpec) else train
-    if train.labels is None:
-        raise UsageError(f"classifier training needs labelled images; the {train.name} data has "
+    full = data if isinstance(data, ImageDataset) else load_dataset(data, "train")
+    test = load_dataset(data, "test") if isinstance(data, DatasetSpec) else None
+    if full.labels is None:
+        raise UsageError(f"classifier training needs labelled images; the {full.name} data has "
                          "no labels (use digits or cifar10, or pass a trained classifier)")
+    train, val = full.split_off(cfg.val_fraction, seed=stage_seed(0, STAGE, "validation"))
     device = run.torch_device
     config = ClassifierConfig(name=cfg.arch, num_classes=train.num_classes,
                               in_channels=train.channels, width=cfg.width)
@@ -116,7 +119,7 @@ def train_classifier(cfg: ClassifierStageConfig, data: DatasetSpec | ImageDatase
     model = build(config)
     data_iter = data_batches(train, cfg.batch_size, run, STAGE, unit, cfg.seed_offset, flip=False)
     steps = cfg.steps or cfg.epochs * data_iter.batches_per_epoch
-    identity = data_identity(data, train)
+    identity = data_identity(data, full)
 
     def loss_fn(net, x, y, info):
         x = classifier_augment(x, info.generator, crop=cfg.crop, flip=cfg.flip,
@@ -128,16 +131,20 @@ def train_classifier(cfg: ClassifierStageConfig, data: DatasetSpec | ImageDatase
         return loss, {"train_acc": (logits.argmax(1) == y).float().mean()}
 
     def eval_fn(net, extra, step):
-        acc = accuracy(net, test, device)
+        acc = accuracy(net, val, device)
         if acc > extra.get("accuracy", -1.0):
             extra.update(accuracy=acc, best_step=step,
                          best_state={k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
         extra["final_accuracy"] = acc
-        return {"test_acc": acc, "best_acc": extra["accuracy"]}
+        return {"val_acc": acc, "best_val_acc": extra["accuracy"]}
 
     def finalize(net, ema_net, extra, path):
         state = extra.pop("best_state", None) or net.state_dict()
         info = {k: extra[k] for k in ("accuracy", "best_step", "final_accuracy") if k in extra}
+        if test is not None:  # reported, never used to choose
+            kept = build(config)
+            kept.load_state_dict(state)
+            info["test_accuracy"] = accuracy(kept.to(device), test, device)
         return save_checkpoint(make_checkpoint(
             "classifier", config.to_dict(), state,
             extra={"stage": STAGE, "role": cfg.role, "finished": True, **info,
