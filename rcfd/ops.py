@@ -22,9 +22,12 @@ import contextlib
 import functools
 import logging
 import os
+import warnings
 from typing import Union
 
 import torch
+
+from rcfd.kernels import feature_kl as fk
 
 log = logging.getLogger("rcfd")
 
@@ -43,7 +46,7 @@ def _load_extension():
     if _EXT is not None or _EXT_ERROR is not None:
         return _EXT
     try:
-        from rcfd import _C  # noqa: F401  (importing registers the torch.ops.rcfd ops)
+        from rcfd import _C  # noqa: F401, PLC0415 - the optional compiled extension; importing it registers torch.ops.rcfd
 
         _register_ddim_python()
         _OPS.update(tensor=torch.ops.rcfd.ddim_update.default,
@@ -51,8 +54,6 @@ def _load_extension():
         _EXT = _C
     except Exception as exc:  # ImportError, or an undefined symbol from an ABI mismatch
         _EXT_ERROR = f"{type(exc).__name__}: {exc}"
-        import warnings
-
         warnings.warn(
             "rcfd: the compiled extension rcfd._C could not be loaded "
             f"({_EXT_ERROR}); the fused DDIM update falls back to PyTorch. Rebuild it with "
@@ -86,11 +87,7 @@ def build_info() -> dict:
 
 
 def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    return fk.triton is not None
 
 
 @functools.lru_cache(maxsize=None)
@@ -369,8 +366,6 @@ def feature_kl(
     ``[B, D]`` features; the gradient flows to ``student`` only. The loss is fp32 (float64
     for float64 inputs, which always take the float64 reference). See
     :mod:`rcfd.kernels.feature_kl`."""
-    from rcfd.kernels import feature_kl as fk
-
     fk.check_inputs(student, teacher, tau_teacher, tau_student, reduction)
     if student.dtype != torch.float64 and _route("feature_kl", student.device) == "triton":
         return fk.feature_kl_triton(student, teacher, tau_teacher, tau_student, reduction)
