@@ -286,3 +286,25 @@ def test_measure_panel_against_both_splits(small):
     assert floor["metrics"]["pixels"]["fid"] < m["pixels"]["train"]["fid"]  # real images beat mirrored ones
     with pytest.raises(UsageError, match="at least 20 samples"):
         panel_features(samples[:19], panel)
+
+
+def test_a_malicious_inception_weights_file_is_refused_without_dangerous_advice(tmp_path):
+    """A file given as the Inception weights that would run code is refused, nothing runs,
+    and the message never suggests loading it with weights_only=False."""
+    import os
+    import pickle
+
+    from rcfd.errors import UsageError
+    from rcfd.evaluation.fidelity import check_inception_weights
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    path.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(UsageError, match="refusing to load") as e:
+        check_inception_weights(str(path))
+    assert "weights_only=False" not in str(e.value) and not marker.exists()

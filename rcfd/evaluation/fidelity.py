@@ -23,7 +23,8 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
     FeatureExtractorInceptionV3,
 )
 
-from rcfd.errors import UsageError
+from rcfd.checkpoint_io import load_checkpoint
+from rcfd.errors import CheckpointError, UsageError
 from rcfd.evaluation.features import FeatureExtractor
 
 INCEPTION = "inception-v3-compat"
@@ -61,9 +62,9 @@ def check_inception_weights(path: str) -> None:
     """Refuse a file that is not torch-fidelity's Inception state dict, loading it with
     ``weights_only=True`` (so nothing in it runs)."""
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to load means "not a weights file"
-        raise UsageError(f"{path}: not a loadable weights file ({type(e).__name__}: {e})") from None
+        sd = load_checkpoint(path)  # safe, and its errors never advise disabling that
+    except CheckpointError as e:
+        raise UsageError(f"--inception-weights / eval.inception_weights: {e}") from None
     ok = isinstance(sd, dict) and all(
         torch.is_tensor(sd.get(k)) and tuple(sd[k].shape) == s for k, s in INCEPTION_CHECK.items())
     if not ok:
