@@ -119,10 +119,26 @@ def raw_table(per_seed: Sequence[Mapping], extractor: str, reference: str, metri
     return "\n".join(lines)
 
 
+def _run_names(per_seed: Sequence[Mapping], out_dir: str | os.PathLike | None) -> list[str | None]:
+    """Each seed's run directory, relative to the study directory when given (so that a study
+    moved or committed elsewhere does not name the machine it ran on)."""
+    runs = [r.get("run_dir") for r in per_seed]
+    if out_dir is None:
+        return runs
+    return [os.path.relpath(r, out_dir) if r else r for r in runs]
+
+
+def _references_text(num_reference) -> str:
+    if isinstance(num_reference, Mapping):
+        return " / ".join(f"{n} {split}" for split, n in num_reference.items()) + " images"
+    return str(num_reference)
+
+
 def study_summary(per_seed: Sequence[Mapping], comparisons: Sequence[tuple[str, str]], *, commit: str,
-                  platform: Mapping, metrics: Sequence[str] = ("fid", "kid")) -> dict:
+                  platform: Mapping, metrics: Sequence[str] = ("fid", "kid"),
+                  out_dir: str | os.PathLike | None = None) -> dict:
     """Everything ``study.json`` holds: the setting, the paired rows, the cell summaries and
-    the generated conclusions."""
+    the generated conclusions; the seeds' run directories relative to ``out_dir`` if given."""
     for r in per_seed:
         check_results(r)
     first = per_seed[0]
@@ -138,7 +154,7 @@ def study_summary(per_seed: Sequence[Mapping], comparisons: Sequence[tuple[str, 
             "extractors": names, "extractor_details": [r.get("extractor_details") for r in per_seed],
             "primary": first["primary"], "teacher": first.get("teacher"), "measurement": first.get("measurement"),
             "comparisons": [list(c) for c in comparisons], "rule": stats.RULE, "conclusions": conclusions,
-            "paired": paired, "cells": summaries, "runs": [r.get("run_dir") for r in per_seed]}
+            "paired": paired, "cells": summaries, "runs": _run_names(per_seed, out_dir)}
 
 
 def study_markdown(summary: Mapping, per_seed: Sequence[Mapping], *, side_by_side: str | None = None,
@@ -150,7 +166,7 @@ def study_markdown(summary: Mapping, per_seed: Sequence[Mapping], *, side_by_sid
     parts = [f"# {title}", "",
              f"Commit `{summary['commit']}`; platform: {plat}. Seeds {', '.join(map(str, summary['seeds']))}, "
              f"each a full run with its own classifiers; {summary.get('num_samples')} samples per cell; "
-             f"references {summary.get('num_reference')}. Extractors: "
+             f"references {_references_text(summary.get('num_reference'))}. Extractors: "
              + ", ".join(f"`{n}`" for n in names) + " (the `classifier` extractor is each seed's own "
              "evaluation classifier, never the distillation one; differences are paired by seed).", "",
              "## Conclusions", "", stats.RULE, ""]
@@ -184,7 +200,7 @@ def write_study(out_dir: str | os.PathLike, per_seed: Sequence[Mapping], compari
     if not per_seed:
         raise ValueError("a study needs the results of at least one seed")
     out = Path(out_dir)
-    summary = study_summary(per_seed, comparisons, commit=commit, platform=platform)
+    summary = study_summary(per_seed, comparisons, commit=commit, platform=platform, out_dir=out)
     ref = summary["primary"]["reference"]
     paths = {"json": write_text(out / STUDY_JSON, json.dumps(summary, indent=2) + "\n"),
              "csv": write_text(out / PER_SEED_CSV, per_seed_csv(per_seed))}

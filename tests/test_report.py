@@ -164,7 +164,7 @@ def test_results_validated():
 
 
 def test_study_report_reads_the_numbers(tmp_path):
-    per_seed = study()
+    per_seed = [{**r, "run_dir": str(tmp_path / f"seed{k}")} for k, r in enumerate(study())]
     paths = study_report.write_study(tmp_path, per_seed, COMPARISONS, commit="abc1234",
                                      platform={"cpu": "Test CPU", "threads": 2, "torch": torch.__version__})
     md = paths["md"].read_text()
@@ -177,6 +177,8 @@ def test_study_report_reads_the_numbers(tmp_path):
     assert "(teacher: upper bound)" in md and "## Paired differences: FID against train" in md
     summary = json.loads(paths["json"].read_text())
     assert summary["seeds"] == list(range(10)) and summary["commit"] == "abc1234"
+    assert summary["runs"] == [f"seed{k}" for k in range(10)] and str(tmp_path) not in md
+    assert "references 300 test / 1497 train images" in md
     assert summary["conclusions"] == [l[2:] for l in md.splitlines() if l.startswith(("- Under", "- **The", "- All"))]
     rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
     measured = sum(ref in m for r in per_seed for e in r["entries"] for m in e["metrics"].values()
