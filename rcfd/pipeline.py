@@ -139,10 +139,12 @@ def check_batch_sizes(cfg, stages: list[str]) -> None:
                              f"{cfg.data.name}; set {key}.batch_size to at most {n}")
 
 
-def _record_timing(run_dir: Path, stage: str, seconds: float) -> None:
+def _record_timing(run_dir: Path, stage: str, seconds: float, *, add: bool = False) -> None:
+    """Record a stage's wall time; ``add`` (a resumed training stage) adds it to what earlier
+    runs recorded, so that skipping a finished stage does not erase its time."""
     path = run_dir / TIMINGS_JSON
     timings = read_json(path, "stage timings") if path.is_file() else {}
-    timings[stage] = round(seconds, 2)
+    timings[stage] = round(seconds + (timings.get(stage, 0.0) if add else 0.0), 2)
     order = {s: i for i, s in enumerate([m.name for m in registry.methods()] + ["evaluate"])}
     write_json(path, dict(sorted(timings.items(), key=lambda kv: order.get(kv[0], 99))))
 
@@ -195,7 +197,7 @@ def run_pipeline(cfg, run_dir: str | os.PathLike, *, stage: str = "all",
             _say(f"   checkpoints: {', '.join(str(p) for p in paths)}", dist)
         seconds = time.perf_counter() - t0
         if dist.is_main:
-            _record_timing(run_dir, s, seconds)
+            _record_timing(run_dir, s, seconds, add=options.resume and s != "evaluate")
         _say(f"== {s} done in {fmt_time(seconds)} (elapsed {fmt_time(time.perf_counter() - t_start)})", dist)
     if results is not None:
         results["timings"] = read_json(run_dir / TIMINGS_JSON, "stage timings")

@@ -92,8 +92,12 @@ def test_finished_stage_needs_resume_or_overwrite(tiny_run, capsys):
 
 def test_resume_keeps_finished_stages_and_reevaluates(tiny_run, capsys):
     before = (tiny_run / "pd" / "T1.pt").stat().st_mtime_ns
+    timings = json.loads((tiny_run / "timings.json").read_text())
     assert run_train("--preset", "smoke", "--out", str(tiny_run), "--resume", *TINY) == 0
     assert (tiny_run / "pd" / "T1.pt").stat().st_mtime_ns == before
+    after = json.loads((tiny_run / "timings.json").read_text())
+    for stage in ("classifier", "base", "pd", "rcfd"):  # skipping a finished stage keeps its time
+        assert timings[stage] <= after[stage] < timings[stage] + 5, stage
     out = capsys.readouterr().out
     assert "results:" in out and str(tiny_run / report.RESULTS_MD) in out
 
