@@ -85,7 +85,7 @@ def cosine_schedule(T: int, time_scale: int) -> Schedule:
 def step_indices(T: int, num_steps: int) -> list[int]:
     """Sampler steps ``t`` visited by an ``num_steps``-step DDIM sampler of a ``T``-step
     model: ``T, T - stride, ..., 0`` with ``stride = T / num_steps`` (METHOD.md, "DDIM
-    step"); the sampler goes from ``ts[i]`` to ``ts[i+1]``."""
+    step"); the sampler goes from entry ``i`` of this list to entry ``i + 1``."""
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
     if num_steps > T or T % num_steps:
