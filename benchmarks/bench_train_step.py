@@ -87,11 +87,6 @@ class ReferenceRCFDLoss:
         return LossOutput(cfd + c.alpha * reg, {})
 
 
-def reference_ops():
-    """The PyTorch references for every fused op (the baseline's DDIM update and KL)."""
-    return ops.references()
-
-
 def backend_settings(mode: str):
     """cuDNN as each mode runs it: PyTorch's defaults for the reference-equivalent modes,
     the trainers' (cudnn.benchmark) for ours."""
@@ -128,11 +123,11 @@ def make_step(case: str, mode: str):
     x0 = torch.rand(BATCH, cfg.in_channels, cfg.image_size, cfg.image_size, device=DEVICE) * 2 - 1
     x0 = x0.contiguous(memory_format=fmt)
     info = StepInfo(0, torch.Generator(DEVICE).manual_seed(0), 0, 1, BATCH)
-    ops = contextlib.nullcontext if ours else reference_ops
+    routes = contextlib.nullcontext if ours else ops.references  # the baseline: every op on its reference
 
     def loss_call():
         with backend_settings(mode):
-            with ops(), fast_step.autocast(ours, DEVICE):
+            with routes(), fast_step.autocast(ours, DEVICE):
                 loss, _ = loss_fn(student, x0, None, info)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -33,7 +33,6 @@ from rcfd.methods import registry
 from rcfd.samplers import SAMPLERS
 
 
-
 class EvalConfig(Section):
     """Evaluation (METHOD.md, "Evaluation"; the protocol: docs/results-digits.md, "How samples
     are measured"): ``num_samples`` samples of every row the methods produce (each distilled

@@ -120,6 +120,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="image size of a reference-format checkpoint (default 32)")
     p.add_argument("--no-ema", action="store_true", help="use the trained weights, not the EMA copy")
     p.add_argument("--no-cuda-graph", action="store_true", help="eager sampler on a GPU")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="the model's dtype while sampling (default auto: bf16 on CUDA, fp32 elsewhere)")
 
 
 def load_model(args: argparse.Namespace, device):

@@ -78,8 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch-fidelity's Inception weights file (weights-inception-2015-12-05)")
     p.add_argument("--floor", action="store_true", help="also measure the noise floors (a second sample set)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="the model's dtype while sampling (default auto: bf16 on CUDA, fp32 elsewhere)")
     p.add_argument("--no-progress", action="store_true")
     add_common_args(p)
     return p

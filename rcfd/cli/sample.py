@@ -70,8 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=None, help="enlarge grid images this many times "
                    "(default: to at least 32 px)")
     add_model_args(p)
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="the model's dtype while sampling (default auto: bf16 on CUDA, fp32 elsewhere)")
     p.add_argument("--no-progress", action="store_true")
     add_common_args(p)
     return p
