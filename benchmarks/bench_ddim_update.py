@@ -1,4 +1,4 @@
-"""The public fused DDIM update ``rcfd.ops.ddim_update`` vs the eager PyTorch expression it
+"""The public fused DDIM update ``rcfd.core.ops.ddim_update`` vs the eager PyTorch expression it
 replaces, side by side in one group per case (shape, dtype, coefficients as Python floats or
 ``[B]`` tensors, ``no_grad`` as the samplers call it or grad enabled with ``x0`` requiring
 grad as in training). Extra rows: the raw compiled op (``torch.ops.rcfd.ddim_update*``, no
@@ -13,7 +13,7 @@ over eager and whether the target (>= 2x at [16,3,32,32] and [128,3,32,32] fp32)
 import pytest
 import torch
 
-from rcfd import ops
+from rcfd.core import ops
 from rcfd.core.schedule import cosine_schedule
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,7 +103,7 @@ def report_target(request):
 def _report(write):
     write("")
     write(f"ddim_update on {DEVICE} ({torch.get_num_threads()} threads): public "
-          "rcfd.ops.ddim_update vs eager (medians)")
+          "rcfd.core.ops.ddim_update vs eager (medians)")
     for case in CASES:
         times = _MEDIANS.get(group_name(case), {})
         if "eager" not in times or "public" not in times:

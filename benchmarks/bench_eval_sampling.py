@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from rcfd.checkpoint import DiffusionInfo
+from rcfd.io.checkpoint import DiffusionInfo
 from rcfd.core.unet import UNet, UNetConfig
 from rcfd.evaluation import sample_images
 from rcfd.samplers import sampling_dtype

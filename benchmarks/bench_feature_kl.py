@@ -22,7 +22,7 @@ student gradient, ``3 * itemsize`` per element (``bytes_min``, the basis of
 ``GBps_effective`` for every implementation). Ours moves exactly that when ``grad_output``
 is 1 (a plain ``loss.backward()``): the forward writes the gradient and the backward hands
 it over untouched. Any other ``grad_output`` (the ``-go0.5`` group) adds a scaling pass,
-``5 * itemsize`` in all (``bytes_ours``; see :mod:`rcfd.kernels.feature_kl`). Every timed
+``5 * itemsize`` in all (``bytes_ours``; see :mod:`rcfd.core.kernels.feature_kl`). Every timed
 call takes the next pair from a pool of inputs larger than the L2 cache.
 """
 
@@ -34,7 +34,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rcfd.kernels import feature_kl as fk
+from rcfd.core.kernels import feature_kl as fk
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from flops import count_flops, describe_mfu, mfu, peak_flops
 
-from rcfd import ops
+from rcfd.core import ops
 from rcfd.core.classifiers import ClassifierConfig, build, frozen
 from rcfd.core.schedule import cosine_schedule
 from rcfd.core.unet import UNet, UNetConfig

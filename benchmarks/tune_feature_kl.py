@@ -10,11 +10,11 @@ rows; persistent programs with pipelined loads when there are many rows; always 
 32 elements per thread per input. Each setting runs 16 calls over a pool of inputs larger
 than L2, captured in a CUDA graph so that the GPU time is measured without host overhead;
 the figure is the median of 10 replays. The table marks the setting that
-:func:`rcfd.kernels.feature_kl.launch_config` picks today and the fastest one, with
+:func:`rcfd.core.kernels.feature_kl.launch_config` picks today and the fastest one, with
 bandwidth on the ``3 * itemsize`` minimum traffic against a device copy measured in the same
 run. When the fastest beats today's pick by more than noise, retune ``ROW_TILE`` /
 ``ELEMS_PER_THREAD`` / ``MAX_ROW_BLOCK`` (or make :func:`launch_config` return the
-persistent setting) in ``rcfd/kernels/feature_kl.py``.
+persistent setting) in ``rcfd/core/kernels/feature_kl.py``.
 """
 
 import argparse
@@ -27,7 +27,7 @@ import sys
 import gpu_timing
 import torch
 
-from rcfd.kernels import feature_kl as fk
+from rcfd.core.kernels import feature_kl as fk
 
 CALLS = 16  # forward calls per captured graph
 POOL_BYTES = 256 << 20  # input pool per shape: well past any L2

@@ -26,7 +26,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origi
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from rcfd.atomicio import write_text
+from rcfd.io.files import write_text
 from rcfd.errors import ConfigError
 
 

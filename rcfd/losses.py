@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import model_validator
 
-from rcfd import ops
+from rcfd.core import ops
 from rcfd.config import Fraction, NonNegFloat, PosFloat, Section
 from rcfd.core.schedule import (
     Schedule,

@@ -14,8 +14,8 @@ import warnings
 import pytest
 import torch
 
-from rcfd import checkpoint as ck
-from rcfd.checkpoint import (CheckpointError, StateDictMismatchError, UnsafeCheckpointError,
+from rcfd.io import checkpoint as ck
+from rcfd.io.checkpoint import (CheckpointError, StateDictMismatchError, UnsafeCheckpointError,
                              load_checkpoint, load_classifier_state_dict,
                              load_diffusion_checkpoint, load_state_dict_strict, make_checkpoint,
                              save_checkpoint, save_diffusion_checkpoint)
@@ -123,7 +123,7 @@ def test_kill_during_save_leaves_a_loadable_file(tmp_path):
     path = tmp_path / "c.pt"
     writer = textwrap.dedent(f"""
         import torch
-        from rcfd.checkpoint import save_checkpoint
+        from rcfd.io.checkpoint import save_checkpoint
         i = 0
         while True:
             i += 1
@@ -675,7 +675,7 @@ def test_concurrent_writers_both_finish(tmp_path):
     path = tmp_path / "c.pt"
     writer = textwrap.dedent(f"""
         import sys, torch
-        from rcfd.checkpoint import save_checkpoint
+        from rcfd.io.checkpoint import save_checkpoint
         for i in range(15):
             save_checkpoint({{"w": torch.full((300_000,), float(sys.argv[1])), "i": i}}, {str(path)!r})
     """)

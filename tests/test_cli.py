@@ -13,13 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from rcfd import report
-from rcfd.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, save_diffusion_checkpoint
+from rcfd.io import grids
+from rcfd.report import results as report
+from rcfd.io.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, save_diffusion_checkpoint
 from rcfd.cli import sample, train
 from rcfd.core.classifiers import ClassifierConfig, build
 from rcfd.core.unet import UNet, UNetConfig
-from rcfd.pipeline_config import pipeline_config_class
-from rcfd.presets import get_preset
+from rcfd.study.config import pipeline_config_class
+from rcfd.study.presets import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 T = 4
@@ -128,7 +129,7 @@ def test_sample_png_grid(ckpts, tmp_path):
     assert sample.main([str(ckpts / "model.pt"), "--steps", "2", "--num", "10", "--out", str(out),
                         "--device", "cpu", "--no-progress"]) == 0
     with Image.open(out) as im:
-        assert im.size == report.grid_shape(10, 16, scale=report.display_scale(16)) and im.mode == "L"
+        assert im.size == grids.grid_shape(10, 16, scale=grids.display_scale(16)) and im.mode == "L"
 
 
 def test_sample_npz_count_shape_and_seed(ckpts, tmp_path):

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from rcfd import atomicio, pipeline
+from rcfd.io import files as atomicio
+from rcfd.study import pipeline
 from rcfd.cli import common, sample, train
 from rcfd.errors import EnvironmentFailure, ResumeError, StageExistsError
-from rcfd.presets import get_preset
+from rcfd.study.presets import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--device", "cpu", "--no-progress", "--threads", "1",

@@ -15,8 +15,8 @@ from rcfd.methods.classifier import ClassifierStageConfig
 from rcfd.methods.distill import halving_rounds
 from rcfd.methods.pd import PDStageConfig
 from rcfd.methods.rcfd import RCFDStageConfig
-from rcfd.pipeline_config import EvalConfig, load_config, pipeline_config_class
-from rcfd.presets import PRESET_CONFIGS, PRESETS, get_preset
+from rcfd.study.config import EvalConfig, load_config, pipeline_config_class
+from rcfd.study.presets import PRESET_CONFIGS, PRESETS, get_preset
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -1,4 +1,4 @@
-"""The fused DDIM update: the public rcfd.ops.ddim_update and the compiled ops
+"""The fused DDIM update: the public rcfd.core.ops.ddim_update and the compiled ops
 torch.ops.rcfd.ddim_update / ddim_update_scalar (the update alone; a sampler's DDIM step is the
 model call plus this update)."""
 
@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from rcfd import ops
+from rcfd.core import ops
 from rcfd.core.schedule import cosine_schedule
 
 TOL = {  # (rtol, atol) against a float64 reference computed from the same inputs
@@ -25,7 +25,7 @@ KINDS = ["scalar", "per-sample", "0-dim", "mixed", "float64-tensors"]
 
 
 def reference64(z_t, x0, a_s, s_s, a_t, s_t, clip):
-    """METHOD.md "DDIM step", in float64, written out independently of rcfd.ops."""
+    """METHOD.md "DDIM step", in float64, written out independently of rcfd.core.ops."""
     shape = (-1,) + (1,) * (z_t.dim() - 1)
 
     def c(v):
@@ -286,7 +286,7 @@ if torch.cuda.is_available():
 CHILD = """
 import faulthandler, json, sys, torch
 faulthandler.enable()
-from rcfd import ops  # loads the extension and registers the fake kernels
+from rcfd.core import ops  # loads the extension and registers the fake kernels
 U, S = torch.ops.rcfd.ddim_update, torch.ops.rcfd.ddim_update_scalar
 for name, call in json.loads(sys.argv[1]).items():
     for grad in (False, True):

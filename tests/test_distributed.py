@@ -61,7 +61,7 @@ SCRIPT = textwrap.dedent("""
     import json, sys, torch
     torch.set_num_threads(1)
     from rcfd import distributed as dist
-    from rcfd.presets import get_preset
+    from rcfd.study.presets import get_preset
     from rcfd.methods.base import train_base
     from rcfd.methods.pd import train_pd
     from rcfd.training.rundir import RunContext

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rcfd.checkpoint import make_checkpoint, save_checkpoint
+from rcfd.io.checkpoint import make_checkpoint, save_checkpoint
 from rcfd.core.classifiers import ClassifierConfig, build
 from rcfd.data import DatasetSpec, ImageDataset, load_dataset, to_float
 from rcfd.errors import CheckpointError, ConfigError, UsageError

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rcfd.checkpoint import load_diffusion_checkpoint, save_diffusion_checkpoint
+from rcfd.io.checkpoint import load_diffusion_checkpoint, save_diffusion_checkpoint
 from rcfd.cli import evaluate as cli
 from rcfd.core.unet import UNet, UNetConfig
 from rcfd.data import DatasetSpec, ImageDataset, load_dataset

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rcfd import ops
-from rcfd.kernels import feature_kl as fk
+from rcfd.core import ops
+from rcfd.core.kernels import feature_kl as fk
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(fk.triton is None, reason="needs Triton")

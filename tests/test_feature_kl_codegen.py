@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from rcfd.kernels import feature_kl as fk
+from rcfd.core.kernels import feature_kl as fk
 
 triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.triton

@@ -10,14 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from rcfd import report
-from rcfd.checkpoint import load_checkpoint, load_diffusion_checkpoint
+from rcfd.io import grids
+from rcfd.report import results as report
+from rcfd.io.checkpoint import load_checkpoint, load_diffusion_checkpoint
 from rcfd.cli import sample, train
 from rcfd.evaluation import load_classifier, sample_images
 from rcfd.evaluation.features import module_fingerprint
-from rcfd.pipeline import evaluation_rows
-from rcfd.pipeline_config import pipeline_config_class
-from rcfd.presets import get_preset
+from rcfd.study.pipeline import evaluation_rows
+from rcfd.study.config import pipeline_config_class
+from rcfd.study.presets import get_preset
 
 TINY = ["--set", "distill_classifier.steps=2", "--set", "eval_classifier.steps=2",
         "--set", "base.steps=2", "--set", "base.checkpoint_interval=1",
@@ -62,7 +63,7 @@ def check_run_dir(out: Path, cfg) -> dict:
         assert e["fid"] == e["metrics"][cfg.eval.primary][cfg.eval.reference]["fid"]
         with Image.open(out / e["grid"]) as im:
             n = min(64, cfg.eval.num_samples)
-            assert im.format == "PNG" and im.size == report.grid_shape(n, size, scale=report.display_scale(size))
+            assert im.format == "PNG" and im.size == grids.grid_shape(n, size, scale=grids.display_scale(size))
     assert results["extractors"] == list(cfg.eval.extractors) and results["dtype"] == "fp32"
     assert results["floors"]["test_vs_train"] and results["floors"]["two_seeds"]
     # honest evaluation: the evaluation classifier, never the distillation one

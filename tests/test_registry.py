@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from rcfd import report
-from rcfd.checkpoint import load_diffusion_checkpoint, save_diffusion_checkpoint
+from rcfd.report import results as report
+from rcfd.io.checkpoint import load_diffusion_checkpoint, save_diffusion_checkpoint
 from rcfd.cli import train
 from rcfd.config import PosInt, Pow2, Section
 from rcfd.core.schedule import cosine_schedule
 from rcfd.losses import DenoisingLoss
 from rcfd.methods import registry
 from rcfd.methods.common import data_batches, load_train, require
-from rcfd.pipeline_config import pipeline_config_class
-from rcfd.presets import get_preset
+from rcfd.study.config import pipeline_config_class
+from rcfd.study.presets import get_preset
 from rcfd.training.loop import Job, run_job
 from rcfd.training.optim import OptimSpec
 from rcfd.training.rundir import checkpoint_path, unit_done

@@ -13,7 +13,10 @@ import torch
 from PIL import Image
 from test_stats import COMPARISONS, study
 
-from rcfd import plots, report, study_report
+from rcfd.io import grids
+from rcfd.report import plots
+from rcfd.report import results as report
+from rcfd.report import study as study_report
 
 ROWS = [("base", "DDIM (base model)", "ddim", (1, 8, 32)), ("base/dpm-solver", "DPM-Solver++ (base)", "dpm-solver", (1, 8)),
         ("pd", "PD", "ddim", (1, 2, 4, 8)), ("rcfd", "RCFD-resnet18", "ddim", (1, 2, 4))]
@@ -59,12 +62,12 @@ def _results(seed=0):
                                                     (10, 4, 32, 1, 1)])
 def test_grid_size_and_content(tmp_path, n, nrow, size, pad, scale):
     images = torch.rand(n, 1, size, size) * 2 - 1
-    w, h = plots.grid_shape(n, size, nrow, pad, scale)
-    path = plots.save_grid(images, tmp_path / "g.png", nrow=nrow, pad=pad, scale=scale)
+    w, h = grids.grid_shape(n, size, nrow, pad, scale)
+    path = grids.save_grid(images, tmp_path / "g.png", nrow=nrow, pad=pad, scale=scale)
     with Image.open(path) as im:
         assert im.size == (w, h) and im.mode == "L"
         arr = np.asarray(im)
-    first = plots.image_grid(images[:1], pad=0, scale=1)
+    first = grids.image_grid(images[:1], pad=0, scale=1)
     np.testing.assert_array_equal(arr[pad:pad + size * scale:scale, pad:pad + size * scale:scale], first)
     cols = min(n, nrow or math.ceil(math.sqrt(n)))
     assert w == cols * (size * scale + pad) + pad and h == math.ceil(n / cols) * (size * scale + pad) + pad
@@ -72,11 +75,11 @@ def test_grid_size_and_content(tmp_path, n, nrow, size, pad, scale):
 
 def test_grid_rgb_uint8_and_bad_shape():
     images = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
-    g = plots.image_grid(images, nrow=5, pad=1)
+    g = grids.image_grid(images, nrow=5, pad=1)
     assert g.shape == (6, 26, 3) and g.dtype == np.uint8
     np.testing.assert_array_equal(g[1:5, 1:5], images[0].permute(1, 2, 0).numpy())
     with pytest.raises(ValueError, match="images must be"):
-        plots.image_grid(torch.zeros(2, 2, 4, 4))
+        grids.image_grid(torch.zeros(2, 2, 4, 4))
 
 
 def test_read_jsonl_and_loss_series(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rcfd.checkpoint import load_checkpoint, load_diffusion_checkpoint
+from rcfd.io.checkpoint import load_checkpoint, load_diffusion_checkpoint
 from rcfd.core.unet import UNetConfig
 from rcfd.data import DatasetSpec
 from rcfd.errors import Interrupted, ResumeError, StageExistsError

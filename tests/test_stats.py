@@ -1,4 +1,4 @@
-"""rcfd.stats: the paired tests against independent computations, the verdict rule on known
+"""rcfd.report.stats: the paired tests against independent computations, the verdict rule on known
 positive, null and negative differences, and the conclusion lines generated from them."""
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from rcfd import stats
+from rcfd.report import stats
 
 SEEDS = list(range(10))
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rcfd import losses
-from rcfd.checkpoint import DiffusionInfo, load_diffusion_checkpoint
+from rcfd.io.checkpoint import DiffusionInfo, load_diffusion_checkpoint
 from rcfd.core.classifiers import ClassifierConfig, build, frozen
 from rcfd.core.unet import UNetConfig
 from rcfd.data import DatasetSpec, load_dataset

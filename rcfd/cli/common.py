@@ -23,7 +23,7 @@ import sys
 import threading
 from typing import Callable, Sequence
 
-from rcfd.checkpoint import load_diffusion_checkpoint
+from rcfd.io.checkpoint import load_diffusion_checkpoint
 from rcfd.cli import STOPPED
 from rcfd.distributed import env_info
 from rcfd.distributed import resolve_device as _resolve_device

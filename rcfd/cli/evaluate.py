@@ -31,7 +31,7 @@ from rcfd.cli.common import (
     resolve_device,
     run_cli,
 )
-from rcfd.atomicio import write_json
+from rcfd.io.files import write_json
 from rcfd.errors import UsageError
 from rcfd.evaluation import (
     EXTRACTOR_NAMES,
@@ -44,7 +44,7 @@ from rcfd.evaluation import (
     panel_names,
 )
 from rcfd.methods.registry import Row
-from rcfd.report import floors_table
+from rcfd.report.results import floors_table
 from rcfd.samplers import SAMPLERS, sampling_dtype
 
 

@@ -22,11 +22,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from rcfd.atomicio import atomic_write
+from rcfd.io.files import atomic_write
 from rcfd.cli.common import add_common_args, add_model_args, load_model, positive, resolve_device, run_cli
 from rcfd.errors import UsageError
 from rcfd.evaluation.measure import sample_images
-from rcfd.report import display_scale, save_grid
+from rcfd.io.grids import display_scale, save_grid
 from rcfd.samplers import SAMPLERS
 
 OUTPUT_SUFFIXES = (".png", ".npz")

@@ -14,7 +14,7 @@ to one step, RCFD rounds 8 -> 4 -> 2 -> 1), then IS/FID of every sampler they pr
 
 This module only translates flags into the config (``--device`` is ``device``, ``--seed`` is
 ``seed``, ``--threads`` is ``threads``, ``--set a.b=v`` any field) and calls
-:mod:`rcfd.pipeline`; the resolved config is written to RUN_DIR/config.json.
+:mod:`rcfd.study.pipeline`; the resolved config is written to RUN_DIR/config.json.
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ from typing import Sequence
 
 import yaml
 
-from rcfd import distributed, pipeline
+from rcfd import distributed
+from rcfd.study import pipeline
 from rcfd.cli.common import add_common_args, positive, run_cli
 from rcfd.config import ConfigError
 from rcfd.errors import Interrupted, UsageError
 from rcfd.methods import registry
-from rcfd.pipeline_config import load_config
-from rcfd.presets import DEFAULT_PRESET, PRESET_CONFIGS, get_preset
+from rcfd.study.config import load_config
+from rcfd.study.presets import DEFAULT_PRESET, PRESET_CONFIGS, get_preset
 
 
 def stages() -> list[str]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models import DenseNet201_Weights, ResNet50_Weights
 
-from rcfd.checkpoint_io import load_checkpoint
+from rcfd.io.safeload import load_checkpoint
 from rcfd.core.classifier_base import _IMAGENET, ClassifierBase, ClassifierConfig, check_images
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rcfd.checkpoint import load_classifier_state_dict, load_state_dict_strict
+from rcfd.io.checkpoint import load_classifier_state_dict, load_state_dict_strict
 from rcfd.core.classifiers import ClassifierConfig, build, load_reference_classifier
 from rcfd.errors import CheckpointError, ConfigError, UsageError
 from rcfd.evaluation.features import (

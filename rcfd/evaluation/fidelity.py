@@ -23,7 +23,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
     FeatureExtractorInceptionV3,
 )
 
-from rcfd.checkpoint_io import load_checkpoint
+from rcfd.io.safeload import load_checkpoint
 from rcfd.errors import CheckpointError, UsageError
 from rcfd.evaluation.features import FeatureExtractor
 

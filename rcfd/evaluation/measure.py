@@ -23,7 +23,7 @@ def sample_images(model: nn.Module, info, *, num_samples: int, num_steps: int, b
                   sampler: str = "ddim", device: Any = "cpu", seed: int = 0, dist=None,
                   use_cuda_graph: bool = True, progress: bool = True, dtype: str = "auto") -> torch.Tensor | None:
     """``num_samples`` images (uint8 ``[N, C, H, W]`` on the CPU) from a diffusion model
-    (``info``: its :class:`rcfd.checkpoint.DiffusionInfo`) with the ``num_steps``-step
+    (``info``: its :class:`rcfd.io.checkpoint.DiffusionInfo`) with the ``num_steps``-step
     ``sampler``, through :func:`rcfd.samplers.generate`. Under ``torchrun`` (``dist``: a
     :class:`rcfd.distributed.DistInfo`) each rank makes its block of whole batches
     (:func:`rcfd.samplers.shard_batches`) and rank 0 gets them all, in rank order (the other

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rcfd.atomicio import atomic_write
+from rcfd.io.files import atomic_write
 from rcfd.data import ImageDataset
 from rcfd.errors import UsageError
 from rcfd.evaluation.features import BATCH_SIZE, FeatureExtractor, Features

@@ -1,6 +1,6 @@
 """The evaluation stage the pipeline calls: sample every row, measure it with the panel
 against both reference splits, measure the noise floors, and return the results dict that
-``results.json`` holds (:mod:`rcfd.report` turns it into ``results.md``).
+``results.json`` holds (:mod:`rcfd.report.results` turns it into ``results.md``).
 
     references = References(load_references(spec), device=device, cache_dir=run_dir / "features")
     panel = build_panel(names, references.image_shape, train_images=references.datasets["train"].images,
@@ -34,7 +34,8 @@ from rcfd.evaluation.panel import (
     protocol,
     two_seed_floor,
 )
-from rcfd.plots import display_scale, save_grid, save_sample_table
+from rcfd.io.grids import display_scale, save_grid
+from rcfd.report.plots import save_sample_table
 
 FLOOR_SEED_OFFSET = 1_000_003
 GRID_DIR, SIDE_BY_SIDE = "samples", "samples/side_by_side.png"
@@ -129,7 +130,7 @@ def evaluate_rows(rows: Sequence, load_model: Callable, *, eval_cfg: Any, refere
     (and may pass ``references=None, extractors=()``: only rank 0 uses them).
     ``out_dir``: where the sample grids go (``samples/``); ``teacher``: ``(key, steps)`` of
     the row that is the distillation teacher (labelled as the upper bound in reports).
-    Returns the results dict (module docstring of :mod:`rcfd.report`)."""
+    Returns the results dict (module docstring of :mod:`rcfd.report.results`)."""
     cfg = EvalSettings.from_config(eval_cfg)
     dist = dist or distributed.SINGLE
     names = [e.name for e in extractors]

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from pydantic import model_validator
 
-from rcfd.checkpoint import save_diffusion_checkpoint
+from rcfd.io.checkpoint import save_diffusion_checkpoint
 from rcfd.config import Decay, NonNegInt, PosFloat, PosInt, Pow2, Section
 from rcfd.core.schedule import cosine_schedule
 from rcfd.core.unet import UNet, UNetConfig
@@ -82,7 +82,7 @@ def train_base(cfg: BaseStageConfig, data, run: RunContext) -> Path:
     """Train the base model ``(T, 1)``: ``t ~ U{0..T}``, the ``cfg.loss`` denoising loss,
     Adam with linear warmup, EMA, grad-norm clipping, a sample grid every
     ``sample_interval`` steps. Returns ``run_dir/base/model.pt`` (weights and EMA weights;
-    :func:`rcfd.checkpoint.load_diffusion_checkpoint` picks the EMA)."""
+    :func:`rcfd.io.checkpoint.load_diffusion_checkpoint` picks the EMA)."""
     if unit_done(run, STAGE, UNIT):
         return checkpoint_path(run.run_dir, STAGE, UNIT)
     dataset = load_train(data)

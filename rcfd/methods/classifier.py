@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from rcfd.checkpoint import (
+from rcfd.io.checkpoint import (
     load_checkpoint,
     load_classifier_checkpoint,
     make_checkpoint,
@@ -171,7 +171,7 @@ def load_classifier(source: Path | str | nn.Module, device: torch.device | str =
     state_dict}`` file (``arch`` names its architecture; CIFAR-10 normalisation), or an
     ``imagenet_*`` name (torchvision ImageNet weights from the local cache, taking
     ``in_channels``-channel images). Files go through
-    :func:`rcfd.checkpoint.load_classifier_checkpoint` (checked before anything is built)."""
+    :func:`rcfd.io.checkpoint.load_classifier_checkpoint` (checked before anything is built)."""
     if isinstance(source, nn.Module):
         return source.to(device).eval()
     name = str(source)

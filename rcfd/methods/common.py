@@ -12,7 +12,7 @@ from rcfd.core.schedule import Schedule
 from rcfd.data import DatasetSpec, ImageDataset, load_dataset
 from rcfd.data.loader import batches
 from rcfd.errors import UsageError
-from rcfd.report import display_scale, save_grid
+from rcfd.io.grids import display_scale, save_grid
 from rcfd.samplers import get_sampler, make_plan
 from rcfd.training.rundir import RunContext, checkpoint_path
 from rcfd.training.state import stage_seed

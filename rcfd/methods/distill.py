@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rcfd.checkpoint import DiffusionInfo, load_diffusion_checkpoint, save_diffusion_checkpoint
+from rcfd.io.checkpoint import DiffusionInfo, load_diffusion_checkpoint, save_diffusion_checkpoint
 from rcfd.config import Decay, NonNegInt, PosFloat, PosInt, Pow2, Section, is_pow2
 from rcfd.core.schedule import cosine_schedule
 from rcfd.core.unet import UNet

@@ -6,7 +6,7 @@
   ``sigma_i`` as device tensors, what the model predicts and whether to clip;
 * samplers ``sampler(model, x_T, plan) -> images``: :func:`ddim`, :func:`dpm_solver_2m`
   (DPM-Solver++(2M)), :func:`pndm` (PLMS), by name in :data:`SAMPLERS`; every state update
-  is the fused :func:`rcfd.ops.ddim_update`;
+  is the fused :func:`rcfd.core.ops.ddim_update`;
 * :class:`GraphSampler`: any sampler captured as one CUDA graph;
 * :func:`generate` / :func:`noise_batches`: reproducible batched generation for metrics.
 

@@ -10,7 +10,7 @@ Over a plan ``t_0 > ... > t_K`` (schedule coefficients ``alpha_i, sigma_i``), fr
 
 with ``h_i = lambda_i - lambda_{i-1}``, ``lambda = log(alpha / sigma)``; the result is
 ``clip(z_K, -1, 1)`` (raw ``z_K`` when the plan does not clip). The update is
-:func:`rcfd.ops.ddim_update`, the one place its arithmetic is written; the other samplers
+:func:`rcfd.core.ops.ddim_update`, the one place its arithmetic is written; the other samplers
 call it through :func:`ddim_transfer` with another ``x0``.
 """
 
@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from rcfd import ops
+from rcfd.core import ops
 from rcfd.samplers.plan import Plan, check_inputs, finish, predict_x0
 
 

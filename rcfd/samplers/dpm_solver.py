@@ -12,7 +12,7 @@ prediction at ``(z_i, t_i)``::
 Since ``alpha_i - sigma_i alpha_{i-1} / sigma_{i-1} = alpha_i (1 - exp(-h_i))``, the last
 line is exactly the DDIM update with ``D_i`` in place of ``x0``:
 ``z_i = alpha_i D_i + sigma_i (z_{i-1} - alpha_{i-1} D_i) / sigma_{i-1}``, so the step
-is :func:`rcfd.samplers.ddim.ddim_transfer` (the fused :func:`rcfd.ops.ddim_update`) applied
+is :func:`rcfd.samplers.ddim.ddim_transfer` (the fused :func:`rcfd.core.ops.ddim_update`) applied
 to ``D_i``. ``D_i`` is an extrapolation and is not clipped (only the model's predictions
 are). With one step it is DDIM; its global error is second order in the step size.
 """

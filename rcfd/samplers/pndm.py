@@ -15,7 +15,7 @@ and the step is PNDM's transfer ``phi``, the DDIM update driven by ``eps'``::
     x0'     = (z_i - sigma_i eps') / alpha_i
     z_{i+1} = alpha_{i+1} x0' + sigma_{i+1} (z_i - alpha_i x0') / sigma_i    (= ... + sigma_{i+1} eps')
 
-done by :func:`rcfd.samplers.ddim.ddim_transfer` (:func:`rcfd.ops.ddim_update`) on ``x0'``,
+done by :func:`rcfd.samplers.ddim.ddim_transfer` (:func:`rcfd.core.ops.ddim_update`) on ``x0'``,
 computed as ``x0_i - (sigma_i / alpha_i) (eps' - e_0)`` (the same value, without
 dividing all of ``z_i`` by a small ``alpha_i``). ``x0'`` is not clipped.
 

@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from rcfd.atomicio import write_text
+from rcfd.io.files import write_text
 
 try:  # optional: TensorBoard event files when the package is installed
     from torch.utils.tensorboard import SummaryWriter

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rcfd import distributed as dist
-from rcfd.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
+from rcfd.io.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
 from rcfd.errors import Interrupted, NonFiniteLossError
 from rcfd.training import state as st
 from rcfd.training.fast_step import (

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rcfd.checkpoint import unwrap_model
+from rcfd.io.checkpoint import unwrap_model
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "multistep")

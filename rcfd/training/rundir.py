@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from rcfd import distributed as dist
-from rcfd.atomicio import temp_file_pattern
+from rcfd.io.files import temp_file_pattern
 from rcfd.errors import StageExistsError
 
 

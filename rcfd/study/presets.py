@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from rcfd.core.unet import UNetConfig
 from rcfd.errors import ConfigError
-from rcfd.pipeline_config import PipelineBase, parse_pipeline
+from rcfd.study.config import PipelineBase, parse_pipeline
 
 
 def _cifar10_paper(arch: str = "resnet18") -> dict:

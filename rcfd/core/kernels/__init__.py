@@ -1,5 +1,5 @@
 """Triton kernels, one op per module: ``_kernel`` -> launcher -> autograd / custom op.
 
-Modules are imported where they are used (:mod:`rcfd.ops` chooses the backend), so
+Modules are imported where they are used (:mod:`rcfd.core.ops` chooses the backend), so
 importing this package does not import Triton.
 """

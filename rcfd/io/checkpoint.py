@@ -1,5 +1,5 @@
 """Checkpoint formats: ours, the reference implementation's, and models built from them. The
-file IO (atomic save, safe load, stale temporary files) is :mod:`rcfd.checkpoint_io`, whose
+file IO (atomic save, safe load, stale temporary files) is :mod:`rcfd.io.safeload`, whose
 names are re-exported here.
 
 Our format (``kind`` is ``"diffusion"`` or ``"classifier"``)::
@@ -32,8 +32,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from rcfd.atomicio import remove_stale_temp_files, temp_file_pattern  # re-exported
-from rcfd.checkpoint_io import (  # re-exported: the package imports them from here
+from rcfd.io.files import remove_stale_temp_files, temp_file_pattern  # re-exported
+from rcfd.io.safeload import (  # re-exported: the package imports them from here
     check_weights_only,
     load_checkpoint,
     save_checkpoint,

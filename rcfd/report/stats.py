@@ -2,7 +2,7 @@
 against its baseline with a 95% t-interval, a paired t-test and a Wilcoxon signed-rank test,
 and the verdict each comparison gets by the fixed rule :data:`RULE`.
 
-Inputs are the per-seed results dicts of a study (:mod:`rcfd.report` describes them), one
+Inputs are the per-seed results dicts of a study (:mod:`rcfd.report.results` describes them), one
 per seed, each a full run with its own classifiers; a cell is ``(row key, steps)``, and a
 value is read with :func:`value` for a metric, an extractor and a reference split. Two
 results are paired when they come from the same seed, so a seed's own extractor scale (its

@@ -1,5 +1,5 @@
 """Checkpoint files on disk: the atomic save and the safe load (the formats inside them are
-:mod:`rcfd.checkpoint`'s).
+:mod:`rcfd.io.checkpoint`'s).
 
 **Loading.** Every file is read with ``torch.load(weights_only=True)``: tensors, dicts, lists,
 tuples, str, int, float, bool and None only. A file that needs pickled code to load is
@@ -8,7 +8,7 @@ protection off. Before torch reads a zip-format file its members are checked: th
 (flipped bytes) and their sizes (torch allocates each member's declared size, so a small
 compressed or crafted archive could otherwise ask for gigabytes).
 
-**Saving** goes through :func:`rcfd.atomicio.atomic_write` (atomic, stale temporary
+**Saving** goes through :func:`rcfd.io.files.atomic_write` (atomic, stale temporary
 files removed, refused writes raised as :class:`~rcfd.errors.EnvironmentFailure`).
 """
 
@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
-from rcfd.atomicio import atomic_write
+from rcfd.io.files import atomic_write
 from rcfd.errors import CheckpointError, UnsafeCheckpointError
 
 _PLAIN_LEAVES = (torch.Tensor, str, int, float, bool, type(None))
@@ -54,7 +54,7 @@ def check_weights_only(obj: Any, where: str = "checkpoint") -> None:
 
 
 def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``obj`` with ``torch.save`` through :func:`rcfd.atomicio.atomic_write` (atomic;
+    """Write ``obj`` with ``torch.save`` through :func:`rcfd.io.files.atomic_write` (atomic;
     stale temporary files of ``path`` removed). Raises ``FileNotFoundError`` when the
     directory does not exist, ``TypeError`` for a value a safe load would refuse (before
     touching any file) and :class:`~rcfd.errors.EnvironmentFailure` when the machine refuses
@@ -99,7 +99,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *,
                 "plain values and never runs code from a file. Use a checkpoint written by "
                 "rcfd. If you made this file yourself and trust it, keep only its tensors and "
                 "plain values (numpy arrays -> torch.from_numpy) and save those with "
-                "rcfd.checkpoint.save_checkpoint."
+                "rcfd.io.checkpoint.save_checkpoint."
             ) from None
         raise CheckpointError(
             f"{path} is not a PyTorch checkpoint (unreadable pickle: {torch_reason(e)})") from None

@@ -1,6 +1,6 @@
 """The temperature-softmax KL of classifier-based feature distillation written in PyTorch
 (METHOD.md, "L_CFD"): the argument checks every implementation shares and the reference
-that defines what the Triton kernels of :mod:`rcfd.kernels.feature_kl` compute."""
+that defines what the Triton kernels of :mod:`rcfd.core.kernels.feature_kl` compute."""
 
 from __future__ import annotations
 

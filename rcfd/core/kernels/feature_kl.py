@@ -54,7 +54,7 @@ except ImportError:  # CPU-only installs without Triton: only the reference is a
     triton = None
     tl = None
 
-from rcfd.kernels.feature_kl_reference import (  # noqa: E402, F401  (re-exported)
+from rcfd.core.kernels.feature_kl_reference import (  # noqa: E402, F401  (re-exported)
     REDUCTIONS,
     check_inputs,
     feature_kl_reference,
@@ -365,7 +365,7 @@ def feature_kl_triton(student, teacher, tau_teacher=0.9, tau_student=1.0,
     check_inputs(student, teacher, tau_teacher, tau_student, reduction)
     if student.dtype == torch.float64:
         raise TypeError("feature_kl_triton computes in fp32; float64 inputs take "
-                        "feature_kl_reference (rcfd.ops.feature_kl does this)")
+                        "feature_kl_reference (rcfd.core.ops.feature_kl does this)")
     teacher = teacher.detach()
     compute_grad = student.requires_grad and torch.is_grad_enabled()
     args = (float(tau_teacher), float(tau_student), reduction, compute_grad)

@@ -1,8 +1,8 @@
 """The report of a multi-seed study: ``study.json``, ``study.md``, ``per_seed.csv`` and the
-figures, from the per-seed results dicts (:mod:`rcfd.report`) and the comparisons to make.
+figures, from the per-seed results dicts (:mod:`rcfd.report.results`) and the comparisons to make.
 
 ``study.md`` holds, in this order: the setting (commit, platform, seeds, measurement), the
-conclusion lines generated from the numbers by the fixed rule :data:`rcfd.stats.RULE` (one
+conclusion lines generated from the numbers by the fixed rule :data:`rcfd.report.stats.RULE` (one
 per extractor, and a line wherever the extractors disagree), the paired tables (mean
 difference, 95% interval, paired t and Wilcoxon p, seeds in which the method is better,
 verdict), the mean ± std of every cell per extractor with the teacher labelled as the upper
@@ -18,10 +18,10 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from rcfd import stats
-from rcfd.atomicio import write_text
-from rcfd.plots import plot_metric_vs_steps, plot_paired_differences
-from rcfd.report import check_results, fmt_fixed, fmt_sig, steps_label
+from rcfd.report import stats
+from rcfd.io.files import write_text
+from rcfd.report.plots import plot_metric_vs_steps, plot_paired_differences
+from rcfd.report.results import check_results, fmt_fixed, fmt_sig, steps_label
 
 STUDY_JSON, STUDY_MD, PER_SEED_CSV = "study.json", "study.md", "per_seed.csv"
 PAIRED_PLOT, FID_PLOT = "paired_differences.png", "fid_vs_steps.png"

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rcfd import distributed
-from rcfd.atomicio import read_json, write_json
+from rcfd.io.files import read_json, write_json
 from rcfd.config import save_config
 from rcfd.data import load_dataset
 from rcfd.errors import ResumeError, StageExistsError, UsageError
-from rcfd.pipeline_eval import check_evaluation, evaluate_run, finish_run_report, summary
+from rcfd.study.evaluation import check_evaluation, evaluate_run, finish_run_report, summary
 from rcfd.methods import registry
-from rcfd.runinfo import commit, header, platform_record
-from rcfd.study_report import write_study
+from rcfd.study.runinfo import commit, header, platform_record
+from rcfd.report.study import write_study
 from rcfd.training.rundir import RunContext, checkpoint_path
 from rcfd.training.threads import configure_threads
 

@@ -1,7 +1,7 @@
 """What a run leaves behind for people to read: ``results.json`` and ``results.md`` (a table
 in the shape of the paper's Table 1, one table per extractor, the noise floors, the samples
-of every row side by side, loss curves, FID against steps). Figures are :mod:`rcfd.plots`;
-a multi-seed study is :mod:`rcfd.study_report`.
+of every row side by side, loss curves, FID against steps). Figures are :mod:`rcfd.report.plots`;
+a multi-seed study is :mod:`rcfd.report.study`.
 
 A *results* dict (what :func:`rcfd.evaluation.evaluate_rows` returns and ``results.json``
 holds)::
@@ -33,18 +33,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from rcfd.atomicio import write_text
-from rcfd.plots import (  # noqa: F401 - re-exported: the grid and loss-curve helpers lived here
-    display_scale,
-    grid_shape,
-    image_grid,
-    loss_series,
-    plot_loss_curves,
-    plot_metric_vs_steps,
-    read_jsonl,
-    save_grid,
-    smooth,
-)
+from rcfd.io.files import write_text
+from rcfd.report.plots import plot_metric_vs_steps
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 FID_PLOT, LOSS_PLOT = "fid_vs_steps.png", "loss_curves.png"
@@ -197,7 +187,7 @@ def measurement_note(results: Mapping) -> str:
 
 
 def fid_series(results: Mapping, reference: str | None = None) -> dict:
-    """``{extractor: {row label: [(steps, FID, 0)]}}`` for :func:`rcfd.plots.plot_metric_vs_steps`."""
+    """``{extractor: {row label: [(steps, FID, 0)]}}`` for :func:`rcfd.report.plots.plot_metric_vs_steps`."""
     reference = reference or results["primary"]["reference"]
     out = {}
     for name in results["extractors"]:

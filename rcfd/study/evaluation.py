@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rcfd.checkpoint import load_diffusion_checkpoint
+from rcfd.io.checkpoint import load_diffusion_checkpoint
 from rcfd.evaluation import (
     References,
     build_panel,
@@ -14,7 +14,8 @@ from rcfd.evaluation import (
     load_references,
     panel_names,
 )
-from rcfd.report import LOSS_PLOT, plot_loss_curves, results_table, write_results
+from rcfd.report.plots import plot_loss_curves
+from rcfd.report.results import LOSS_PLOT, results_table, write_results
 from rcfd.samplers import sampling_dtype
 from rcfd.training.logger import read_metrics
 from rcfd.training.rundir import checkpoint_path

@@ -6,7 +6,7 @@ Two hot paths have kernels of their own:
   one pass over memory by the C++/CUDA extension ``rcfd._C``;
 * :func:`feature_kl`: the temperature-softmax KL of classifier-based feature distillation
   (METHOD.md, "Classifier-based feature distillation"), forward and backward in one Triton
-  kernel (:mod:`rcfd.kernels.feature_kl`).
+  kernel (:mod:`rcfd.core.kernels.feature_kl`).
 
 Each has a plain PyTorch reference (``*_reference``) that defines what the kernel computes
 and serves where no kernel applies. :func:`backend` decides which implementation runs for
@@ -27,7 +27,7 @@ from typing import Union
 
 import torch
 
-from rcfd.kernels import feature_kl as fk
+from rcfd.core.kernels import feature_kl as fk
 
 log = logging.getLogger("rcfd")
 
@@ -365,13 +365,13 @@ def feature_kl(
     """``KL(softmax(teacher / tau_teacher) || softmax(student / tau_student))`` over rows of
     ``[B, D]`` features; the gradient flows to ``student`` only. The loss is fp32 (float64
     for float64 inputs, which always take the float64 reference). See
-    :mod:`rcfd.kernels.feature_kl`."""
+    :mod:`rcfd.core.kernels.feature_kl`."""
     fk.check_inputs(student, teacher, tau_teacher, tau_student, reduction)
     if student.dtype != torch.float64 and _route("feature_kl", student.device) == "triton":
         return fk.feature_kl_triton(student, teacher, tau_teacher, tau_student, reduction)
     return fk.feature_kl_reference(student, teacher, tau_teacher, tau_student, reduction)
 
 
-# Load the extension with the module, so that torch.ops.rcfd.* exist after `import rcfd.ops`
+# Load the extension with the module, so that torch.ops.rcfd.* exist after `import rcfd.core.ops`
 # (a failure is reported once, above, and the references take over).
 _load_extension()

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from rcfd import __version__, ops
+from rcfd import __version__
+from rcfd.core import ops
 
 
 def cpu_name() -> str:
