@@ -6,8 +6,8 @@ CUDA, gloo on the CPU) and returns a :class:`DistInfo`. Without those variables 
 ``WORLD_SIZE=1``) everything here is a no-op on a single process, so the same code runs
 either way. Rank 0 is the "main" process: it alone writes logs, images and checkpoints.
 
-Evaluation is sharded with :func:`shard_range` (each rank produces a contiguous block of
-the ``n`` samples, so the union is the same set whatever the world size) and collected
+Evaluation is sharded by :func:`rcfd.samplers.shard_batches` (each rank makes a contiguous
+block of whole batches, so the union is the same set whatever the world size) and collected
 with :func:`gather_cat` (rank order, unequal block sizes allowed).
 """
 
@@ -146,14 +146,6 @@ def gather_objects(obj, info: DistInfo = SINGLE) -> list:
     out = [None] * info.world_size
     tdist.all_gather_object(out, obj)
     return out
-
-
-def shard_range(n: int, info: DistInfo = SINGLE) -> range:
-    """The contiguous block of ``range(n)`` that rank ``info.rank`` produces (the first
-    ``n % world_size`` ranks take one more); the blocks in rank order tile ``range(n)``."""
-    per, extra = divmod(n, info.world_size)
-    start = info.rank * per + min(info.rank, extra)
-    return range(start, start + per + (info.rank < extra))
 
 
 def gather_cat(local: torch.Tensor, info: DistInfo = SINGLE, dst: int | None = None):

@@ -29,16 +29,18 @@ from pydantic import model_validator
 from rcfd.core import ops
 from rcfd.config import Fraction, NonNegFloat, PosFloat, Section
 from rcfd.core.schedule import (
+    PREDICTIONS,
     Schedule,
     check_sampler_fits,
     coef_dtype,
     diffuse,
+    eps_from_x0,
     per_sample,
     schedule_at,
+    x0_from_eps,
 )
 
 Coef = Union[float, torch.Tensor]
-PREDICTIONS = ("x0", "eps")
 LOSS_KINDS = ("both", "x", "eps")
 
 
@@ -56,18 +58,6 @@ class LossOutput(NamedTuple):
 
 
 # --------------------------------------------------------------------------- predictions
-
-
-def eps_from_x0(z_t: torch.Tensor, x0: torch.Tensor, alpha_t: Coef, sigma_t: Coef) -> torch.Tensor:
-    """``eps_hat = (z_t - alpha_t * x0_hat) / sigma_t`` (METHOD.md, "The network predicts
-    x0"); coefficients are scalars or ``[B]`` tensors."""
-    return (z_t - per_sample(alpha_t, z_t) * x0) / per_sample(sigma_t, z_t)
-
-
-def x0_from_eps(z_t: torch.Tensor, eps: torch.Tensor, alpha_t: Coef, sigma_t: Coef) -> torch.Tensor:
-    """``x0_hat = (z_t - sigma_t * eps_hat) / alpha_t`` (METHOD.md, the eps-predicting
-    variant); coefficients are scalars or ``[B]`` tensors."""
-    return (z_t - per_sample(sigma_t, z_t) * eps) / per_sample(alpha_t, z_t)
 
 
 def predict(model: Callable, z_t: torch.Tensor, t_index: torch.Tensor, alpha_t: Coef,

@@ -21,6 +21,7 @@ from rcfd.io.checkpoint import (CheckpointError, StateDictMismatchError, UnsafeC
                              save_checkpoint, save_diffusion_checkpoint)
 from rcfd.core.classifiers import ClassifierConfig, build as build_classifier
 from rcfd.core.unet import UNet, UNetConfig
+from rcfd.evaluation.measure import dataset_spec_for
 
 from test_unet import read_reference_keys, scramble, small_config
 
@@ -506,7 +507,9 @@ def test_reference_huge_T_is_outside_the_time_table(tmp_path):
     (dict(ema_state_dict={"head.weight": None}), "field 'ema_state_dict'"),
     (dict(ema_state_dict=7), "no 'ema_state_dict' dict"),
     (dict(extra=["step", 3]), "field 'extra' must be a dict"),
-    (dict(extra={"data": {"name": "digits", "size": 3}}), r"field extra\['data'\].*invalid.*size"),
+    (dict(extra={"data": {"name": "digits", "size": torch.ones(3)}}),
+     r"field extra\['data'\].*invalid: a tensor \(3,\) at \['size'\] is not a plain JSON value"),
+    (dict(extra={"data": {"name": "digits", "sizes": [1, {2: 3}]}}), r"field extra\['data'\].*key 2 in \['sizes'\]\[1\]"),
     (dict(extra={"data": "cifar10"}), r"field extra\['data'\]"),
     (dict(kind=["diffusion"]), "not a 'diffusion' one"),
 ])
@@ -524,7 +527,20 @@ def test_a_valid_data_record_loads(tmp_path):
     cfg = small_config()
     data = {"name": "folder", "path": "imgs", "image_size": 8}
     save_diffusion_checkpoint(tmp_path / "d.pt", UNet(cfg), T=16, time_scale=1, extra={"data": data})
-    assert load_diffusion_checkpoint(tmp_path / "d.pt")[1].extra["data"] == data
+    info = load_diffusion_checkpoint(tmp_path / "d.pt")[1]
+    assert info.extra["data"] == data
+    assert dataset_spec_for(info).to_dict() == {**dataset_spec_for(info).to_dict(), **data}
+
+
+def test_a_data_record_that_is_no_dataset_is_refused_where_the_dataset_is_made(tmp_path):
+    """io checks only that extra['data'] is plain JSON; what it means is checked when a
+    dataset is made from it, with the same clear error naming the field and the key."""
+    cfg = small_config()
+    save_diffusion_checkpoint(tmp_path / "d.pt", UNet(cfg), T=16, time_scale=1,
+                              extra={"data": {"name": "digits", "size": 3}})
+    info = load_diffusion_checkpoint(tmp_path / "d.pt")[1]  # plain JSON: loads
+    with pytest.raises(CheckpointError, match=r"field extra\['data'\].*invalid.*size"):
+        dataset_spec_for(info)
 
 
 # ------------------------------------------------------------- refused files: no dangerous advice

@@ -11,18 +11,10 @@ import pytest
 import torch
 
 from rcfd import distributed as dist
-from rcfd.training.logger import read_metrics
+from rcfd.io.files import read_jsonl
 from rcfd.training.rundir import metrics_path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def test_shard_range_tiles_in_rank_order():
-    for n in (0, 1, 7, 10, 123):
-        for world in (1, 2, 3, 8):
-            parts = [dist.shard_range(n, dist.DistInfo(r, world)) for r in range(world)]
-            assert [i for p in parts for i in p] == list(range(n))
-            assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
 def test_single_process_helpers_are_identities():
@@ -103,8 +95,8 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
           str(script), str(two)], tmp_path)
     for stage, unit in (("base", "model"), ("pd", "T8")):
-        a = read_metrics(metrics_path(one, stage, unit))
-        b = read_metrics(metrics_path(two, stage, unit))
+        a = read_jsonl(metrics_path(one, stage, unit))
+        b = read_jsonl(metrics_path(two, stage, unit))
         assert [r["step"] for r in a] == [r["step"] for r in b]
         for ra, rb in zip(a, b):
             assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, abs=1e-7), (stage, ra["step"])
@@ -125,4 +117,4 @@ def test_cli_under_torchrun_exits_cleanly(tmp_path):
           "-m", "rcfd.train", "base", "--preset", "smoke", "--set", "base.steps=4",
           "--no-progress", "--out", str(out)], tmp_path)
     assert (out / "base" / "model.pt").is_file()
-    assert len(read_metrics(metrics_path(out, "base", "model"))) >= 1
+    assert len(read_jsonl(metrics_path(out, "base", "model"))) >= 1

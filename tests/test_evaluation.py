@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rcfd.io.checkpoint import make_checkpoint, save_checkpoint
+from rcfd.io.checkpoint import load_classifier_checkpoint, make_checkpoint, save_checkpoint
 from rcfd.core.classifiers import ClassifierConfig, build
 from rcfd.data import DatasetSpec, ImageDataset, load_dataset, to_float
 from rcfd.errors import CheckpointError, ConfigError, UsageError
@@ -150,9 +150,9 @@ def test_classifier_from_checkpoints_and_the_circularity_check(tmp_path):
         ex.classifier_extractor(tmp_path / "eval.pt", SHAPE, distillation=tmp_path / "eval.pt")
     torch.save({"model": model.state_dict()}, tmp_path / "ref.pt")  # a reference file: no architecture
     with pytest.raises(UsageError, match="architecture"):
-        ex.load_classifier(tmp_path / "ref.pt")
+        load_classifier_checkpoint(tmp_path / "ref.pt")
     with pytest.raises(CheckpointError, match="does not exist"):
-        ex.load_classifier(tmp_path / "nope.pt")
+        load_classifier_checkpoint(tmp_path / "nope.pt")
     with pytest.raises(UsageError, match="takes 1-channel images, the data has 3"):
         ex.classifier_extractor(tmp_path / "eval.pt", (3, 16, 16))
 

@@ -1,5 +1,5 @@
 """What every command line of the package shares: how errors end a command, and the options
-that load a diffusion checkpoint and pick a device.
+that load a diffusion checkpoint, pick a device, a sampler and a seed (each defined once).
 
 Every command runs through :func:`run_cli`, which turns errors into one line on stderr:
 
@@ -28,6 +28,7 @@ from rcfd.cli import STOPPED
 from rcfd.distributed import env_info
 from rcfd.distributed import resolve_device as _resolve_device
 from rcfd.errors import EnvironmentFailure, Interrupted, NonFiniteLossError, UsageError
+from rcfd.samplers import SAMPLERS
 
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 _MACHINE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EIO}
@@ -111,6 +112,24 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="auto (default: CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--debug", action="store_true",
                    help="show the traceback of an error (also RCFD_DEBUG=1)")
+
+
+def add_seed_arg(p: argparse.ArgumentParser, default: int | None) -> None:
+    """``--seed``: the seed a command's random numbers derive from (the sampling noise; for
+    training the config's seed). ``default=None`` keeps the config's."""
+    shown = "the config's" if default is None else default
+    p.add_argument("--seed", type=int, default=default, help=f"random seed (default: {shown})")
+
+
+def add_sampler_arg(p: argparse.ArgumentParser) -> None:
+    """``--sampler`` of the commands that sample a diffusion checkpoint."""
+    p.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddim",
+                   help="ddim (default), dpm-solver (DPM-Solver++(2M)) or pndm (PLMS)")
+
+
+def add_progress_arg(p: argparse.ArgumentParser) -> None:
+    """``--no-progress``: no progress bars (for logs and pipes)."""
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -1,14 +1,17 @@
 """Images from any diffusion checkpoint (ours or a reference-format one) with an N-step sampler
 (DDIM, DPM-Solver++(2M) or PNDM), written as a PNG grid or an ``.npz``.
 
-    python -m rcfd.sample runs/digits/checkpoints/rcfd_1.pt --steps 1 --num 64 --out grid.png
-    python -m rcfd.sample base.pt --steps 8 --num 10000 --batch-size 500 --out samples.npz
-    python -m rcfd.sample base.pt --steps 8 --sampler dpm-solver --out dpm8.png
+    python -m rcfd.sample runs/digits/rcfd/T1.pt --steps 1 --num 64 --out grid.png
+    python -m rcfd.sample runs/digits/base/model.pt --steps 8 --num 10000 --batch-size 500 --out samples.npz
+    python -m rcfd.sample runs/digits/base/model.pt --steps 8 --sampler dpm-solver --out dpm8.png
 
-The ``.npz`` holds ``arr_0``: uint8 ``[N, H, W, C]`` (the layout common evaluation scripts
-read), and ``steps``, ``seed``, ``T``, ``time_scale``. Noise is drawn on the CPU from
-``--seed``, so a seed gives the same images on any device; on a GPU the steps run as one
-captured CUDA graph per batch shape (``--no-cuda-graph`` for the eager loop).
+A run writes its checkpoints as ``runs/<name>/<stage>/<unit>.pt`` (``base/model.pt``,
+``pd/T4.pt``, ``rcfd/T1.pt``, ...). The ``.npz`` holds ``arr_0``: uint8 ``[N, H, W, C]`` (the
+layout common evaluation scripts read), and ``steps``, ``seed``, ``T``, ``time_scale``. Each
+batch's noise is drawn on the sampling device from its own generator, seeded from ``--seed``
+and the batch's index, so a seed and ``--batch-size`` give the same images on every run on
+one kind of device (CPU and CUDA generators draw different numbers); on a GPU the steps run as
+one captured CUDA graph per batch shape (``--no-cuda-graph`` for the eager loop).
 """
 
 from __future__ import annotations
@@ -23,11 +26,11 @@ import numpy as np
 import torch
 
 from rcfd.io.files import atomic_write
-from rcfd.cli.common import add_common_args, add_model_args, load_model, positive, resolve_device, run_cli
+from rcfd.cli.common import (add_common_args, add_model_args, add_progress_arg, add_sampler_arg,
+                             add_seed_arg, load_model, positive, resolve_device, run_cli)
 from rcfd.errors import UsageError
 from rcfd.evaluation.measure import sample_images
 from rcfd.io.grids import display_scale, save_grid
-from rcfd.samplers import SAMPLERS
 
 OUTPUT_SUFFIXES = (".png", ".npz")
 
@@ -59,18 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="diffusion checkpoint (rcfd or reference format)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's T)")
-    p.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddim",
-                   help="ddim (default), dpm-solver (DPM-Solver++(2M)) or pndm (PLMS)")
+    add_sampler_arg(p)
     p.add_argument("--num", type=int, default=64, help="number of images (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    add_seed_arg(p, default=0)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--out", default=None, help="output .png grid or .npz (default: samples_<steps>steps.png "
-                   "next to the checkpoint)")
+    p.add_argument("--out", default=None, help="output .png grid or .npz (default: "
+                   "<checkpoint name>_samples_<steps>steps.png next to the checkpoint)")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: a square)")
     p.add_argument("--scale", type=int, default=None, help="enlarge grid images this many times "
                    "(default: to at least 32 px)")
     add_model_args(p)
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_arg(p)
     add_common_args(p)
     return p
 

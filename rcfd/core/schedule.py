@@ -33,24 +33,25 @@ class Schedule(NamedTuple):
 
     def on(self, device: torch.device | str, dtype: torch.dtype = torch.float32):
         """``(alpha, sigma)`` as ``dtype`` tensors on ``device``, made once per (table,
-        device, dtype) and then reused: converting the float64 table to ``dtype`` first and
-        gathering afterwards gives the same values as gathering first."""
-        return _on_device(self.alpha, self.sigma, torch.device(device), dtype)
+        device, dtype) and then reused (:func:`on_device`): converting the float64 table to
+        ``dtype`` first and gathering afterwards gives the same values as gathering first."""
+        device = torch.device(device)
+        return on_device(self.alpha, device, dtype), on_device(self.sigma, device, dtype)
 
 
-_DEVICE_TABLES: dict = {}
-_MAX_CACHED = 64
-
-
-def _on_device(alpha: torch.Tensor, sigma: torch.Tensor, device: torch.device, dtype: torch.dtype):
-    key = (id(alpha), id(sigma), device, dtype)
-    hit = _DEVICE_TABLES.get(key)
-    if hit is None or hit[0] is not alpha or hit[1] is not sigma:  # ids reused after a free
-        hit = (alpha, sigma, alpha.to(dtype).to(device), sigma.to(dtype).to(device))
-        if len(_DEVICE_TABLES) >= _MAX_CACHED:  # small tables; keep the newest few
-            del _DEVICE_TABLES[next(iter(_DEVICE_TABLES))]
-        _DEVICE_TABLES[key] = hit
-    return hit[2], hit[3]
+def on_device(table: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``table`` as ``dtype`` on ``device``, cached on the table tensor itself (its
+    ``_rcfd_copies``, ``{(device, dtype): copy}``): the copies live and die with the table,
+    so another table's copy can never be returned (as a cache keyed by ``id()`` could, once
+    the id is reused). The tables are read-only: one changed in place keeps stale copies.
+    An attribute read, unlike a weak dictionary, traces under torch.compile."""
+    copies = getattr(table, "_rcfd_copies", None)
+    if copies is None:
+        copies = table._rcfd_copies = {}
+    hit = copies.get((device, dtype))
+    if hit is None:
+        hit = copies[(device, dtype)] = table.to(dtype).to(device)
+    return hit
 
 
 def check_sampler(T: int, time_scale: int) -> None:
@@ -134,6 +135,32 @@ def diffuse(x0: torch.Tensor, eps: torch.Tensor, index: torch.Tensor, schedule: 
     alpha_t, sigma_t = schedule_at(schedule, index, x0)
     z_t = (per_sample(alpha_t, x0) * x0 + per_sample(sigma_t, x0) * eps).to(x0.dtype)
     return z_t, alpha_t, sigma_t
+
+
+# --------------------------------------------------------------------------- parameterisation
+
+PREDICTIONS = ("x0", "eps")  # what the network outputs (METHOD.md, "The network predicts x0")
+
+
+def check_prediction(prediction: str) -> None:
+    """Raise ``ValueError`` unless ``prediction`` is one of :data:`PREDICTIONS`."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {', '.join(map(repr, PREDICTIONS))}; "
+                         f"got {prediction!r}")
+
+
+def eps_from_x0(z_t: torch.Tensor, x0: torch.Tensor, alpha_t, sigma_t) -> torch.Tensor:
+    """``eps_hat = (z_t - alpha_t * x0_hat) / sigma_t`` (METHOD.md, "The network predicts
+    x0"), the inverse of ``z_t = alpha_t x0 + sigma_t eps``; coefficients are scalars, 0-dim
+    or ``[B]`` tensors (:func:`per_sample`)."""
+    return (z_t - per_sample(alpha_t, z_t) * x0) / per_sample(sigma_t, z_t)
+
+
+def x0_from_eps(z_t: torch.Tensor, eps: torch.Tensor, alpha_t, sigma_t) -> torch.Tensor:
+    """``x0_hat = (z_t - sigma_t * eps_hat) / alpha_t`` (METHOD.md, the eps-predicting
+    variant), the inverse of ``z_t = alpha_t x0 + sigma_t eps``; coefficients are scalars,
+    0-dim or ``[B]`` tensors (:func:`per_sample`)."""
+    return (z_t - per_sample(sigma_t, z_t) * eps) / per_sample(alpha_t, z_t)
 
 
 def check_sampler_fits(schedule: Schedule, T: int, time_scale: int) -> None:

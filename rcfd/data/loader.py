@@ -7,16 +7,16 @@ distributed run draws the same global batch, of which it takes its own share.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
+from rcfd.core.seeds import derive_seed
 from rcfd.data import ImageDataset, to_float
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of epoch ``epoch``'s order and flips: a hash of ``(seed, epoch)``."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:8], "little") >> 1
+    """The seed of epoch ``epoch``'s order and flips: a hash of ``(seed, epoch)``
+    (:func:`rcfd.core.seeds.derive_seed`)."""
+    return derive_seed(seed, epoch)
 
 
 class Batches:

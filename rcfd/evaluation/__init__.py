@@ -15,7 +15,6 @@ from rcfd.evaluation.extractors import (
     EXTRACTOR_NAMES,
     build_panel,
     check_extractors_available,
-    load_classifier,
     panel_names,
 )
 from rcfd.evaluation.features import FeatureExtractor, Features
@@ -25,5 +24,5 @@ from rcfd.evaluation.stage import EvalSettings, evaluate_rows, format_metrics
 
 __all__ = ["DEFAULT_EXTRACTORS", "EXTRACTOR_NAMES", "EvalSettings", "FeatureExtractor", "Features", "References",
            "build_panel", "check_extractors_available", "dataset_spec_for", "evaluate_rows", "format_metrics",
-           "load_classifier", "load_references", "measure_panel", "panel_features", "panel_names",
+           "load_references", "measure_panel", "panel_features", "panel_names",
            "sample_images"]

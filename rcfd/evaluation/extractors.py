@@ -19,9 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rcfd.io.checkpoint import load_classifier_state_dict, load_state_dict_strict
-from rcfd.core.classifiers import ClassifierConfig, build, load_reference_classifier
-from rcfd.errors import CheckpointError, ConfigError, UsageError
+from rcfd.io.checkpoint import load_classifier_checkpoint
+from rcfd.errors import ConfigError, UsageError
 from rcfd.evaluation.features import (
     ClassifierExtractor,
     FeatureExtractor,
@@ -46,28 +45,6 @@ RANDOM_CONV_SEED = 0
 # --------------------------------------------------------------------------- classifiers
 
 
-def load_classifier(path: str | os.PathLike, device: Any = "cpu", arch: str | None = None) -> nn.Module:
-    """A classifier checkpoint in eval mode on ``device``: one of ours (rebuilt from the
-    :class:`ClassifierConfig` it records) or a reference ``{'model': state_dict}`` file,
-    whose architecture ``arch`` must then be named."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"classifier checkpoint {path} does not exist")
-    state, config = load_classifier_state_dict(path)
-    if config:
-        model = build(ClassifierConfig.from_dict(config))
-        load_state_dict_strict(model, state, what=f"classifier {path}")
-    else:
-        if arch is None:
-            raise UsageError(f"{path} is a reference classifier checkpoint ({{'model': state_dict}}), which "
-                             "does not record its architecture: name it (e.g. --classifier-arch resnet18)")
-        try:
-            model = load_reference_classifier({"model": state}, arch)
-        except ValueError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-    return model.to(device).eval()
-
-
 def _arch(model: nn.Module, fallback: str | None) -> str:
     config = getattr(model, "config", None)
     return getattr(config, "name", None) or fallback or type(model).__name__
@@ -80,10 +57,10 @@ def classifier_extractor(path: str | os.PathLike, image_shape: tuple[int, int, i
     refused when its weights equal those of the ``distillation`` checkpoint (measuring with
     the features one distilled into is circular). A ``distillation`` that is not a file
     (an ``imagenet_*`` name) cannot equal a trained digit classifier and is not compared."""
-    model = load_classifier(path, "cpu", arch)
+    model = load_classifier_checkpoint(path, "cpu", arch)
     fp = module_fingerprint(model)
     if distillation is not None and Path(distillation).is_file():
-        other = load_classifier(distillation, "cpu", distillation_arch or arch)
+        other = load_classifier_checkpoint(distillation, "cpu", distillation_arch or arch)
         if module_fingerprint(other) == fp:
             raise UsageError(f"the evaluation classifier {path} is the distillation classifier {distillation}: "
                              "measuring with the features one distilled into is circular; train another "

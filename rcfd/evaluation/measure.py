@@ -13,7 +13,7 @@ from torch import nn
 from rcfd import distributed
 from rcfd.core.schedule import cosine_schedule
 from rcfd.data import DatasetSpec, ImageDataset, load_dataset, to_uint8
-from rcfd.errors import DataError, UsageError
+from rcfd.errors import CheckpointError, DataError, UsageError
 from rcfd.samplers import generate, make_plan, shard_batches
 
 # --------------------------------------------------------------------------- sampling
@@ -64,15 +64,21 @@ def sample_images(model: nn.Module, info, *, num_samples: int, num_steps: int, b
 def dataset_spec_for(info, data: str | None = None, data_path: str | None = None,
                      image_size: int | None = None):
     """The training set to measure against: ``data`` (+ ``data_path``) when given, else the
-    dataset the checkpoint records (``extra["data"]``), else ``digits`` for a 16 px,
-    one-channel model; anything else must be named."""
+    dataset the checkpoint records (``extra["data"]``, checked here as a
+    :class:`~rcfd.data.DatasetSpec`: an invalid record is a :class:`CheckpointError`), else
+    ``digits`` for a 16 px, one-channel model; anything else must be named."""
     cfg = info.config
     size = image_size or cfg.image_size
     if data is not None:
         return DatasetSpec(name=data, path=data_path, image_size=size, channels=cfg.in_channels)
     recorded = info.extra.get("data") or info.extra.get("dataset")
     if isinstance(recorded, Mapping):
-        return DatasetSpec.from_dict(dict(recorded))
+        try:
+            return DatasetSpec.from_dict(dict(recorded))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"the checkpoint's field extra['data'] (the dataset the model was "
+                                  f"trained on) is invalid: {e}; name the data with --data and "
+                                  f"--data-path") from None
     if (cfg.image_size, cfg.in_channels) == (16, 1):
         return DatasetSpec(name="digits")
     raise UsageError(f"the checkpoint does not record its dataset ({cfg.in_channels} channels, "

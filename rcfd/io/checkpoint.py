@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from rcfd.io.files import json_problem, short_repr
 from rcfd.io.files import remove_stale_temp_files, temp_file_pattern  # re-exported
 from rcfd.io.safeload import (  # re-exported: the package imports them from here
     check_weights_only,
@@ -41,7 +42,6 @@ from rcfd.io.safeload import (  # re-exported: the package imports them from her
 )
 from rcfd.core.classifiers import ClassifierConfig, build as build_classifier, load_reference_classifier
 from rcfd.core.unet import UNet, UNetConfig
-from rcfd.data.images import DatasetSpec
 from rcfd.errors import CheckpointError, StateDictMismatchError, UnsafeCheckpointError
 
 __all__ = [
@@ -60,11 +60,6 @@ KINDS = ("diffusion", "classifier")
 PREDICTIONS = ("x0", "eps")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 _DAMAGED = "the file is damaged or was not written by rcfd; use another copy"
-
-
-def _show(v: Any, limit: int = 60) -> str:
-    text = repr(v) if not isinstance(v, torch.Tensor) else f"a tensor {tuple(v.shape)}"
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # ----------------------------------------------------------------------------- state dicts
@@ -104,7 +99,7 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any], what: str 
             continue
         t = state_dict[k]
         if not isinstance(t, torch.Tensor):
-            kinds.append(f"{k}: checkpoint holds {_show(t)}, not a tensor")
+            kinds.append(f"{k}: checkpoint holds {short_repr(t)}, not a tensor")
         elif tuple(t.shape) != tuple(v.shape):
             shapes.append(f"{k}: checkpoint {tuple(t.shape)} vs model {tuple(v.shape)}")
         elif _dtype_kind(t.dtype) != _dtype_kind(v.dtype):
@@ -200,14 +195,14 @@ def _positive_int(v: Any, source: str, name: str) -> int:
         v = int(v)
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise CheckpointError(f"{source}: field {name!r} must be a positive integer, got "
-                              f"{_show(v)}; {_DAMAGED}")
+                              f"{short_repr(v)}; {_DAMAGED}")
     return v
 
 
 def _tensor_dict(v: Any, source: str, name: str) -> dict[str, torch.Tensor]:
     if not isinstance(v, Mapping):
-        raise CheckpointError(f"{source} has no {name!r} dict (found {_show(v)}); it is incomplete")
-    bad = [f"{k!r}: {_show(t, 30)}" for k, t in v.items()
+        raise CheckpointError(f"{source} has no {name!r} dict (found {short_repr(v)}); it is incomplete")
+    bad = [f"{k!r}: {short_repr(t, 30)}" for k, t in v.items()
            if not isinstance(k, str) or not isinstance(t, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{source}: field {name!r} must map names to tensors; "
@@ -216,20 +211,21 @@ def _tensor_dict(v: Any, source: str, name: str) -> dict[str, torch.Tensor]:
 
 
 def _check_extra(extra: Any, source: str) -> None:
+    """``extra`` is a dict; its ``"data"`` (the dataset the model was trained on) is ``None``
+    or a dict of plain JSON values. What the record means is checked where a dataset is
+    made from it (:func:`rcfd.evaluation.dataset_spec_for`), not here: io knows no datasets."""
     if extra is None:
         return
     if not isinstance(extra, Mapping):
-        raise CheckpointError(f"{source}: field 'extra' must be a dict, got {_show(extra)}; {_DAMAGED}")
+        raise CheckpointError(f"{source}: field 'extra' must be a dict, got {short_repr(extra)}; {_DAMAGED}")
     data = extra.get("data")
     if data is None:
         return
-    try:
-        if not isinstance(data, Mapping):
-            raise TypeError(f"a dict of DatasetSpec fields, got {_show(data)}")
-        DatasetSpec.from_dict(dict(data))
-    except (TypeError, ValueError) as e:
+    problem = (f"a dict of plain JSON values, got {short_repr(data)}" if not isinstance(data, Mapping)
+               else json_problem(data))
+    if problem is not None:
         raise CheckpointError(f"{source}: field extra['data'] (the dataset the model was "
-                              f"trained on) is invalid: {e}; {_DAMAGED}") from None
+                              f"trained on) is invalid: {problem}; {_DAMAGED}")
 
 
 def check_rcfd_checkpoint(ckpt: Mapping[str, Any], kind: str, source: str = "checkpoint") -> None:
@@ -239,16 +235,16 @@ def check_rcfd_checkpoint(ckpt: Mapping[str, Any], kind: str, source: str = "che
     version = ckpt.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise CheckpointError(f"{source}: field 'version' must be a positive integer, got "
-                              f"{_show(version)}; {_DAMAGED}")
+                              f"{short_repr(version)}; {_DAMAGED}")
     if version > VERSION:
         raise CheckpointError(f"{source} has format version {version}; this rcfd reads up "
                               f"to {VERSION}: upgrade rcfd")
     if ckpt.get("kind") != kind:
-        raise CheckpointError(f"{source} holds a {_show(ckpt.get('kind'))} model, not a {kind!r} one")
+        raise CheckpointError(f"{source} holds a {short_repr(ckpt.get('kind'))} model, not a {kind!r} one")
     config = ckpt.get("model_config")
     if not isinstance(config, Mapping) or not all(isinstance(k, str) for k in config):
         raise CheckpointError(f"{source} has no 'model_config' dict of named fields (found "
-                              f"{_show(config)}); it is incomplete")
+                              f"{short_repr(config)}); it is incomplete")
     _tensor_dict(ckpt.get("state_dict"), source, "state_dict")
     if ckpt.get("ema_state_dict") is not None:
         _tensor_dict(ckpt["ema_state_dict"], source, "ema_state_dict")
@@ -258,7 +254,7 @@ def check_rcfd_checkpoint(ckpt: Mapping[str, Any], kind: str, source: str = "che
         _positive_int(ckpt.get("time_scale"), source, "time_scale")
         if not isinstance(ckpt.get("prediction"), str) or ckpt["prediction"] not in PREDICTIONS:
             raise CheckpointError(f"{source}: field 'prediction' must be one of {PREDICTIONS}, "
-                                  f"got {_show(ckpt.get('prediction'))}; {_DAMAGED}")
+                                  f"got {short_repr(ckpt.get('prediction'))}; {_DAMAGED}")
 
 
 def _time_table_check(T: int, time_scale: int, config: UNetConfig, source: str) -> None:
@@ -391,18 +387,22 @@ def load_classifier_state_dict(path: str | os.PathLike) -> tuple[dict[str, Any],
 
 def load_classifier_checkpoint(path: str | os.PathLike, device: Any = "cpu",
                                arch: str | None = None) -> nn.Module:
-    """A classifier in eval mode on ``device`` from one of our checkpoints (rebuilt from its
-    config) or a reference ``{'model': state_dict}`` file (``arch`` names its architecture,
-    e.g. ``"resnet18"``; CIFAR-10 normalisation), checked on the ``meta`` device before any
-    memory is spent on it."""
+    """The one loader of classifier checkpoints: a classifier in eval mode on ``device`` from
+    one of our checkpoints (rebuilt from its config) or a reference ``{'model': state_dict}``
+    file (``arch`` names its architecture, e.g. ``"resnet18"``; CIFAR-10 normalisation),
+    checked on the ``meta`` device before any memory is spent on it. A missing file is a
+    :class:`CheckpointError` (a user mistake, like every other bad classifier path)."""
+    if not Path(path).exists():
+        raise CheckpointError(f"classifier checkpoint {path} does not exist")
     sd, cfg = load_classifier_state_dict(path)
     if cfg:  # validated and checked against the weights by load_classifier_state_dict
         model = build_classifier(ClassifierConfig.from_dict(cfg))
         model.load_state_dict(sd, strict=True)
         return model.to(device).eval()
     if arch is None:
-        raise CheckpointError(f"{path} is a reference classifier checkpoint, which does not "
-                              "record its architecture: name it (e.g. arch='resnet18')")
+        raise CheckpointError(f"{path} is a reference classifier checkpoint ({{'model': state_dict}}), "
+                              "which does not record its architecture: name it (e.g. arch='resnet18', "
+                              "or --classifier-arch resnet18 on the command line)")
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "copying into a meta parameter is a no-op"

@@ -24,10 +24,15 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
+import torch
+
 from rcfd.errors import DataError, EnvironmentFailure
+
+_MAX_JSON_DEPTH = 32  # a record nested deeper than this is a damaged file, not data
 
 _TEMP_RANDOM = r"[a-z0-9_]{8}"  # what tempfile.mkstemp puts between prefix and suffix
 
@@ -90,6 +95,55 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise DataError(f"{path} ({what}) is not valid JSON ({e}); it was probably torn by an "
                         f"interrupted write. Delete it (or restore it from a copy) and run again"
                         ) from None
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records (JSON objects) of a JSON-lines log such as a unit's metrics. A torn last
+    line (a process killed while appending) is skipped; any other line that is not JSON is
+    a :class:`~rcfd.errors.DataError` naming the file and the line. Blank lines and
+    non-object values are skipped."""
+    records, lines = [], Path(path).read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise DataError(f"{path}: line {i + 1} is not JSON ({e}); the log is damaged "
+                            "(delete it to start the log afresh)") from None
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def json_problem(v: Any, where: str = "", depth: int = 0) -> str | None:
+    """What keeps ``v`` from being plain JSON data (``str``, ``int``, ``float``, ``bool``,
+    ``None``, lists or tuples of them, dicts with ``str`` keys), or ``None`` when nothing
+    does. Says where (``['path']``, ``[2]``) the first offending value sits."""
+    if v is None or isinstance(v, (str, bool, int, float)):
+        return None
+    if depth >= _MAX_JSON_DEPTH:
+        return f"nested deeper than {_MAX_JSON_DEPTH} levels at {where or 'the top'}"
+    if isinstance(v, Mapping):
+        items = list(v.items())
+        bad_keys = [k for k, _ in items if not isinstance(k, str)]
+        if bad_keys:
+            return f"key {short_repr(bad_keys[0])}{where and ' in ' + where} is not a string"
+    elif isinstance(v, (list, tuple)):
+        items = list(enumerate(v))
+    else:
+        return f"{short_repr(v)}{where and ' at ' + where} is not a plain JSON value"
+    problems = (json_problem(x, f"{where}[{k!r}]", depth + 1) for k, x in items)
+    return next((p for p in problems if p is not None), None)
+
+
+def short_repr(v: Any, limit: int = 60) -> str:
+    """``repr(v)`` cut to ``limit`` characters (a tensor as its shape), for error messages
+    about values read from a file, which may be huge."""
+    text = repr(v) if not isinstance(v, torch.Tensor) else f"a tensor {tuple(v.shape)}"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _os_error(e: BaseException) -> OSError | None:

@@ -7,7 +7,6 @@ and only the report needs it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,25 +19,6 @@ from rcfd.io.files import atomic_write
 from rcfd.io.grids import image_grid
 
 # --------------------------------------------------------------------------- loss curves
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The records of a JSON-lines metric log. A torn last line (a run killed while
-    writing) is skipped; any other bad line is an error naming the line."""
-    records, lines = [], Path(path).read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path}: line {i + 1} is not JSON ({e})") from None
-        if isinstance(rec, dict):
-            records.append(rec)
-    return records
-
 
 _NOT_A_LOSS = ("step", "epoch", "position", "time", "elapsed", "lr", "grad_norm", "seconds",
                "images_per_s", "steps_per_s", "rank", "round", "T", "time_scale")

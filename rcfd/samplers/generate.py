@@ -12,13 +12,13 @@ sample set, for any world size. Nothing synchronises the host per batch.
 from __future__ import annotations
 
 import functools
-import hashlib
 from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from rcfd.samplers.graph import GraphSampler
+from rcfd.core.seeds import derive_seed
+from rcfd.samplers.graph import GraphSampler, capture_unavailable
 from rcfd.samplers.plan import Plan
 from rcfd.samplers.registry import SamplerLike, get_sampler, sample, sampler_name
 
@@ -36,9 +36,9 @@ def sampling_dtype(dtype: str, device: torch.device | str) -> str:
 
 
 def batch_seed(seed: int, k: int) -> int:
-    """The seed of batch ``k``'s noise: a 63-bit hash of ``(seed, k)``."""
-    digest = hashlib.sha256(f"rcfd-noise:{seed}:{k}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    """The seed of batch ``k``'s noise: a 63-bit hash of ``(seed, k)``
+    (:func:`rcfd.core.seeds.derive_seed` of ``("rcfd-noise", seed, k)``)."""
+    return derive_seed("rcfd-noise", seed, k)
 
 
 def shard_batches(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> range:
@@ -81,14 +81,15 @@ def generate(model: Callable, n: int, batch_size: int, *, shape: Sequence[int], 
     ``dtype`` (:func:`sampling_dtype`). With ``indices`` only those of the ``n`` (one rank's
     block, :func:`shard_batches`). On CUDA the batches run through a :class:`GraphSampler`
     (the model must be in eval mode), with the model compiled inside the graph when
-    ``compile`` (default ``None``: on CUDA; the first batch then pays the compilation)."""
+    ``compile`` (default ``None``: on CUDA; the first batch then pays the compilation); a
+    capture that fails logs one line and the batches run eagerly (:class:`GraphSampler`)."""
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be positive, got n={n}, batch_size={batch_size}")
     device = torch.device(device)
     fn = get_sampler(sampler)
     plan = plan.to(device)
     autocast_dtype = DTYPES[sampling_dtype(dtype, device)]
-    if use_cuda_graph and device.type == "cuda":
+    if use_cuda_graph and capture_unavailable(device) is None:
         run = GraphSampler(model, plan, fn, autocast_dtype=autocast_dtype,
                            compile=True if compile is None else compile)
     else:

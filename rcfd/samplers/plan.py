@@ -23,16 +23,18 @@ from typing import Callable, Sequence
 
 import torch
 
-from rcfd.core.schedule import Schedule, check_sampler, cosine_schedule, step_indices
+from rcfd.core.schedule import (
+    Schedule,
+    check_prediction,
+    check_sampler,
+    check_sampler_fits,
+    cosine_schedule,
+    eps_from_x0,
+    step_indices,
+    x0_from_eps,
+)
 
-PREDICTIONS = ("x0", "eps")  # what the model outputs (METHOD.md, "The network predicts x0")
 PLAN_DTYPES = (torch.float32, torch.float64)
-
-
-def check_prediction(prediction: str) -> None:
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {', '.join(map(repr, PREDICTIONS))}; "
-                         f"got {prediction!r}")
 
 
 def resolve_steps(T: int, num_steps: int | None = None,
@@ -167,11 +169,7 @@ def make_plan(schedule: Schedule | None, T: int, time_scale: int, num_steps: int
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     steps = resolve_steps(T, num_steps, steps)
     schedule = cosine_schedule(T, time_scale) if schedule is None else schedule
-    if T * time_scale >= schedule.num_indices:
-        raise ValueError(
-            f"a (T={T}, time_scale={time_scale}) model needs schedule indices up to {T * time_scale} "
-            f"but the schedule has {schedule.num_indices} entries; build it with "
-            f"cosine_schedule(T, time_scale) of the base model")
+    check_sampler_fits(schedule, T, time_scale)
     t_index = torch.tensor(steps, dtype=torch.int64) * time_scale
     plan = Plan(steps=tuple(steps), time_scale=time_scale, t_index=t_index,
                 alpha=schedule.alpha[t_index].to(dtype), sigma=schedule.sigma[t_index].to(dtype),
@@ -206,13 +204,14 @@ def predict_x0(model: Callable, z: torch.Tensor, plan: Plan, i: int) -> torch.Te
                          "it must predict an image of the input's shape")
     out = out.to(z.dtype)
     if plan.prediction == "eps":
-        out = (z - plan.sigma[i] * out) / plan.alpha[i]
+        out = x0_from_eps(z, out, plan.alpha[i], plan.sigma[i])
     return out.clamp(-1.0, 1.0) if plan.clip else out
 
 
 def eps_of(z: torch.Tensor, x0: torch.Tensor, plan: Plan, i: int) -> torch.Tensor:
-    """``eps_i = (z_i - alpha_i x0_i) / sigma_i`` (METHOD.md, "The network predicts x0")."""
-    return (z - plan.alpha[i] * x0) / plan.sigma[i]
+    """``eps_i = (z_i - alpha_i x0_i) / sigma_i`` (METHOD.md, "The network predicts x0") at
+    plan step ``i``: :func:`~rcfd.core.schedule.eps_from_x0` with the plan's coefficients."""
+    return eps_from_x0(z, x0, plan.alpha[i], plan.sigma[i])
 
 
 def finish(z: torch.Tensor, plan: Plan) -> torch.Tensor:

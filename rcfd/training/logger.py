@@ -13,32 +13,12 @@ import json
 import math
 from pathlib import Path
 
-from rcfd.io.files import write_text
+from rcfd.io.files import read_jsonl, write_text
 
 try:  # optional: TensorBoard event files when the package is installed
     from torch.utils.tensorboard import SummaryWriter
 except ImportError:  # tensorboard is not installed
     SummaryWriter = None
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The rows of a JSON-lines metrics log; a torn last line (a process killed while
-    appending) is dropped, any other bad line is an error naming the file and line."""
-    path = Path(path)
-    rows, lines = [], path.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path}: line {i + 1} is not JSON; the metrics log is damaged "
-                             "(delete it to start the log afresh)") from None
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 class MetricsLogger:
@@ -59,7 +39,7 @@ class MetricsLogger:
         """Keep the rows of steps ``<= step`` (a resumed unit trains the later ones again);
         ``step == 0`` starts an empty log."""
         if self.jsonl.exists():
-            keep = [r for r in read_metrics(self.jsonl) if step and r.get("step", 0) <= step]
+            keep = [r for r in read_jsonl(self.jsonl) if step and r.get("step", 0) <= step]
             write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in keep))
         if self.tensorboard:
             self._writer = SummaryWriter(str(self.tensorboard_dir), purge_step=step or None)

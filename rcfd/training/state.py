@@ -10,7 +10,6 @@ exactly (on the CPU: the same losses, bit for bit) or is refused with what chang
 
 from __future__ import annotations
 
-import hashlib
 import random
 from typing import Any
 
@@ -18,15 +17,16 @@ import numpy as np
 import torch
 
 from rcfd import __version__
+from rcfd.core.seeds import derive_seed
 from rcfd.errors import ResumeError, StageExistsError
 
 STATE_FORMAT = "rcfd-train-state"
 
 
 def stage_seed(seed: int, *key: Any) -> int:
-    """A 63-bit seed that is a hash of ``(seed, *key)``, e.g. ``(seed, "pd", "T16", rank)``."""
-    text = ":".join(map(str, (seed, *key)))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+    """A 63-bit seed that is a hash of ``(seed, *key)``, e.g. ``(seed, "pd", "T16", rank)``
+    (:func:`rcfd.core.seeds.derive_seed`)."""
+    return derive_seed(seed, *key)
 
 
 def rng_state(generator: torch.Generator | None = None) -> dict:
