@@ -133,6 +133,7 @@ def bench_public(benchmark, case):
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def bench_raw_op(benchmark, case):
+    assert ops.extension_loaded(), "benchmarking needs the compiled extension"  # defines the ops
     scalar = torch.ops.rcfd.ddim_update_scalar.default
     tensor = torch.ops.rcfd.ddim_update.default
     op = scalar if case[2] == "float" else tensor

@@ -42,6 +42,7 @@ from flops import count_flops, describe_mfu, mfu, peak_flops
 
 from rcfd.core import ops
 from rcfd.core.classifiers import ClassifierConfig, build, frozen
+from rcfd.core.precision import autocast, training_dtype
 from rcfd.core.schedule import cosine_schedule
 from rcfd.core.unet import UNet, UNetConfig
 from rcfd.losses import LossOutput, PDLoss, RCFDLoss, RCFDLossConfig, diversity_loss, entropy_loss
@@ -89,7 +90,7 @@ class ReferenceRCFDLoss:
 
 def backend_settings(mode: str):
     """cuDNN as each mode runs it: PyTorch's defaults for the reference-equivalent modes,
-    the trainers' (cudnn.benchmark) for ours."""
+    the trainers' command line's (cudnn.benchmark) for ours."""
     if not CUDA:
         return contextlib.nullcontext()
     return torch.backends.cudnn.flags(enabled=True, benchmark=mode == "ours",
@@ -118,8 +119,7 @@ def make_step(case: str, mode: str):
     opt = make_optimizer(params, OptimSpec("adam", 5e-5), fused=ours and CUDA)
     loss_fn = fast_step.ObjectiveStep(objective)
     if mode == "compile" or (ours and CUDA):
-        fast_step.fresh_compile_cache(f"{case} {mode}")  # each compiled case from scratch
-        loss_fn = loss_fn.compiled()
+        loss_fn = loss_fn.compiled(region=f"{case} {mode}")  # each compiled case apart
     x0 = torch.rand(BATCH, cfg.in_channels, cfg.image_size, cfg.image_size, device=DEVICE) * 2 - 1
     x0 = x0.contiguous(memory_format=fmt)
     info = StepInfo(0, torch.Generator(DEVICE).manual_seed(0), 0, 1, BATCH)
@@ -127,7 +127,7 @@ def make_step(case: str, mode: str):
 
     def loss_call():
         with backend_settings(mode):
-            with routes(), fast_step.autocast(ours, DEVICE):
+            with routes(), autocast(DEVICE, training_dtype(ours, DEVICE)):
                 loss, _ = loss_fn(student, x0, None, info)
             opt.zero_grad(set_to_none=True)
             loss.backward()

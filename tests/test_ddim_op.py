@@ -2,6 +2,7 @@
 torch.ops.rcfd.ddim_update / ddim_update_scalar (the update alone; a sampler's DDIM step is the
 model call plus this update)."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,8 @@ import torch
 
 from rcfd.core import ops
 from rcfd.core.schedule import cosine_schedule
+
+ops.load_extension()  # torch.ops.rcfd.ddim_update* exist once the extension is loaded
 
 TOL = {  # (rtol, atol) against a float64 reference computed from the same inputs
     torch.float32: (1e-5, 1e-5),
@@ -203,19 +206,30 @@ def test_forward_and_backward_trace_under_torch_compile(kind):
     torch.testing.assert_close(gx.double(), rx, rtol=1e-5, atol=1e-6)
 
 
-def force_reference(monkeypatch):
-    """RCFD_BACKEND=reference, with the DDIM route decided afresh (it is read once)."""
+def forced_reference(monkeypatch):
+    """RCFD_BACKEND=reference, and a block in which the routes are chosen afresh (they are
+    chosen once per device type) and after which the earlier ones are back."""
     monkeypatch.setenv("RCFD_BACKEND", "reference")
-    monkeypatch.setattr(ops, "_ROUTES", {})
+    return ops.fresh_routes()
 
 
 def test_backend_choice_follows_rcfd_backend(monkeypatch):
-    assert ops._ddim_backend(torch.device("cpu")) == "extension"
-    force_reference(monkeypatch)
-    assert ops._ddim_backend(torch.device("cpu")) == "reference"
+    assert ops.route("ddim_update", torch.device("cpu")) == "extension"
+    with forced_reference(monkeypatch):
+        assert ops.route("ddim_update", torch.device("cpu")) == "reference"
+        z_t, x0 = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+        torch.testing.assert_close(ops.ddim_update(z_t, x0, 0.9, 0.4, 0.8, 0.6),
+                                   reference64(z_t, x0, 0.9, 0.4, 0.8, 0.6, False).float())
+    assert ops.route("ddim_update", torch.device("cpu")) == "extension"  # restored
+
+
+def test_references_block_forces_the_reference_and_restores_the_route():
     z_t, x0 = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
-    torch.testing.assert_close(ops.ddim_update(z_t, x0, 0.9, 0.4, 0.8, 0.6),
-                               reference64(z_t, x0, 0.9, 0.4, 0.8, 0.6, False).float())
+    with ops.references():
+        assert ops.route("ddim_update", "cpu") == "reference"
+        assert torch.equal(ops.ddim_update(z_t, x0, 0.9, 0.4, 0.8, 0.6),
+                           ops.ddim_update_reference(z_t, x0, 0.9, 0.4, 0.8, 0.6))
+    assert ops.route("ddim_update", "cpu") == "extension"
 
 
 # --------------------------------------------------------------------------- bad input
@@ -249,10 +263,10 @@ PUBLIC_BAD_INPUTS = [  # (make bad arguments from good ones, exception, words in
 @pytest.mark.parametrize("route", ["extension", "reference"])
 @pytest.mark.parametrize("mutate, exc, words", PUBLIC_BAD_INPUTS)
 def test_bad_input_is_named(mutate, exc, words, route, monkeypatch):
-    if route == "reference":
-        force_reference(monkeypatch)
+    routes = forced_reference(monkeypatch) if route == "reference" else contextlib.nullcontext()
     z, x, c = mutate(*_good())
-    with pytest.raises(exc) as info:
+    with routes, pytest.raises(exc) as info:
+        assert ops.route("ddim_update", "cpu") == route
         ops.ddim_update(z, x, *c)
     assert words in str(info.value)
 
@@ -286,7 +300,8 @@ if torch.cuda.is_available():
 CHILD = """
 import faulthandler, json, sys, torch
 faulthandler.enable()
-from rcfd.core import ops  # loads the extension and registers the fake kernels
+from rcfd.core import ops
+ops.load_extension()  # defines the ops and registers their fake kernels
 U, S = torch.ops.rcfd.ddim_update, torch.ops.rcfd.ddim_update_scalar
 for name, call in json.loads(sys.argv[1]).items():
     for grad in (False, True):

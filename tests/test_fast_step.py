@@ -16,11 +16,14 @@ Tolerances, stated once:
   above 0.99.
 """
 
+import copy
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 from torch._inductor.utils import run_and_get_code
 
+from rcfd.core.precision import autocast
 from rcfd.core.classifiers import ClassifierConfig, build, frozen
 from rcfd.core.schedule import cosine_schedule
 from rcfd.core.unet import UNet, UNetConfig
@@ -117,18 +120,34 @@ def flat(grads):
 
 @pytest.mark.parametrize("kind", ["base", "pd", "rcfd"])
 def test_eager_step_is_the_objective_bit_for_bit(kind):
+    """The eager step against the loss object called here on a copy of the student, with
+    ``t`` and the noise drawn here by the documented rule (METHOD.md: ``t ~ U{0..T}`` for
+    base training, ``t = 2 U{1..T/2}`` for PD and RCFD, then ``eps ~ N(0, I)``, from the
+    step's seeded generator) and the gradients from ``torch.autograd.grad``: the same loss,
+    terms and gradient of every parameter, bit for bit, and the generator left where the
+    draw leaves it."""
     student, objective, x0 = make_case(kind)
-    a, b = info(), info()
-    t, noise = objective.draw(a.generator, x0, a.global_batch, a.rows)
-    student.zero_grad(set_to_none=True)
-    out = objective(student, x0, t, noise)
-    out.loss.backward()
-    want = [p.grad.clone() for p in student.parameters() if p.grad is not None]
-    loss, terms, grads = loss_and_grads(ObjectiveStep(objective), student, x0, b)
-    assert torch.equal(loss, out.loss.detach())
-    assert terms.keys() == out.terms.keys()
-    assert all(torch.equal(g, w) for g, w in zip(grads, want))
-    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    twin = copy.deepcopy(student)
+    g = torch.Generator().manual_seed(5)
+    low, high, times = (0, 8, 1) if kind == "base" else (1, 4, 2)
+    t = times * torch.randint(low, high + 1, (BATCH,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    want = objective(twin, x0, t, noise)
+    trainable = [name for name, p in twin.named_parameters() if p.requires_grad]
+    params = dict(twin.named_parameters())
+    want_grads = torch.autograd.grad(want.loss, [params[n] for n in trainable], allow_unused=True)
+    sinfo = info(seed=5)
+    loss, terms, _ = loss_and_grads(ObjectiveStep(objective), student, x0, sinfo)
+    assert torch.equal(loss, want.loss.detach())
+    assert terms.keys() == want.terms.keys()
+    assert all(torch.equal(terms[k], want.terms[k]) for k in terms)
+    assert sum(w is not None for w in want_grads) > 0
+    got = {name: p.grad for name, p in student.named_parameters()}
+    assert all(got[name] is None for name in set(got) - set(trainable))
+    for name, w in zip(trainable, want_grads):
+        assert (got[name] is None) == (w is None), name
+        assert w is None or torch.equal(got[name], w), name
+    assert torch.equal(sinfo.generator.get_state(), g.get_state())
 
 
 def test_objective_must_be_a_loss_object():
@@ -151,13 +170,28 @@ def test_warm_up_leaves_every_rng_as_it_was():
     assert torch.equal(torch.get_rng_state(), before)
 
 
-def test_a_new_stage_starts_from_an_empty_compile_cache(monkeypatch):
-    resets = []
-    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(1))
-    monkeypatch.setattr(fast_step, "_COMPILED_STAGE", [None])
-    for stage in ("base", "pd", "pd", "rcfd", "rcfd"):
-        fast_step.fresh_compile_cache(stage)
-    assert len(resets) == 2  # base -> pd, pd -> rcfd
+def stage_frames(regions, limit=1) -> list[int]:
+    """Dynamo's frame count after one step of a base, a PD and an RCFD objective, each
+    compiled in the given region, with at most ``limit`` recompiles per function."""
+    counter, frames = CompileCounter(), []
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        for kind, region in zip(("base", "pd", "rcfd"), regions):
+            student, objective, x0 = make_case(kind)
+            step = ObjectiveStep(objective).compiled(counter, region=region)
+            loss_and_grads(step, student, x0, info())
+            frames.append(counter.frame_count)
+    return frames
+
+
+@pytest.mark.skipif(not fast_step._isolates_recompiles(), reason="this torch's compile has no isolate_recompiles")
+def test_each_stage_compiles_in_its_own_region_without_a_cache_reset(monkeypatch):
+    """Stages count recompiles apart, so a later stage still compiles (instead of falling
+    back to eager at Dynamo's limit), and the library never empties Dynamo's cache."""
+    monkeypatch.setattr(torch.compiler, "reset", lambda: pytest.fail("the library reset Dynamo's cache"))
+    apart = stage_frames(("base", "pd", "rcfd"))
+    assert apart[0] < apart[1] < apart[2], apart
+    shared = stage_frames(("one", "one", "one"))  # the failure the regions prevent
+    assert shared[2] == shared[1], shared
 
 
 def test_the_cpu_loop_ignores_compile_and_stays_exact(tmp_path):
@@ -267,11 +301,11 @@ def test_fast_step_matches_fp32_eager_on_cuda(kind):
     student, objective, x0 = make_case(kind, "cuda")
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         loss, _, grads = loss_and_grads(ObjectiveStep(objective), student, x0, info("cuda"))
-    fast_step.use_fast_backends(torch.device("cuda"))
     for net in (student, *frozen_networks(objective)):  # as the trainers lay them out
         net.to(memory_format=torch.channels_last)
     x0 = x0.contiguous(memory_format=torch.channels_last)
-    with fast_step.autocast(True, torch.device("cuda")):
+    with torch.backends.cudnn.flags(enabled=True, benchmark=True), \
+            autocast(torch.device("cuda"), torch.bfloat16):
         fast = loss_and_grads(ObjectiveStep(objective).compiled(), student, x0, info("cuda"))
     torch.testing.assert_close(fast[0], loss, rtol=2e-2, atol=0)
     cos = torch.nn.functional.cosine_similarity(flat(fast[2]), flat(grads), dim=0)

@@ -3,6 +3,7 @@ a checkpoint) and :mod:`~rcfd.cli.evaluate` (metrics of a checkpoint). Each pars
 arguments, builds a config and calls the library; nothing in :mod:`rcfd` imports from here.
 Shared options and error handling are :mod:`~rcfd.cli.common`."""
 
+import os
 import signal
 import sys
 
@@ -10,8 +11,11 @@ STOPPED = "stopped by SIGTERM outside a training step; nothing was in progress t
 
 
 def _stop(signum, frame):
+    """Exit at once: nothing is in progress to save. ``SystemExit`` raised inside an import
+    being executed (numpy's, scipy's) can end in a traceback at shutdown instead."""
     print(STOPPED, file=sys.stderr, flush=True)
-    raise SystemExit(0)
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def stop_cleanly_on_sigterm() -> None:

@@ -24,8 +24,10 @@ class TrainOptions(Section):
     compiling costs minutes there). ``bf16``: autocast; ``channels_last``: the networks and
     images in that layout; ``fused``: the fused optimizer; ``compile``: the fast step
     (:mod:`rcfd.training.fast_step`): the whole objective compiled by ``torch.compile``,
-    teacher target, student and classifier, with ``cudnn.benchmark`` (the classifier stage
-    compiles its model); ``False`` runs the eager step."""
+    teacher target, student and classifier (the classifier stage compiles its model); a
+    compile that fails logs one line and the step runs eagerly; ``False`` runs the eager
+    step. ``cudnn.benchmark`` is not set here: ``python -m rcfd.train`` turns it on on CUDA
+    (and says so), the library functions leave it as the caller set it."""
 
     bf16: bool = True
     channels_last: bool = True

@@ -6,6 +6,12 @@ input, ``replay()``, clone the static output (PyTorch's "CUDA Graphs" notes). Th
 every sampler of :data:`rcfd.samplers.SAMPLERS` because they read their per-step
 coefficients from the plan's device tensors, never sync the host, and never branch on
 tensor values.
+
+Capture degrades, never crashes: when capturing (or compiling the model inside the capture,
+or the first replay) raises, the sampler logs one line naming the error and the switch
+(``--no-cuda-graph`` on the command line, ``use_cuda_graph=False`` in
+:func:`rcfd.samplers.generate`) and runs eagerly from then on, giving the eager sampler's
+images.
 """
 
 from __future__ import annotations
@@ -17,15 +23,28 @@ from typing import Callable
 
 import torch
 
+from rcfd.core.fallback import fallback_message, reason
+from rcfd.core.precision import autocast
 from rcfd.samplers.plan import Plan
-from rcfd.samplers.registry import SamplerLike, autocast, get_sampler, sample, sampler_name
+from rcfd.samplers.registry import SamplerLike, get_sampler, sample, sampler_name
 
 log = logging.getLogger("rcfd")
 
+GRAPH_SWITCH = "--no-cuda-graph (use_cuda_graph=False in rcfd.samplers.generate)"
+
+
+def capture_unavailable(device: torch.device | str) -> str | None:
+    """Why a sampler on ``device`` cannot be captured in a CUDA graph, or None when it can:
+    the one device check of :class:`GraphSampler` and :func:`rcfd.samplers.generate`."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"x_T is on {device} and CUDA graphs need a CUDA device"
+    return None
+
 
 @functools.lru_cache(maxsize=None)
-def _warn_eager(reason: str) -> None:
-    msg = f"GraphSampler runs the eager sampler: {reason}"
+def _warn_eager(why: str) -> None:
+    msg = f"GraphSampler runs the eager sampler: {why}"
     log.warning("rcfd: %s", msg)
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
@@ -57,6 +76,8 @@ class GraphSampler:
       fuses GroupNorm, SiLU and the residual adds) inside our graph; the warm-up passes
       compile it before capture.
     * For a non-CUDA ``x_T`` it runs the sampler eagerly (uncompiled) and warns once.
+    * A capture that raises (module docstring) is logged once; this sampler then runs the
+      eager, uncompiled sampler (``fell_back`` holds the reason).
     """
 
     def __init__(self, model: Callable, plan: Plan, sampler: SamplerLike = "ddim", *,
@@ -72,6 +93,7 @@ class GraphSampler:
         self._check_eval()
         self._graphs: dict = {}
         self._pool = None
+        self.fell_back: str | None = None
 
     def _check_eval(self) -> None:
         if isinstance(self.model, torch.nn.Module) and self.model.training:
@@ -118,9 +140,23 @@ class GraphSampler:
         sampler's plan for this call (a graph per plan)."""
         plan = self.plan if plan is None else plan
         self._check_eval()
-        if x_T.device.type != "cuda" or not torch.cuda.is_available():
-            _warn_eager(f"x_T is on {x_T.device} and CUDA graphs need a CUDA device")
-            return sample(self.model, x_T, plan, self.sampler, autocast_dtype=self.autocast_dtype)
+        why = capture_unavailable(x_T.device)
+        if why is not None:
+            _warn_eager(why)
+        if why is not None or self.fell_back is not None:
+            return self._eager(x_T, plan)
+        try:
+            return self._replay(x_T, plan)
+        except Exception as exc:  # a fast path that fails degrades (module docstring)
+            self._fall_back(exc, plan)
+            return self._eager(x_T, plan)
+
+    def _eager(self, x_T: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """The eager, uncompiled sampler: what a capture stands for."""
+        return sample(self.model, x_T, plan, self.sampler, autocast_dtype=self.autocast_dtype)
+
+    def _replay(self, x_T: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """The captured graph's images for ``x_T`` (captured first when there is none)."""
         key = (tuple(x_T.shape), x_T.dtype, x_T.device, plan.key, self.autocast_dtype)
         entry = self._graphs.get(key)
         if entry is not None and entry.ptrs != self._ptrs():
@@ -132,3 +168,10 @@ class GraphSampler:
         entry.static_in.copy_(x_T)
         entry.graph.replay()
         return entry.static_out.clone()
+
+    def _fall_back(self, exc: Exception, plan: Plan) -> None:
+        """Drop the graphs, remember why and log the one line of a failed capture."""
+        self.reset()
+        self.fell_back = reason(exc)
+        what = f"capturing the {plan.num_steps}-step {sampler_name(self.sampler)} sampler in a CUDA graph"
+        log.warning("rcfd: %s", fallback_message(what, exc, GRAPH_SWITCH))

@@ -7,11 +7,11 @@ any of them in a CUDA graph.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Union
 
 import torch
 
+from rcfd.core.precision import autocast
 from rcfd.samplers.ddim import ddim
 from rcfd.samplers.dpm_solver import dpm_solver_2m
 from rcfd.samplers.plan import Plan
@@ -37,16 +37,6 @@ def sampler_name(sampler: SamplerLike) -> str:
     """The registry name of ``sampler`` (a function's own name when it is not registered)."""
     fn = get_sampler(sampler)
     return next((k for k, v in SAMPLERS.items() if v is fn), getattr(fn, "__name__", repr(fn)))
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True):
-    """Autocast to ``dtype`` on ``device`` (nothing for ``None`` or fp32). CUDA-graph capture
-    passes ``cache=False``: casts cached by autocast must not outlive the capture."""
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    if dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {dtype}")
-    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 def sample(model: Callable, x_T: torch.Tensor, plan: Plan, sampler: SamplerLike = "ddim", *,

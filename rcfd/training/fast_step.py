@@ -10,16 +10,21 @@ On CUDA with ``options.compile`` (the default) the loop runs :meth:`ObjectiveSte
 the whole objective, i.e. for PD and RCFD the teacher's two-step target (under no_grad), the
 student's forward and the classifier on both batches, and so also their backward, compiled
 by ``torch.compile`` (Inductor, default mode) in the loop's bf16 autocast with channels_last
-tensors, with ``cudnn.benchmark`` on (:func:`use_fast_backends`). Only the draw stays
-outside the compiled region, so the generator stays eager. Inductor fuses each GroupNorm
-with the SiLU after it (statistics, normalisation, affine and activation in one generated
-kernel, and their backward likewise; ``tests/test_fast_step.py`` checks the generated code),
-so no kernel of our own is needed for them. The first step pays the compilation (the loop
-logs ``compiled the <stage> step (<unit>) in N s``). The teacher, student and classifier
-are inputs of the compiled code, not constants, so the halving rounds of a stage reuse it:
-the second round recompiles once with the time scale symbolic, later rounds compile nothing.
-Each stage starts from an empty compile cache (:func:`fresh_compile_cache`). The whole step
-is not captured in a CUDA graph: whether that is faster is unmeasured, so it stays off.
+tensors. Only the draw stays outside the compiled region, so the generator stays eager.
+Inductor fuses each GroupNorm with the SiLU after it (statistics, normalisation, affine and
+activation in one generated kernel, and their backward likewise; ``tests/test_fast_step.py``
+checks the generated code), so no kernel of our own is needed for them. The first step pays
+the compilation (the loop logs ``compiled the <stage> step (<unit>) in N s``). The teacher,
+student and classifier are inputs of the compiled code, not constants, so the halving rounds
+of a stage reuse it: the second round recompiles once with the time scale symbolic, later
+rounds compile nothing. Each stage compiles into a region of its own
+(:func:`compiled_objective`): Dynamo keeps at most ``recompile_limit`` (8) versions per
+compiled function and falls back to eager beyond that, and every stage adds its own
+versions, so the stages must not count against one limit. Nothing here empties Dynamo's
+cache or sets ``cudnn.benchmark``: a library function leaves process-wide state alone
+(``python -m rcfd.train`` sets ``cudnn.benchmark`` on CUDA). A compile that fails is the
+loop's to catch: it logs one line and trains on with the eager step. The whole step is not
+captured in a CUDA graph: whether that is faster is unmeasured, so it stays off.
 
 Without compilation (on the CPU, or ``options.compile=False``) the step is exactly the
 eager one, bit for bit.
@@ -27,51 +32,76 @@ eager one, bit for bit.
 
 from __future__ import annotations
 
-import contextlib
+import functools
+import inspect
 from typing import Any, Callable
 
 import torch
 
-_COMPILED_STAGE: list = [None]  # the stage whose compiled steps the Dynamo cache holds
+DEFAULT_REGION = "default"
+
+
+def objective_loss(objective, model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
+    """``(loss, terms)`` of ``objective`` on drawn ``t`` and ``noise``: the region that is
+    compiled."""
+    out = objective(model, x0, t, noise)
+    return out.loss, out.terms
+
+
+def _isolates_recompiles() -> bool:
+    """Whether this torch's ``torch.compile`` takes ``isolate_recompiles`` (recent versions)."""
+    return "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
+@functools.lru_cache(maxsize=32)
+def compiled_objective(region: str, backend: str | Callable = "inductor") -> Callable:
+    """:func:`objective_loss` compiled by ``torch.compile`` for ``region`` (the loop passes
+    the stage), made once per (region, backend) and then shared: the rounds of a stage reuse
+    its compiled versions, and each region counts its recompiles against a limit of its own
+    (``isolate_recompiles``), so no stage needs Dynamo's cache emptied. A torch without
+    ``isolate_recompiles`` (older versions) compiles every region into one shared set of
+    versions, whose limit Dynamo then reports when a long study reaches it."""
+    if _isolates_recompiles():
+        return torch.compile(objective_loss, backend=backend, isolate_recompiles=True)
+    return torch.compile(objective_loss, backend=backend)
 
 
 class ObjectiveStep:
     """A job's ``loss_fn(model, x, y, info) -> (loss, terms)`` from a loss ``objective``:
     ``t, noise = objective.draw(info.generator, x, info.global_batch, info.rows)`` (eager),
-    then ``objective(model, x, t, noise)``, compiled when ``compiled``.
+    then ``objective(model, x, t, noise)``, compiled when ``compiled`` (in ``region``, see
+    :func:`compiled_objective`).
 
     ``backend`` is ``torch.compile``'s (``"inductor"``; the tests also use ``"aot_eager"``).
     Before its first compiled call the objective runs once eagerly under no_grad, in a
     forked RNG, so that the caches it fills (the schedule tables on the device, the fused
-    ops' backend routes) are only read inside the compiled region: a cache filled during
-    the first compiled call would fail its guard and compile everything a second time."""
+    ops' backend routes and their extension) are only read inside the compiled region: a
+    cache filled during the first compiled call would fail its guard and compile everything
+    a second time."""
 
     def __init__(self, objective: Any, compiled: bool = False,
-                 backend: str | Callable = "inductor"):
+                 backend: str | Callable = "inductor", region: str = DEFAULT_REGION):
         if not (callable(objective) and callable(getattr(objective, "draw", None))):
             raise TypeError("objective must be a loss object of rcfd.losses: callable as "
                             "objective(model, x0, t, noise), with a draw(generator, x0, "
                             f"global_batch, rows) method; got {type(objective).__name__}")
         self.objective, self.is_compiled, self.backend = objective, compiled, backend
-        self._loss = torch.compile(self.loss, backend=backend) if compiled else self.loss
+        self.region = region
+        self._loss = compiled_objective(region, backend) if compiled else objective_loss
         self._warm = not compiled
 
-    def compiled(self, backend: str | Callable | None = None) -> "ObjectiveStep":
-        """The same step with the objective compiled (``backend``: this step's by default)."""
-        return ObjectiveStep(self.objective, True, backend or self.backend)
-
-    def loss(self, model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
-        """``(loss, terms)`` of the objective on drawn ``t`` and ``noise``: the region
-        that is compiled."""
-        out = self.objective(model, x0, t, noise)
-        return out.loss, out.terms
+    def compiled(self, backend: str | Callable | None = None,
+                 region: str = DEFAULT_REGION) -> "ObjectiveStep":
+        """The same step with the objective compiled (``backend``: this step's by default)
+        in ``region`` (the loop passes the stage)."""
+        return ObjectiveStep(self.objective, True, backend or self.backend, region)
 
     def __call__(self, model, x: torch.Tensor, y, info) -> tuple[torch.Tensor, dict]:
         t, noise = self.objective.draw(info.generator, x, info.global_batch, info.rows)
         if not self._warm:
             _warm_up(self.objective, model, x, t, noise)
             self._warm = True
-        return self._loss(model, x, t, noise)
+        return self._loss(self.objective, model, x, t, noise)
 
 
 def _warm_up(objective, model, x0, t, noise) -> None:
@@ -88,27 +118,3 @@ def compile_step(requested: bool, device: torch.device) -> bool:
     only (on the CPU the step stays eager; tests compile an :class:`ObjectiveStep` on the
     CPU explicitly)."""
     return bool(requested) and torch.device(device).type == "cuda"
-
-
-def use_fast_backends(device: torch.device) -> None:
-    """Process-wide settings of the fast step on CUDA: ``cudnn.benchmark`` (cuDNN times its
-    convolution algorithms once per shape and keeps the fastest)."""
-    if torch.device(device).type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-
-def fresh_compile_cache(stage: str) -> None:
-    """Empty Dynamo's cache when a new stage starts compiling. Dynamo keeps at most
-    ``recompile_limit`` (8) compiled versions of one function and falls back to eager
-    beyond that; the rounds of one stage share one or two versions of
-    :meth:`ObjectiveStep.loss`, but every stage adds its own."""
-    if _COMPILED_STAGE[0] not in (None, stage):
-        torch.compiler.reset()
-    _COMPILED_STAGE[0] = stage
-
-
-def autocast(enabled: bool, device: torch.device):
-    """bf16 autocast on CUDA when ``enabled``; a null context otherwise."""
-    if enabled and torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()

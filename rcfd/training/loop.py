@@ -29,13 +29,9 @@ from rcfd import distributed as dist
 from rcfd.io.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
 from rcfd.errors import Interrupted, NonFiniteLossError
 from rcfd.training import state as st
-from rcfd.training.fast_step import (
-    ObjectiveStep,
-    autocast,
-    compile_step,
-    fresh_compile_cache,
-    use_fast_backends,
-)
+from rcfd.core.fallback import fallback_message
+from rcfd.core.precision import autocast, training_dtype
+from rcfd.training.fast_step import ObjectiveStep, compile_step
 from rcfd.training.logger import MetricsLogger
 from rcfd.training.optim import EMA, OptimSpec, grad_norm, lr_at, make_optimizer
 from rcfd.training.rundir import (
@@ -146,8 +142,7 @@ class _Trainer:
         self.device = run.torch_device
         self.cuda = self.device.type == "cuda"
         self.compiled = compile_step(job.compile, self.device)
-        if self.compiled:
-            use_fast_backends(self.device)
+        self.amp_dtype = training_dtype(job.bf16, self.device)
         d, stage, unit = run.run_dir, job.stage, job.unit
         self.final, self.state = checkpoint_path(d, stage, unit), state_path(d, stage, unit)
         self.logger = MetricsLogger(metrics_path(d, stage, unit), tensorboard_dir(d, stage, unit))
@@ -181,9 +176,8 @@ class _Trainer:
         if self.info.enabled:
             trained = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.cuda else None)
-        self.loss_fn = self._step_function()
-        if self.compiled and not isinstance(self.loss_fn, ObjectiveStep):
-            trained = torch.compile(trained)
+        self.eager_trained = trained
+        self.loss_fn, self.trained = self._fast_path(trained)
         start, reduced = self.step, {"_stop": 0.0}
         self.t0 = time.perf_counter()
         bar = tqdm(total=job.steps, initial=start, desc=f"{job.stage}/{job.unit}",
@@ -194,7 +188,7 @@ class _Trainer:
                 done_here = 0
                 while self.step < job.steps:
                     t_step = time.perf_counter()
-                    reduced = self._train_step(trained, signals)  # ends in a host sync
+                    reduced = self._train_step(signals)  # ends in a host sync
                     if self.compiled and done_here == 0:
                         log_line(run, f"compiled the {job.stage} step ({job.unit}) in "
                                       f"{time.perf_counter() - t_step:.1f} s")
@@ -205,17 +199,52 @@ class _Trainer:
             self.logger.close()
         return self._finish(start, reduced)
 
-    def _step_function(self) -> Callable:
-        """The job's ``loss_fn``, compiled as a whole when it is an ``ObjectiveStep`` and
-        the step compiles (each stage starting from an empty compile cache)."""
+    def _fast_path(self, trained) -> tuple[Callable, Any]:
+        """``(loss_fn, trained)`` of the steps: when the step compiles, an ``ObjectiveStep``
+        compiled as a whole (in the stage's region), any other ``loss_fn`` with its model
+        compiled; a compile that raises already here falls back (:meth:`_fall_back`)."""
         fn = self.job.loss_fn
-        if self.compiled:
-            fresh_compile_cache(self.job.stage)
+        if not self.compiled:
+            return fn, trained
+        try:
             if isinstance(fn, ObjectiveStep):
-                fn = fn.compiled()
-        return fn
+                return fn.compiled(region=self.job.stage), trained
+            return fn, torch.compile(trained)
+        except Exception as exc:  # a fast path that fails degrades to the eager step
+            self._fall_back(exc)
+            return fn, trained
 
-    def _train_step(self, trained, signals) -> dict:
+    def _fall_back(self, exc: Exception) -> None:
+        """Continue on the eager step, with the one line saying why and which switch."""
+        job = self.job
+        self.compiled = False
+        self.loss_fn, self.trained = job.loss_fn, self.eager_trained
+        what = f"compiling the {job.stage} step ({job.unit})"
+        log_line(self.run_ctx, fallback_message(
+            what, exc, f"--set {job.stage}.options.compile=false"))
+
+    def _loss_and_backward(self, x, y, sinfo) -> tuple[torch.Tensor, dict]:
+        """The step's loss and terms, its gradients accumulated. A compiled step that raises
+        (torch.compile compiles at the first call, the backward at the first backward) is
+        run again eagerly from the same RNG states, so the step is the eager step's."""
+        if not self.compiled:
+            return self._forward_backward(x, y, sinfo)
+        saved = _RNGState(self.generator, self.device)
+        try:
+            return self._forward_backward(x, y, sinfo)
+        except Exception as exc:  # a fast path that fails degrades to the eager step
+            saved.restore()
+            self._fall_back(exc)
+            return self._forward_backward(x, y, sinfo)
+
+    def _forward_backward(self, x, y, sinfo) -> tuple[torch.Tensor, dict]:
+        with autocast(self.device, self.amp_dtype):
+            loss, terms = self.loss_fn(self.trained, x, y, sinfo)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss, terms
+
+    def _train_step(self, signals) -> dict:
         job = self.job
         x, y = next(job.batches)
         if job.channels_last and self.cuda:
@@ -225,10 +254,7 @@ class _Trainer:
             g["lr"] = lr
         sinfo = StepInfo(self.step, self.generator, self.info.rank, self.info.world_size,
                          job.batches.batch_size)
-        with autocast(job.bf16, self.device):
-            loss, terms = self.loss_fn(trained, x, y, sinfo)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, terms = self._loss_and_backward(x, y, sinfo)
         norm = grad_norm(self.params, job.grad_clip)
         local = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
                  "_norm": norm, "_stop": float(signals.received is not None)}
@@ -344,3 +370,21 @@ class _Trainer:
                 job.sample_fn(model, self.run_ctx.run_dir / job.stage / f"{job.unit}_step{self.step:07d}.png")
         finally:
             model.train(was)
+
+
+class _RNGState:
+    """The step generator's and the global RNGs' states (CPU, and the step's CUDA device),
+    to run a failed compiled step again from where it started. Reading them copies a few
+    bytes on the host: no device sync."""
+
+    def __init__(self, generator: torch.Generator, device: torch.device):
+        self.generator, self.gen_state = generator, generator.get_state()
+        self.cpu = torch.get_rng_state()
+        self.device = device if device.type == "cuda" else None
+        self.cuda = torch.cuda.get_rng_state(device) if self.device is not None else None
+
+    def restore(self) -> None:
+        self.generator.set_state(self.gen_state)
+        torch.set_rng_state(self.cpu)
+        if self.device is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
