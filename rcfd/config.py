@@ -1,10 +1,13 @@
-"""Typed configuration on pydantic v2: the field types every config section shares, reading
-configs from JSON/YAML, dotted overrides and errors that name the key.
+"""Typed configuration on pydantic v2: the field types every config section shares,
+:class:`Section`, and validation errors that name the key. Pure validation: no YAML, no
+files (reading config files, dotted overrides and saving a config are
+:mod:`rcfd.study.configfile`), so that the loss objects and networks that use these field
+types import nothing else.
 
 A section is a :class:`Section` (frozen, unknown keys refused, every value validated on
 construction, so an invalid value fails before anything runs). The sections of the training
 methods live with their methods (:mod:`rcfd.methods`); the whole study's config is assembled
-from the registered methods by :func:`rcfd.methods.registry.pipeline_config_class`.
+from the registered methods by :func:`rcfd.study.config.pipeline_config_class`.
 
 Why pydantic: constrained fields and ``Literal`` choices give errors that name the key and
 the allowed values, ``extra="forbid"`` catches misspelt keys, frozen models are hashable
@@ -17,16 +20,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from collections.abc import Mapping
-from pathlib import Path
-from types import UnionType
-from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, get_args
 
-import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from rcfd.io.files import write_text
 from rcfd.errors import ConfigError
 
 
@@ -86,11 +83,6 @@ class Section(BaseModel):
         """A validated copy with ``changes``."""
         return type(self).model_validate({**self.to_dict(), **changes})
 
-    def with_overrides(self, overrides: Mapping[str, Any]):
-        """A copy with dotted-path overrides, e.g. ``{"base.steps": 100}``; string values
-        of non-string fields are read as YAML scalars (``"1e-4"``, ``"null"``, ``"[1, 2]"``)."""
-        return parse(type(self), apply_overrides(self.to_dict(), overrides, type(self)))
-
 
 # --------------------------------------------------------------------------- errors
 
@@ -133,7 +125,7 @@ def parse(model: type[BaseModel], data: Any, prefix: str = ""):
         raise ConfigError(msg) from None
 
 
-# --------------------------------------------------------------------------- overrides
+# --------------------------------------------------------------------------- the fields of a model
 
 
 def section_type(annotation: Any) -> type[BaseModel] | None:
@@ -147,16 +139,6 @@ def section_type(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _is_text(annotation: Any) -> bool:
-    if annotation is str:
-        return True
-    if get_origin(annotation) is Literal:
-        return all(isinstance(a, str) for a in get_args(annotation))
-    if get_origin(annotation) in (Union, UnionType):  # str | None and the like
-        return any(_is_text(a) for a in get_args(annotation) if a is not type(None))
-    return False
-
-
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc:
         field = model.model_fields.get(str(part))
@@ -165,72 +147,3 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
             break
         model = sub
     return list(model.model_fields)
-
-
-def apply_overrides(data: dict, overrides: Mapping[str, Any], model: type[BaseModel]) -> dict:
-    """``data`` (a config as a dict) with dotted-key ``overrides`` applied; keys are checked
-    against ``model`` level by level (an unknown key names the valid ones). A section that is
-    ``null`` in ``data`` starts from its defaults when one of its keys is set."""
-    data = json.loads(json.dumps(data))  # a deep copy of plain values
-    for key, value in overrides.items():
-        node, cls, parts = data, model, key.split(".")
-        for i, part in enumerate(parts):
-            where = ".".join(parts[:i + 1])
-            field = cls.model_fields.get(part)
-            if field is None:
-                raise ConfigError(f"unknown config key {where!r}; valid keys at that level: "
-                                  f"{', '.join(cls.model_fields)}")
-            if i == len(parts) - 1:
-                if isinstance(value, str) and not _is_text(field.annotation):
-                    value = yaml_scalar(value, where)
-                node[part] = value
-                break
-            sub = section_type(field.annotation)
-            if sub is None:
-                raise ConfigError(f"config key {where!r} is a value, not a section; cannot set {key!r}")
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node, cls = node[part], sub
-    return data
-
-
-def yaml_scalar(text: str, key: str = "value") -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{key}: cannot read {text!r} ({e.__class__.__name__})") from None
-
-
-def merge(base: dict, top: Mapping) -> dict:
-    """``top`` merged over ``base``, recursively for dicts on both sides."""
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
-    return out
-
-
-# --------------------------------------------------------------------------- files
-
-
-def read_mapping(path: str | os.PathLike) -> dict:
-    """The mapping a ``.json``, ``.yaml`` or ``.yml`` file holds."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".json", ".yaml", ".yml"):
-        raise ConfigError(f"config file {path} must end in .json, .yaml or .yml")
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        d = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        kind = "JSON" if suffix == ".json" else "YAML"
-        raise ConfigError(f"{path} is not valid {kind}: {str(e).splitlines()[0]}") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"config file {path} must hold a mapping, got {type(d).__name__}")
-    return d
-
-
-def save_config(cfg: Section, path: str | os.PathLike) -> Path:
-    """Write ``cfg`` as JSON, atomically."""
-    return write_text(path, cfg.to_json() + "\n")

@@ -2,11 +2,13 @@
 name the key."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
 
-from rcfd.config import save_config
+from rcfd.study.configfile import save_config
 from rcfd.core.unet import UNetConfig
 from rcfd.errors import ConfigError
 from rcfd.losses import RCFDLossConfig
@@ -15,6 +17,7 @@ from rcfd.methods.classifier import ClassifierStageConfig
 from rcfd.methods.distill import halving_rounds
 from rcfd.methods.pd import PDStageConfig
 from rcfd.methods.rcfd import RCFDStageConfig
+from rcfd.evaluation import EvalSettings
 from rcfd.study.config import EvalConfig, load_config, pipeline_config_class
 from rcfd.study.presets import PRESET_CONFIGS, PRESETS, get_preset
 
@@ -182,3 +185,17 @@ def test_null_sections_switch_methods_off_and_on():
     on = cfg.with_overrides({"cfd.start_T": "8"})
     assert on.cfd.loss.alpha == 0.0 and on.cfd.start_T == 8  # its defaults: CFD alone
     assert on.with_overrides({"cfd": None}).cfd is None
+
+
+def test_the_field_types_import_no_yaml_and_no_file_helpers():
+    code = "import sys, rcfd.losses, rcfd.config; print('yaml' in sys.modules, 'rcfd.io.files' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_one_set_of_evaluation_defaults():
+    shared, study = EvalSettings(), EvalConfig()
+    assert shared.num_samples == 50_000  # the standard FID sample count
+    for name in ("num_samples", "batch_size", "extractors", "primary", "reference", "grid_images", "dtype"):
+        assert getattr(study, name) == getattr(shared, name), name
+    assert study.floor == "pd" and shared.floor == "first"  # the study's floor row is PD's cheapest

@@ -12,9 +12,9 @@ from PIL import Image
 
 from rcfd.io import grids
 from rcfd.report import results as report
-from rcfd.io.checkpoint import load_checkpoint, load_diffusion_checkpoint
+from rcfd.io.checkpoint import load_checkpoint, load_classifier_checkpoint, load_diffusion_checkpoint
 from rcfd.cli import sample, train
-from rcfd.evaluation import load_classifier, sample_images
+from rcfd.evaluation import sample_images
 from rcfd.evaluation.features import module_fingerprint
 from rcfd.study.pipeline import evaluation_rows
 from rcfd.study.config import pipeline_config_class
@@ -67,7 +67,7 @@ def check_run_dir(out: Path, cfg) -> dict:
     assert results["extractors"] == list(cfg.eval.extractors) and results["dtype"] == "fp32"
     assert results["floors"]["test_vs_train"] and results["floors"]["two_seeds"]
     # honest evaluation: the evaluation classifier, never the distillation one
-    fp = {r: module_fingerprint(load_classifier(out / "classifier" / f"{r}.pt")) for r in ("eval", "distill")}
+    fp = {r: module_fingerprint(load_classifier_checkpoint(out / "classifier" / f"{r}.pt")) for r in ("eval", "distill")}
     detail = results["extractor_details"]["classifier"]
     assert fp["eval"][:12] in detail and fp["distill"][:12] not in detail
     md = (out / report.RESULTS_MD).read_text()

@@ -3,6 +3,8 @@ pipeline (its config section, its stage on the command line, its training), is e
 and gets its row in results.md; and the registry's own rules."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from rcfd.core.schedule import cosine_schedule
 from rcfd.losses import DenoisingLoss
 from rcfd.methods import registry
 from rcfd.methods.common import data_batches, load_train, require
-from rcfd.study.config import pipeline_config_class
+from rcfd.study.config import StudyConfig, pipeline_config_class
 from rcfd.study.presets import get_preset
 from rcfd.training.loop import Job, run_job
 from rcfd.training.optim import OptimSpec
@@ -72,6 +74,7 @@ def toy():
 def test_a_method_registered_in_a_test_runs_through_the_pipeline(toy, tmp_path, capsys):
     out = tmp_path / "run"
     assert "toy" in pipeline_config_class().model_fields
+    assert issubclass(pipeline_config_class(), StudyConfig)  # the built-in sections stay typed
     assert get_preset("smoke").toy == ToyConfig()
     assert "toy" in train.stages() and "a toy method defined in a test" in train.build_parser().format_help()
     code = train.main(["--preset", "smoke", "--out", str(out), "--device", "cpu", "--no-progress",
@@ -106,3 +109,47 @@ def test_registry_rules():
         registry.get("nope")
     with pytest.raises(ValueError, match="need it"):
         registry.unregister("base")
+
+
+def test_a_method_sees_only_what_it_declares():
+    cfg = get_preset("smoke")
+    pd = registry.get("pd")
+    view = pd.view(cfg)
+    assert view.teacher_T == cfg.base.T and view.pd == cfg.pd and view.data == cfg.data
+    assert view.eval_steps == cfg.eval.steps and view.seed == cfg.seed
+    with pytest.raises(AttributeError, match=r"method 'pd' reads 'base', which it does not declare"):
+        view.base
+    with pytest.raises(AttributeError, match="eval_classifier.*declare"):
+        view.eval_classifier
+    with pytest.raises(AttributeError, match="read-only"):
+        view.pd = None
+    for m in registry.methods():  # exactly the run-level values, its reads and its sections
+        names = set(registry.RUN_LEVEL) | set(m.reads) | set(m.sections)
+        assert set(object.__getattribute__(m.view(cfg), "_values")) == names
+    rcfd = registry.get("rcfd").view(cfg.replace(distill_classifier=None, rcfd={"classifier": "imagenet_resnet50"}))
+    assert rcfd.distill_arch is None and rcfd.eval_arch == cfg.eval_classifier.arch  # a switched-off section reads None
+
+
+def test_distillation_methods_say_what_they_distill_into():
+    cfg = get_preset("digits")
+    into = {m.name: m.distills_into(m.view(cfg)) for m in registry.methods() if m.distills_into}
+    assert into == {"rcfd": registry.DistilledClassifier("distill", None),
+                    "cfd": registry.DistilledClassifier("distill", None)}
+    assert registry.get("pd").distills_into is None
+
+
+def test_the_study_config_declares_every_builtin_section():
+    assert pipeline_config_class() is StudyConfig  # no extra method registered
+    for m in registry.methods():
+        for key, (annotation, default) in m.sections.items():
+            field = StudyConfig.model_fields[key]
+            assert field.annotation == annotation, key
+            assert field.get_default(call_default_factory=True) == default(), key
+
+
+def test_importing_the_methods_registers_nothing_until_looked_up():
+    code = ("import rcfd.methods, rcfd.methods.pd, rcfd.methods.rcfd\n"
+            "from rcfd.methods import registry\n"
+            "print(len(registry._METHODS), len(registry.methods()), len(registry.methods()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["0", str(len(registry.BUILTIN)), str(len(registry.BUILTIN))]

@@ -14,6 +14,7 @@ from PIL import Image
 from test_stats import COMPARISONS, study
 
 from rcfd.io import grids
+from rcfd.io.files import read_jsonl
 from rcfd.report import plots
 from rcfd.report import results as report
 from rcfd.report import study as study_report
@@ -85,10 +86,10 @@ def test_grid_rgb_uint8_and_bad_shape():
 def test_read_jsonl_and_loss_series(tmp_path):
     p = tmp_path / "m.jsonl"
     p.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
-    assert [r["step"] for r in plots.read_jsonl(p)] == [1, 2]  # a torn last line is skipped
+    assert [r["step"] for r in read_jsonl(p)] == [1, 2]  # a torn last line is skipped
     p.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(ValueError, match="line 2"):
-        plots.read_jsonl(p)
+        read_jsonl(p)
     recs = [{"step": 10, "loss": 1.0, "lr": 1e-3, "cfd": 0.2}, {"step": 20, "loss": float("nan"), "cfd": 0.1}]
     assert plots.loss_series(recs) == {"loss": ([10], [1.0]), "cfd": ([10, 20], [0.2, 0.1])}
 
@@ -159,7 +160,7 @@ def test_results_validated():
     with pytest.raises(ValueError, match="extractors"):
         report.results_table({"entries": []})
     bad = {**_results(), "entries": [{"key": "x", "label": "X", "steps": "1", "metrics": {}}]}
-    with pytest.raises(ValueError, match="int steps"):
+    with pytest.raises(ValueError, match=r"entries\[0\]\.steps: Input should be a valid integer"):
         report.results_table(bad)
 
 

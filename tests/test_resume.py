@@ -19,7 +19,7 @@ from rcfd.methods.base import BaseStageConfig, train_base
 from rcfd.methods.classifier import ClassifierStageConfig, train_classifier
 from rcfd.methods.common import TrainOptions
 from rcfd.methods.pd import PDStageConfig, train_pd
-from rcfd.training.logger import read_metrics
+from rcfd.io.files import read_jsonl
 from rcfd.training.rundir import RunContext, metrics_path, state_path
 
 CPU = TrainOptions(bf16=False, channels_last=False, fused=False, compile=False)
@@ -42,7 +42,7 @@ def run_ctx(path, **kw):
 
 def logged(run_dir, stage, unit):
     return [{k: v for k, v in r.items() if k != "time"}
-            for r in read_metrics(metrics_path(run_dir, stage, unit))]
+            for r in read_jsonl(metrics_path(run_dir, stage, unit))]
 
 
 def assert_same_weights(a, b):
@@ -178,7 +178,7 @@ def test_signal_checkpoints_and_exits_zero(tmp_path, sig):
     assert proc.returncode == 0, err
     assert f"checkpoint: {path}" in err and sig.name in err
     state = load_checkpoint(path)
-    rows = read_metrics(metrics_path(tmp_path / "run", "base", "model"))
+    rows = read_jsonl(metrics_path(tmp_path / "run", "base", "model"))
     assert state["step"] == rows[-1]["step"] >= 2  # the step in flight was finished and saved
 
 

@@ -26,6 +26,9 @@ from pathlib import Path
 from rcfd.cli.common import (
     add_common_args,
     add_model_args,
+    add_progress_arg,
+    add_sampler_arg,
+    add_seed_arg,
     load_model,
     positive,
     resolve_device,
@@ -45,7 +48,12 @@ from rcfd.evaluation import (
 )
 from rcfd.methods.registry import Row
 from rcfd.report.results import floors_table
-from rcfd.samplers import SAMPLERS, sampling_dtype
+from rcfd.samplers import sampling_dtype
+
+
+# This command's overrides of the shared evaluation defaults (rcfd.evaluation.EvalSettings): a
+# quick check of one checkpoint, not a 50,000-sample FID; the batch keeps this command's noise.
+QUICK = {"num_samples": 1000, "batch_size": 250}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,11 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="diffusion checkpoint (rcfd or reference format)")
     p.add_argument("--steps", type=int, nargs="+", default=None,
                    help="sampling steps to evaluate (default: the checkpoint's T)")
-    p.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddim",
-                   help="ddim (default), dpm-solver (DPM-Solver++(2M)) or pndm (PLMS)")
-    p.add_argument("--num-samples", type=int, default=1000, help="samples per number of steps (default 1000)")
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--seed", type=int, default=0, help="noise seed of the samples")
+    add_sampler_arg(p)
+    p.add_argument("--num-samples", type=int, default=QUICK["num_samples"],
+                   help=f"samples per number of steps (default {QUICK['num_samples']}: a quick check; "
+                        f"the evaluation's own default, the standard FID count, is "
+                        f"{EvalSettings().num_samples})")
+    p.add_argument("--batch-size", type=int, default=QUICK["batch_size"],
+                   help=f"sampling batch (default {QUICK['batch_size']}, this command's before the "
+                        f"shared default {EvalSettings().batch_size}: a batch's noise depends on it)")
+    add_seed_arg(p, default=0)
     p.add_argument("--data", choices=("digits", "cifar10", "folder"), default=None,
                    help="reference data; default: what the checkpoint records, or digits")
     p.add_argument("--data-path", default=None, help="CIFAR-10 copy or image folder")
@@ -78,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch-fidelity's Inception weights file (weights-inception-2015-12-05)")
     p.add_argument("--floor", action="store_true", help="also measure the noise floors (a second sample set)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_arg(p)
     add_common_args(p)
     return p
 

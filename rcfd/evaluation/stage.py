@@ -46,9 +46,12 @@ FLOOR_MODES = ("first", "all", "none")
 @dataclass(frozen=True)
 class EvalSettings:
     """What the evaluation stage reads of the ``eval`` config section (any object with these
-    attributes; missing ones take these defaults):
+    attributes; missing ones take these defaults). These are THE evaluation defaults: the
+    study's ``eval`` section (:class:`rcfd.study.config.EvalConfig`) and ``python -m
+    rcfd.evaluate`` take theirs from here, and say where they override one.
 
-    * ``num_samples`` per row (and per floor set), ``batch_size`` for sampling and features;
+    * ``num_samples`` per row (and per floor set): 50,000 by default, the standard FID sample
+      count (the presets set their own); ``batch_size`` for sampling and features;
     * ``primary``: the extractor of the Table-1-shaped table and the flattened ``fid``/``kid``/
       ``is`` of each entry; ``reference``: its split (``"test"``, the held-out images);
     * ``floor``: which rows are sampled a second time for the two-seed floor: ``"first"``
@@ -56,7 +59,7 @@ class EvalSettings:
       steps: the cheapest, e.g. ``"pd"`` for the one-step PD student);
     * ``grid_images``: images per row in its sample grid."""
 
-    num_samples: int = 5000
+    num_samples: int = 50_000
     batch_size: int = 500
     extractors: tuple[str, ...] = DEFAULT_EXTRACTORS
     primary: str = "classifier"

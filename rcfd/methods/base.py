@@ -30,7 +30,7 @@ from rcfd.methods.common import (
     grid_sampler,
     load_train,
 )
-from rcfd.methods.registry import Method, Row, register
+from rcfd.methods.registry import Method, Row
 from rcfd.training.fast_step import ObjectiveStep
 from rcfd.training.loop import Job, run_job
 from rcfd.training.optim import OptimSpec
@@ -120,31 +120,35 @@ def train_base(cfg: BaseStageConfig, data, run: RunContext) -> Path:
 # --------------------------------------------------------------------------- the method
 
 
-def _rows(cfg) -> list[Row]:
+# What the base model reads of the evaluation section: its training-free samplers' settings.
+READS = {"eval_samplers": "eval.samplers", "eval_base_steps": "eval.base_steps"}
+
+
+def _rows(view) -> list[Row]:
     """The base model with each training-free sampler of ``eval.samplers`` at
     ``eval.base_steps``, and with DDIM at its full ``T`` (the distillation teacher, the upper
     bound of every distilled row)."""
     rows = [Row(STAGE, f"{SAMPLER_LABELS[sampler]} (base model)", s, STAGE, UNIT, sampler)
-            for sampler in cfg.eval.samplers for s in sorted(cfg.eval.base_steps)]
-    if not any(r.sampler == "ddim" and r.steps == cfg.base.T for r in rows):
-        rows.append(Row(STAGE, f"{SAMPLER_LABELS['ddim']} (base model)", cfg.base.T, STAGE, UNIT))
+            for sampler in view.eval_samplers for s in sorted(view.eval_base_steps)]
+    if not any(r.sampler == "ddim" and r.steps == view.base.T for r in rows):
+        rows.append(Row(STAGE, f"{SAMPLER_LABELS['ddim']} (base model)", view.base.T, STAGE, UNIT))
     return rows
 
 
-def _check(cfg) -> None:
-    u, data = cfg.base.unet, cfg.data
+def _check(view) -> None:
+    u, data = view.base.unet, view.data
     if (u.image_size, u.in_channels) != (data.image_size, data.channels):
         raise ValueError(f"base.unet takes {u.in_channels}x{u.image_size}x{u.image_size} images "
                          f"but data gives {data.channels}x{data.image_size}x{data.image_size}; "
                          "set base.unet.image_size / in_channels to match")
-    for name in ("steps", "base_steps"):
-        for s in getattr(cfg.eval, name):
-            if s > cfg.base.T:
-                raise ValueError(f"eval.{name} {s} exceed the base model's T={cfg.base.T}")
+    for name, steps in (("steps", view.eval_steps), ("base_steps", view.eval_base_steps)):
+        for s in steps:
+            if s > view.base.T:
+                raise ValueError(f"eval.{name} {s} exceed the base model's T={view.base.T}")
 
 
-METHOD = register(Method(
-    name=STAGE, sections={"base": (BaseStageConfig, BaseStageConfig)},
-    train=lambda cfg, run: [train_base(cfg.base, cfg.data, run)],
-    describe=lambda cfg: f"T={cfg.base.T}, {cfg.base.steps} steps, batch {cfg.base.batch_size}",
-    rows=_rows, check=_check, help="the base diffusion model"))
+METHOD = Method(
+    name=STAGE, sections={"base": (BaseStageConfig, BaseStageConfig)}, reads=READS,
+    train=lambda view, run: [train_base(view.base, view.data, run)],
+    describe=lambda view: f"T={view.base.T}, {view.base.steps} steps, batch {view.base.batch_size}",
+    rows=_rows, check=_check, help="the base diffusion model")

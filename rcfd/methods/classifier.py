@@ -30,7 +30,7 @@ from rcfd.data import DatasetSpec, ImageDataset, load_dataset, to_float
 from rcfd.data.augment import classifier_augment
 from rcfd.errors import UsageError
 from rcfd.methods.common import TrainOptions, data_batches, data_identity, data_spec_dict
-from rcfd.methods.registry import Method, register
+from rcfd.methods.registry import Method
 from rcfd.training.loop import Job, run_job
 from rcfd.training.optim import OptimSpec
 from rcfd.training.rundir import RunContext, checkpoint_path, unit_done
@@ -194,41 +194,46 @@ def classifier_info(source) -> dict:
 SECTIONS = {"distill_classifier": "distill", "eval_classifier": "eval"}
 
 
-def stages(cfg) -> list[ClassifierStageConfig]:
-    """The classifier sections ``cfg`` switches on."""
-    return [c for c in (getattr(cfg, k, None) for k in SECTIONS) if c is not None]
+def default_eval_classifier() -> ClassifierStageConfig:
+    """The evaluation classifier's default section: the distillation classifier's settings
+    with another seed, so that the two differ."""
+    return ClassifierStageConfig(role="eval", seed_offset=1)
 
 
-def _train(cfg, run: RunContext) -> list[Path]:
-    return [train_classifier(c, cfg.data, run) for c in stages(cfg)]
+def stages(view) -> list[ClassifierStageConfig]:
+    """The classifier sections the config switches on."""
+    return [c for c in (getattr(view, k, None) for k in SECTIONS) if c is not None]
 
 
-def _describe(cfg) -> str:
+def _train(view, run: RunContext) -> list[Path]:
+    return [train_classifier(c, view.data, run) for c in stages(view)]
+
+
+def _describe(view) -> str:
     def one(c):
         steps = f"{c.steps} steps" if c.steps is not None else f"{c.epochs} epochs"
         return f"{c.role} {c.arch}{'' if c.width is None else f' (width {c.width})'}, {steps}"
-    return ", ".join(one(c) for c in stages(cfg)) or "none"
+    return ", ".join(one(c) for c in stages(view)) or "none"
 
 
-def _check(cfg) -> None:
+def _check(view) -> None:
     for key, role in SECTIONS.items():
-        c = getattr(cfg, key)
+        c = getattr(view, key)
         if c is not None and c.role != role:
             raise ValueError(f"{key}.role must be {role!r}, got {c.role!r}")
-    d, e = cfg.distill_classifier, cfg.eval_classifier
+    d, e = view.distill_classifier, view.eval_classifier
     if d is not None and e is not None and e.replace(role="distill") == d:
         raise ValueError("eval_classifier equals distill_classifier: give it another "
                          "seed_offset (or architecture) so evaluation is not circular")
-    if cfg.data.name == "folder" and stages(cfg):
+    if view.data.name == "folder" and stages(view):
         raise ValueError("a folder of images has no labels, so no classifier can be trained on "
                          "it: set distill_classifier and eval_classifier to null and "
                          "rcfd.classifier to a classifier checkpoint (or imagenet_resnet50)")
 
 
-METHOD = register(Method(
+METHOD = Method(
     name=STAGE,
     sections={"distill_classifier": (ClassifierStageConfig | None, ClassifierStageConfig),
-              "eval_classifier": (ClassifierStageConfig | None,
-                                  lambda: ClassifierStageConfig(role="eval", seed_offset=1))},
+              "eval_classifier": (ClassifierStageConfig | None, default_eval_classifier)},
     train=_train, describe=_describe, check=_check,
-    help="the distillation and evaluation classifiers"))
+    help="the distillation and evaluation classifiers")

@@ -3,8 +3,9 @@ from the base model down to ``final_T`` steps, each round trained on
 :class:`rcfd.losses.PDLoss` (Adam cosine-annealed to 0, no EMA, no dropout by default).
 
 This module is the shape of every method: its config section, its objective, its ``train``,
-what it needs (the base model) and what it produces (students at ``T = base.T / 2 ... final_T``
-steps, evaluated at ``eval.steps``), registered with :func:`rcfd.methods.registry.register`.
+what it reads of other sections (``READS``: the base model's ``T``), what it needs (the base
+model) and what it produces (students at ``T = base.T / 2 ... final_T`` steps, evaluated at
+``eval.steps``), as one :class:`rcfd.methods.registry.Method`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Literal
 from rcfd.losses import PDLoss
 from rcfd.methods.common import require
 from rcfd.methods.distill import DistillConfig, distill_rounds, halving_rounds
-from rcfd.methods.registry import Method, Row, register
+from rcfd.methods.registry import Method, Row
 from rcfd.training.rundir import RunContext, checkpoint_path
 
 STAGE = "pd"
@@ -40,25 +41,29 @@ def train_pd(cfg: PDStageConfig, teacher: Path, data, run: RunContext) -> list[P
     return distill_rounds(cfg, STAGE, teacher, data, run, objective)
 
 
-def _rows(cfg) -> list[Row]:
-    made = {s for _, s in halving_rounds(cfg.base.T, cfg.pd.final_T)}
-    return [Row(STAGE, "PD", s, STAGE, f"T{s}") for s in sorted(cfg.eval.steps) if s in made]
+READS = {"teacher_T": "base.T"}  # the base model's T: PD's first teacher
 
 
-def _describe(cfg) -> str:
-    rounds = halving_rounds(cfg.base.T, cfg.pd.final_T)
-    steps = sum(cfg.pd.round_steps(s) for _, s in rounds)
-    return f"{cfg.base.T} -> {cfg.pd.final_T}: {len(rounds)} rounds, {steps} steps"
+def _rows(view) -> list[Row]:
+    made = {s for _, s in halving_rounds(view.teacher_T, view.pd.final_T)}
+    return [Row(STAGE, "PD", s, STAGE, f"T{s}") for s in sorted(view.eval_steps) if s in made]
 
 
-def _check(cfg) -> None:
-    if cfg.pd.final_T >= cfg.base.T:
-        raise ValueError(f"pd.final_T={cfg.pd.final_T} must be below base.T={cfg.base.T}")
+def _describe(view) -> str:
+    rounds = halving_rounds(view.teacher_T, view.pd.final_T)
+    steps = sum(view.pd.round_steps(s) for _, s in rounds)
+    return f"{view.teacher_T} -> {view.pd.final_T}: {len(rounds)} rounds, {steps} steps"
 
 
-METHOD = register(Method(
-    name=STAGE, sections={"pd": (PDStageConfig, PDStageConfig)},
-    train=lambda cfg, run: train_pd(cfg.pd, require(run.run_dir, "base", "model"), cfg.data, run),
+def _check(view) -> None:
+    if view.pd.final_T >= view.teacher_T:
+        raise ValueError(f"pd.final_T={view.pd.final_T} must be below base.T={view.teacher_T}")
+
+
+METHOD = Method(
+    name=STAGE, sections={"pd": (PDStageConfig, PDStageConfig)}, reads=READS,
+    train=lambda view, run: train_pd(view.pd, require(run.run_dir, "base", "model"), view.data,
+                                     run),
     describe=_describe, rows=_rows, needs=("base",), check=_check,
-    inputs=lambda cfg, run_dir: [checkpoint_path(run_dir, "base", "model")],
-    help="progressive distillation rounds from the base model"))
+    inputs=lambda view, run_dir: [checkpoint_path(run_dir, "base", "model")],
+    help="progressive distillation rounds from the base model")

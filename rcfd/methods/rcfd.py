@@ -29,7 +29,7 @@ from rcfd.losses import PDLoss, RCFDLoss, RCFDLossConfig
 from rcfd.methods.classifier import TRAINABLE, classifier_info, load_classifier
 from rcfd.methods.common import load_train, require
 from rcfd.methods.distill import DistillConfig, distill_rounds, halving_rounds, load_teacher
-from rcfd.methods.registry import Method, Row, register
+from rcfd.methods.registry import DistilledClassifier, Method, Row
 from rcfd.training.rundir import RunContext, checkpoint_path
 
 
@@ -143,76 +143,90 @@ def train_rcfd(cfg: RCFDStageConfig, teacher: Path, classifier: Path | str | nn.
 # --------------------------------------------------------------------------- the methods
 
 
-def classifier_name(cfg, section: RCFDStageConfig) -> str:
+# What RCFD and CFD read of other sections: the PD student they start from, the base model's
+# T, the evaluation's extractors (not to measure with what they distill into) and the
+# classifier stage's architectures (for labels; ``None`` where that classifier is off).
+READS = {"pd_final_T": "pd.final_T", "teacher_T": "base.T", "eval_extractors": "eval.extractors",
+         "distill_arch": "distill_classifier.arch", "eval_arch": "eval_classifier.arch"}
+
+
+def classifier_name(view, section: RCFDStageConfig) -> str:
     """The distillation classifier's architecture, for labels."""
     c = section.classifier
-    if c == "distill" and cfg.distill_classifier is not None:
-        return cfg.distill_classifier.arch
-    if c == "eval" and cfg.eval_classifier is not None:
-        return cfg.eval_classifier.arch
+    if c == "distill" and view.distill_arch is not None:
+        return view.distill_arch
+    if c == "eval" and view.eval_arch is not None:
+        return view.eval_arch
     return section.classifier_arch or Path(c).stem
 
 
-def _method(stage: str, label: str, config: type, default, help: str) -> Method:
-    def section(cfg) -> RCFDStageConfig:
-        return getattr(cfg, stage)
+def _check_reads(stage: str, s: RCFDStageConfig, view) -> None:
+    """The cross-checks of a section against what it reads of the others."""
+    if view.pd_final_T > s.start_T:
+        raise ValueError(f"pd.final_T={view.pd_final_T} must be <= {stage}.start_T="
+                         f"{s.start_T}: {stage} starts from the PD student at start_T")
+    if s.start_T >= view.teacher_T:
+        raise ValueError(f"{stage}.start_T={s.start_T} must be below base.T={view.teacher_T}")
+    if s.classifier == "eval" and "classifier" in view.eval_extractors:
+        raise ValueError(f"{stage}.classifier='eval' with the 'classifier' extractor in "
+                         "eval.extractors measures with the features it distills into; use "
+                         "another classifier")
+    for role in ("distill", "eval"):
+        if s.classifier == role and getattr(view, f"{role}_arch") is None:
+            raise ValueError(f"{stage}.classifier={role!r} needs a {role}_classifier stage; "
+                             "or set it to a checkpoint path or an imagenet_* name")
 
-    def train(cfg, run):
-        s = section(cfg)
+
+def _method(stage: str, label: str, config: type, default, help: str) -> Method:
+    def section(view) -> RCFDStageConfig:
+        return getattr(view, stage)
+
+    def train(view, run):
+        s = section(view)
         teacher = require(run.run_dir, "pd", f"T{s.start_T}")
         classifier = resolve_classifier(s, run.run_dir)
         if isinstance(classifier, Path) and s.classifier in ("distill", "eval"):
             require(run.run_dir, "classifier", s.classifier)
         elif isinstance(classifier, Path) and not classifier.is_file():
             raise UsageError(f"{stage}.classifier: {classifier} does not exist")
-        return train_rcfd(s, teacher, classifier, cfg.data, run, stage)
+        return train_rcfd(s, teacher, classifier, view.data, run, stage)
 
-    def rows(cfg) -> list[Row]:
-        s = section(cfg)
+    def rows(view) -> list[Row]:
+        s = section(view)
         made = {t for _, t in halving_rounds(s.start_T, s.final_T)}
-        name = f"{label}-{classifier_name(cfg, s)}"
-        return [Row(stage, name, t, stage, f"T{t}") for t in sorted(cfg.eval.steps) if t in made]
+        name = f"{label}-{classifier_name(view, s)}"
+        return [Row(stage, name, t, stage, f"T{t}") for t in sorted(view.eval_steps) if t in made]
 
-    def inputs(cfg, run_dir) -> list[Path]:
-        s = section(cfg)
+    def inputs(view, run_dir) -> list[Path]:
+        s = section(view)
         paths = [checkpoint_path(run_dir, "pd", f"T{s.start_T}")]
         if s.classifier in ("distill", "eval"):
             paths.append(checkpoint_path(run_dir, "classifier", s.classifier))
         return paths
 
-    def describe(cfg) -> str:
-        s = section(cfg)
+    def describe(view) -> str:
+        s = section(view)
         rounds = halving_rounds(s.start_T, s.final_T)
         loss = s.loss
         return (f"{s.start_T} -> {s.final_T}: {len(rounds)} rounds, "
                 f"{sum(s.round_steps(t) for _, t in rounds)} steps, classifier {s.classifier}, "
                 f"tau {loss.tau}, alpha {loss.alpha}, beta {loss.beta}")
 
-    def check(cfg) -> None:
-        s = section(cfg)
-        if s is None:
-            return
-        if cfg.pd.final_T > s.start_T:
-            raise ValueError(f"pd.final_T={cfg.pd.final_T} must be <= {stage}.start_T="
-                             f"{s.start_T}: {stage} starts from the PD student at start_T")
-        if s.start_T >= cfg.base.T:
-            raise ValueError(f"{stage}.start_T={s.start_T} must be below base.T={cfg.base.T}")
-        if s.classifier == "eval" and "classifier" in cfg.eval.extractors:
-            raise ValueError(f"{stage}.classifier='eval' with the 'classifier' extractor in "
-                             "eval.extractors measures with the features it distills into; use "
-                             "another classifier")
-        for role in ("distill", "eval"):
-            if s.classifier == role and getattr(cfg, f"{role}_classifier") is None:
-                raise ValueError(f"{stage}.classifier={role!r} needs a {role}_classifier stage; "
-                                 "or set it to a checkpoint path or an imagenet_* name")
+    def check(view) -> None:
+        s = section(view)
+        if s is not None:
+            _check_reads(stage, s, view)
 
-    return Method(name=stage, sections={stage: (config, default)}, train=train,
+    def distills_into(view) -> DistilledClassifier | None:
+        s = section(view)
+        return None if s is None else DistilledClassifier(s.classifier, s.classifier_arch)
+
+    return Method(name=stage, sections={stage: (config, default)}, reads=READS, train=train,
                   describe=describe, rows=rows, needs=("pd", "classifier"), check=check,
-                  inputs=inputs,
-                  compare_to="pd", help=help)
+                  inputs=inputs, distills_into=distills_into, compare_to="pd", help=help)
 
 
-METHOD = register(_method("rcfd", "RCFD", RCFDStageConfig, RCFDStageConfig,
-                          "RCFD rounds from the PD student at start_T"))
-CFD_METHOD = register(_method("cfd", "CFD", CFDStageConfig | None, lambda: None,
-                              "CFD alone (alpha = 0) from the PD student; off unless configured"))
+METHOD = _method("rcfd", "RCFD", RCFDStageConfig, RCFDStageConfig,
+                 "RCFD rounds from the PD student at start_T")
+CFD_METHOD = _method("cfd", "CFD", CFDStageConfig | None, lambda: None,
+                     "CFD alone (alpha = 0) from the PD student; off unless configured")

@@ -3,10 +3,19 @@ line's stage names, the configuration's sections, the evaluation pairs and the r
 table's rows all iterate over.
 
 A :class:`Method` says everything the rest of the package needs to know about a way of
-training: its config section(s), what it needs (earlier stages), how to train it, and which
-samplers it produces for evaluation (:class:`Row`). Adding a method is writing one module
-that builds a :class:`Method` and calls :func:`register` (see :mod:`rcfd.methods.pd` for a
-small one); nothing else changes.
+training: its config section(s), the values of other sections it reads (``reads``), what it
+needs (earlier stages), how to train it, and which samplers it produces for evaluation
+(:class:`Row`). Its callbacks never see the whole study config: they get a :class:`View`
+holding its own sections, the values it declares in ``reads`` and the run-level values every
+method may read (:data:`RUN_LEVEL`); anything else is an ``AttributeError`` saying what to
+declare. Adding a method is writing one module that defines a :class:`Method` and naming it
+in :data:`BUILTIN` (or registering it with :func:`register`, as tests and plug-ins do); see
+:mod:`rcfd.methods.pd` for a small one.
+
+Registration is explicit and happens once: :func:`methods` (and every other lookup) loads
+the built-in methods on first use, in :func:`_load_builtins`, the one place a new source of
+methods (an entry-point group) is added. Importing a method module only defines its
+:class:`Method`.
 """
 
 from __future__ import annotations
@@ -14,8 +23,20 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any
+
+GROUP = "rcfd.methods"
+# The built-in methods, in the order the pipeline runs them: (name, "module:attribute"),
+# the shape of an entry point, so that plug-ins can later come through ``GROUP`` as well.
+BUILTIN = (("classifier", "rcfd.methods.classifier:METHOD"),
+           ("base", "rcfd.methods.base:METHOD"),
+           ("pd", "rcfd.methods.pd:METHOD"),
+           ("rcfd", "rcfd.methods.rcfd:METHOD"),
+           ("cfd", "rcfd.methods.rcfd:CFD_METHOD"))
+# What every method may read of the study config, besides its own sections and its ``reads``.
+RUN_LEVEL = {"data": "data", "seed": "seed", "eval_steps": "eval.steps"}
 
 
 @dataclass(frozen=True)
@@ -36,29 +57,81 @@ class Row:
         return self.method if self.sampler == "ddim" else f"{self.method}/{self.sampler}"
 
 
-def _no_rows(cfg: Any) -> list[Row]:
+@dataclass(frozen=True)
+class DistilledClassifier:
+    """The classifier a method distills into, as its section names it: ``source`` is
+    ``"distill"``/``"eval"`` (the run's own classifier stage), an ``imagenet_*`` name or a
+    checkpoint path; ``arch`` the architecture of a reference-format checkpoint."""
+
+    source: str
+    arch: str | None = None
+
+
+class View:
+    """What a method's callbacks see of the study config: its own sections, the values it
+    declares in ``reads`` and :data:`RUN_LEVEL`, as attributes. Reaching for anything else
+    raises an ``AttributeError`` that names the value to declare."""
+
+    __slots__ = ("_method", "_values")
+
+    def __init__(self, method: str, values: Mapping[str, Any]):
+        object.__setattr__(self, "_method", method)
+        object.__setattr__(self, "_values", dict(values))
+
+    def __getattr__(self, name: str) -> Any:
+        values = object.__getattribute__(self, "_values")
+        if name in values:
+            return values[name]
+        method = object.__getattribute__(self, "_method")
+        raise AttributeError(f"method {method!r} reads {name!r}, which it does not declare: add it "
+                             f"to its reads (e.g. reads={{{name!r}: 'section.field'}}); it sees "
+                             f"{', '.join(sorted(values))}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a method's view of the config is read-only")
+
+    def __repr__(self) -> str:
+        return f"View({object.__getattribute__(self, '_method')!r}, {sorted(self._values)})"
+
+
+def resolve(cfg: Any, path: str) -> Any:
+    """The value at dotted ``path`` of ``cfg`` (``"base.T"``); ``None`` where a section on
+    the way is ``None`` (switched off). An unknown name is an ``AttributeError``."""
+    value = cfg
+    for part in path.split("."):
+        if value is None:
+            return None
+        value = getattr(value, part)
+    return value
+
+
+def _no_rows(view: View) -> list[Row]:
     return []
 
 
-def _no_inputs(cfg: Any, run_dir: Path) -> list[Path]:
+def _no_inputs(view: View, run_dir: Path) -> list[Path]:
     return []
 
 
 @dataclass(frozen=True)
 class Method:
-    """A training method.
+    """A training method. Every callback takes the method's :class:`View` of the config:
 
     * ``name``: the stage name on the command line and the run directory's folder;
     * ``sections``: the config sections it owns, ``key -> (type, default factory)``; a
       section whose value is ``None`` switches the method off;
-    * ``train(cfg, run) -> [checkpoint paths]``: trains it from the whole pipeline config
-      ``cfg`` in the run directory of ``run`` (a :class:`rcfd.training.rundir.RunContext`);
-    * ``rows(cfg) -> [Row]``: the samplers it produces, for evaluation;
-    * ``describe(cfg) -> str``: one line for the plan a run prints first;
+    * ``reads``: the values of other sections it reads, ``name -> dotted path`` (e.g.
+      ``{"teacher_T": "base.T"}``), seen as ``view.<name>``;
+    * ``train(view, run) -> [checkpoint paths]``: trains it in the run directory of ``run``
+      (a :class:`rcfd.training.rundir.RunContext`);
+    * ``rows(view) -> [Row]``: the samplers it produces, for evaluation;
+    * ``describe(view) -> str``: one line for the plan a run prints first;
     * ``needs``: the stages whose outputs it reads (they run before it);
-    * ``inputs(cfg, run_dir) -> [paths]``: the checkpoints of earlier stages it reads, so that
-      a command missing them is refused before it writes anything;
-    * ``check(cfg)``: cross-checks over the whole config (raise ``ValueError``);
+    * ``inputs(view, run_dir) -> [paths]``: the checkpoints of earlier stages it reads, so
+      that a command missing them is refused before it writes anything;
+    * ``check(view)``: cross-checks against what it reads (raise ``ValueError``);
+    * ``distills_into(view) -> DistilledClassifier | None``: the classifier it distills
+      into (the evaluation refuses to measure with it);
     * ``compare_to``: the method its rows are compared with, paired by seed, in studies.
     """
 
@@ -67,9 +140,11 @@ class Method:
     train: Callable[[Any, Any], list[Path]]
     describe: Callable[[Any], str]
     rows: Callable[[Any], list[Row]] = _no_rows
+    reads: Mapping[str, str] = field(default_factory=dict)
     needs: tuple[str, ...] = ()
     inputs: Callable[[Any, Path], list[Path]] = _no_inputs
     check: Callable[[Any], None] | None = None
+    distills_into: Callable[[Any], DistilledClassifier | None] | None = None
     compare_to: str | None = None
     help: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -83,14 +158,29 @@ class Method:
         """Whether ``cfg`` switches this method on (any of its sections is not ``None``)."""
         return any(getattr(cfg, key, None) is not None for key in self.sections)
 
+    def view(self, cfg: Any) -> View:
+        """This method's :class:`View` of the study config ``cfg``."""
+        paths = {**RUN_LEVEL, **self.reads, **{key: key for key in self.sections}}
+        return View(self.name, {name: resolve(cfg, path) for name, path in paths.items()})
+
 
 _METHODS: dict[str, Method] = {}
 _VERSION = [0]  # bumped on every change, so derived classes are rebuilt
+_LOADED = [False]
 
 
-def register(method: Method) -> Method:
-    """Add ``method`` (after those registered before it); its name and section keys must be
-    new, and what it needs must already be registered."""
+def _load_builtins() -> None:
+    """Register the built-in methods (:data:`BUILTIN`), once. A later source of methods (an
+    entry-point group, ``importlib.metadata.entry_points(group=GROUP)``) is one more loop
+    here."""
+    if _LOADED[0]:
+        return
+    _LOADED[0] = True
+    for name, value in BUILTIN:
+        _add(EntryPoint(name, value, GROUP).load())
+
+
+def _add(method: Method) -> Method:
     if method.name in _METHODS:
         raise ValueError(f"a method named {method.name!r} is already registered")
     taken = {k for m in _METHODS.values() for k in m.sections}
@@ -105,7 +195,15 @@ def register(method: Method) -> Method:
     return method
 
 
+def register(method: Method) -> Method:
+    """Add ``method`` (after the built-in ones and those registered before it); its name and
+    section keys must be new, and what it needs must already be registered."""
+    _load_builtins()
+    return _add(method)
+
+
 def unregister(name: str) -> None:
+    _load_builtins()
     dependants = [m.name for m in _METHODS.values() if name in m.needs]
     if dependants:
         raise ValueError(f"cannot unregister {name!r}: {dependants} need it")
@@ -125,10 +223,12 @@ def registered(method: Method) -> Iterator[Method]:
 
 def methods() -> list[Method]:
     """Every registered method, in the order the pipeline runs them."""
+    _load_builtins()
     return list(_METHODS.values())
 
 
 def get(name: str) -> Method:
+    _load_builtins()
     try:
         return _METHODS[name]
     except KeyError:
@@ -136,4 +236,5 @@ def get(name: str) -> Method:
 
 
 def version() -> int:
+    _load_builtins()
     return _VERSION[0]

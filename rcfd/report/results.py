@@ -3,23 +3,10 @@ in the shape of the paper's Table 1, one table per extractor, the noise floors, 
 of every row side by side, loss curves, FID against steps). Figures are :mod:`rcfd.report.plots`;
 a multi-seed study is :mod:`rcfd.report.study`.
 
-A *results* dict (what :func:`rcfd.evaluation.evaluate_rows` returns and ``results.json``
-holds)::
-
-    {"preset": str, "dataset": str, "seed": int, "extractors": [name, ...],
-     "extractor_details": {name: str}, "primary": {"extractor": name, "reference": "test"},
-     "num_samples": int, "num_reference": {"train": int, "test": int}, "measurement": {...},
-     "teacher": {"key": str, "steps": int} | None,
-     "floors": {"two_seeds": [{"key", "label", "steps", "num_samples", "seeds",
-                               "metrics": {name: {"fid", "kid", "precision", "recall",
-                                                  "delta": {split: {"fid", "kid"}}}}}],
-                "test_vs_train": {"num": {...}, "metrics": {name: {"fid", "kid", ...}}} | None},
-     "entries": [{"method", "label", "sampler", "steps", "key",
-                  "metrics": {name: {"test": {"fid", "kid", "kid_std", "precision", "recall"},
-                                     "train": {...}, "is": float | None, "is_std": ...}},
-                  "fid", "kid", "is", "precision", "recall",   # the primary ones, flattened
-                  "grid", "checkpoint", "seconds", "sample_seconds"}, ...],
-     "side_by_side": str, "timings": {stage: seconds}, "loss_curves": str, ...}
+A *results* dict is what :func:`rcfd.evaluation.evaluate_rows` returns and ``results.json``
+holds; its schema is :mod:`rcfd.report.schema` (:class:`~rcfd.report.schema.Results`), through
+which every function here reads it (:func:`check_results`), so a malformed file is refused
+with the key that is wrong. ``results.json`` is the dict itself, written as it was made.
 
 Rows are whatever the methods produce, in the order given; a row is identified by its
 ``key`` and shown by its ``label``.
@@ -30,11 +17,15 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from rcfd.config import describe
 from rcfd.io.files import write_text
 from rcfd.report.plots import plot_metric_vs_steps
+from rcfd.report.schema import Entry, FloorMetrics, Results, SplitMetrics
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 FID_PLOT, LOSS_PLOT = "fid_vs_steps.png", "loss_curves.png"
@@ -44,24 +35,21 @@ SPLIT_NAMES = {"test": "the held-out test split", "train": "the training split"}
 # --------------------------------------------------------------------------- reading results
 
 
-def check_results(results: Mapping) -> list[dict]:
-    """The entries of a results dict, after checking the fields the report reads."""
-    entries = results.get("entries")
-    if not isinstance(entries, list):
-        raise ValueError("results must hold an 'entries' list of {key, label, steps, metrics, ...} dicts")
-    for field in ("extractors", "primary"):
-        if field not in results:
-            raise ValueError(f"results lack {field!r} (made by rcfd.evaluation.evaluate_rows)")
-    for e in entries:
-        if not (isinstance(e.get("key"), str) and isinstance(e.get("label"), str)
-                and isinstance(e.get("steps"), int) and isinstance(e.get("metrics"), dict)):
-            raise ValueError(f"every entry needs a str key and label, an int steps and a metrics dict, got {e}")
-    return entries
+def check_results(results: Mapping | Results) -> Results:
+    """``results`` validated into its :class:`~rcfd.report.schema.Results` (a ``ValueError``
+    naming every bad key otherwise)."""
+    if isinstance(results, Results):
+        return results
+    try:
+        return Results.model_validate(results)
+    except ValidationError as e:
+        raise ValueError(f"invalid results (made by rcfd.evaluation.evaluate_rows): "
+                         f"{describe(e, whole='results')}") from None
 
 
-def row_order(entries) -> list[tuple[str, str]]:
+def row_order(entries: Sequence[Entry]) -> list[tuple[str, str]]:
     """``(key, label)`` of the rows, in the order their entries first appear."""
-    return list(dict.fromkeys((e["key"], e["label"]) for e in entries))
+    return list(dict.fromkeys((e.key, e.label) for e in entries))
 
 
 def steps_label(s: int) -> str:
@@ -82,103 +70,104 @@ def _mean_std(v, std, digits: int = 2) -> str:
     return fmt_fixed(v, digits) if std is None else f"{fmt_fixed(v, digits)} ± {fmt_fixed(std, digits)}"
 
 
-def is_teacher(results: Mapping, entry: Mapping) -> bool:
-    t = results.get("teacher") or {}
-    return entry["key"] == t.get("key") and entry["steps"] == t.get("steps")
-
-
 # --------------------------------------------------------------------------- tables
 
 
-def format_cell(entry: Mapping) -> str:
+def format_cell(entry: Entry) -> str:
     """``FID 12.03 / IS 8.87`` from an entry's flattened primary numbers (``± spread`` when
     it carries ``fid_std`` / ``is_std_seeds``, as aggregated study cells do)."""
-    return (f"FID {_mean_std(entry.get('fid'), entry.get('fid_std'))} / "
-            f"IS {_mean_std(entry.get('is'), entry.get('is_std_seeds'))}")
+    extra = entry.model_extra or {}
+    return (f"FID {_mean_std(entry.fid, extra.get('fid_std'))} / "
+            f"IS {_mean_std(entry.is_, extra.get('is_std_seeds'))}")
 
 
-def results_table(results: Mapping) -> str:
+def _teacher_mark(r: Results, e: Entry) -> str:
+    return " (teacher)" if r.is_teacher(e) else ""
+
+
+def results_table(results: Mapping | Results) -> str:
     """The Table-1-shaped table: one row per row key (in order), one column per number of
     steps, ``FID / IS`` cells of the primary extractor against the primary reference; the
     teacher's cell is marked (the upper bound the students distil from)."""
-    entries = check_results(results)
-    steps = sorted({e["steps"] for e in entries})
-    cells = {}
-    for e in entries:
-        cells[(e["key"], e["steps"])] = format_cell(e) + (" (teacher)" if is_teacher(results, e) else "")
+    r = check_results(results)
+    steps = sorted({e.steps for e in r.entries})
+    cells = {(e.key, e.steps): format_cell(e) + _teacher_mark(r, e) for e in r.entries}
     lines = ["| method | " + " | ".join(steps_label(s) for s in steps) + " |", "|---|" + "---|" * len(steps)]
-    for key, label in row_order(entries):
+    for key, label in row_order(r.entries):
         lines.append(f"| {label} | " + " | ".join(cells.get((key, s), "") for s in steps) + " |")
     return "\n".join(lines)
 
 
-def extractor_table(results: Mapping, extractor: str) -> str:
+def _split_cols(m: SplitMetrics | None) -> list[str]:
+    m = m or SplitMetrics()
+    return [fmt_fixed(m.fid), fmt_sig(m.kid), fmt_fixed(m.precision), fmt_fixed(m.recall)]
+
+
+def extractor_table(results: Mapping | Results, extractor: str) -> str:
     """Every entry under one extractor: FID, KID, precision and recall against each reference
     split, and IS where the extractor has logits."""
-    entries = check_results(results)
-    splits = [s for s in ("test", "train") if any(s in e["metrics"].get(extractor, {}) for e in entries)]
-    has_is = any(e["metrics"].get(extractor, {}).get("is") is not None for e in entries)
+    r = check_results(results)
+    mine = [(e, e.metrics[extractor]) for e in r.entries if extractor in e.metrics]
+    splits = [s for s in ("test", "train") if any(m.split(s) is not None for _, m in mine)]
+    has_is = any(m.is_ is not None for _, m in mine)
     head = ["row", "steps"] + [f"{m} ({s})" for s in splits for m in ("FID", "KID", "P", "R")] + (["IS"] if has_is else [])
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for e in entries:
-        m = e["metrics"].get(extractor)
-        if m is None:
-            continue
-        cols = [e["label"] + (" (teacher)" if is_teacher(results, e) else ""), str(e["steps"])]
+    for e, m in mine:
+        cols = [e.label + _teacher_mark(r, e), str(e.steps)]
         for s in splits:
-            r = m.get(s) or {}
-            cols += [fmt_fixed(r.get("fid")), fmt_sig(r.get("kid")), fmt_fixed(r.get("precision")), fmt_fixed(r.get("recall"))]
+            cols += _split_cols(m.split(s))
         if has_is:
-            cols.append(_mean_std(m.get("is"), m.get("is_std")))
+            cols.append(_mean_std(m.is_, m.is_std))
         lines.append("| " + " | ".join(cols) + " |")
     return "\n".join(lines)
 
 
-def floors_table(results: Mapping) -> str:
+def floors_table(results: Mapping | Results) -> str:
     """The noise floors per extractor: the test split against the train split, and two
     independent sample sets of one model (FID/KID between them, and how far the second
     set's FID against each split lies from the first's). "" without floors."""
-    floors = results.get("floors") or {}
-    data, two = floors.get("test_vs_train"), floors.get("two_seeds") or []
+    r = check_results(results)
+    data, two = r.floors.test_vs_train, r.floors.two_seeds
     if not data and not two:
         return ""
     head = ["extractor"]
     if data:
         head += ["FID test vs train", "KID test vs train", "P", "R"]
     for f in two:
-        head += [f"FID two seeds ({f['label']}, {steps_label(f['steps'])})", "KID two seeds",
+        head += [f"FID two seeds ({f.label}, {steps_label(f.steps)})", "KID two seeds",
                  "ΔFID vs test", "ΔFID vs train"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for name in results["extractors"]:
+    for name in r.extractors:
         cols = [f"`{name}`"]
         if data:
-            d = data["metrics"].get(name, {})
-            cols += [fmt_fixed(d.get("fid")), fmt_sig(d.get("kid")), fmt_fixed(d.get("precision")), fmt_fixed(d.get("recall"))]
+            cols += _split_cols(data.metrics.get(name))
         for f in two:
-            m = f["metrics"].get(name, {})
-            delta = m.get("delta", {})
-            cols += [fmt_fixed(m.get("fid")), fmt_sig(m.get("kid")), fmt_fixed((delta.get("test") or {}).get("fid")),
-                     fmt_fixed((delta.get("train") or {}).get("fid"))]
+            m = f.metrics.get(name) or FloorMetrics()
+            delta = {k: v.fid for k, v in m.delta.items()}
+            cols += [fmt_fixed(m.fid), fmt_sig(m.kid), fmt_fixed(delta.get("test")),
+                     fmt_fixed(delta.get("train"))]
         lines.append("| " + " | ".join(cols) + " |")
     return "\n".join(lines)
 
 
-def measurement_note(results: Mapping) -> str:
+def _or(value, missing: str = "?"):
+    return missing if value is None else value
+
+
+def measurement_note(results: Mapping | Results) -> str:
     """The measurement in words: extractors (with what exactly each is), the references,
     the sample counts and the fixed settings."""
-    p = results["primary"]
-    num_ref = results.get("num_reference") or {}
-    refs = ", ".join(f"{s} ({n} images)" for s, n in num_ref.items()) or "?"
-    details = results.get("extractor_details") or {}
-    ext = "; ".join(f"`{n}` = {details.get(n, '?')}" for n in results["extractors"])
-    m = results.get("measurement") or {}
-    text = (f"Every number names its extractor: {ext}. References: {refs}. {results.get('num_samples', '?')} "
+    r = check_results(results)
+    p, m = r.primary, r.measurement
+    refs = ", ".join(f"{s} ({n} images)" for s, n in (r.num_reference or {}).items()) or "?"
+    ext = "; ".join(f"`{n}` = {r.extractor_details.get(n, '?')}" for n in r.extractors)
+    text = (f"Every number names its extractor: {ext}. References: {refs}. {_or(r.num_samples)} "
             f"samples per cell, all rows from the same noise. FID and KID lower is better; precision (P), "
             f"recall (R) and IS higher is better. KID: {m.get('kid_subsets', '?')} subsets of up to "
             f"{m.get('kid_subset_size', '?')}; P/R: k = {m.get('pr_k', '?')} on equal counts; IS: "
-            f"{m.get('is_splits', '?')} splits. The main table shows `{p['extractor']}` against "
-            f"{SPLIT_NAMES.get(p['reference'], p['reference'])}.")
-    if "inception" not in results["extractors"]:
+            f"{m.get('is_splits', '?')} splits. The main table shows `{p.extractor}` against "
+            f"{SPLIT_NAMES.get(p.reference, p.reference)}.")
+    if "inception" not in r.extractors:
         text += " None of these numbers compares with published Inception FIDs."
     return text
 
@@ -186,27 +175,28 @@ def measurement_note(results: Mapping) -> str:
 # --------------------------------------------------------------------------- the report
 
 
-def fid_series(results: Mapping, reference: str | None = None) -> dict:
+def fid_series(results: Mapping | Results, reference: str | None = None) -> dict:
     """``{extractor: {row label: [(steps, FID, 0)]}}`` for :func:`rcfd.report.plots.plot_metric_vs_steps`."""
-    reference = reference or results["primary"]["reference"]
+    r = check_results(results)
+    reference = reference or r.primary.reference
     out = {}
-    for name in results["extractors"]:
+    for name in r.extractors:
         rows = {}
-        for e in check_results(results):
-            v = ((e["metrics"].get(name) or {}).get(reference) or {}).get("fid")
-            rows.setdefault(e["label"], []).append((e["steps"], v, 0.0))
+        for e in r.entries:
+            split = e.metrics[name].split(reference) if name in e.metrics else None
+            rows.setdefault(e.label, []).append((e.steps, split.fid if split else None, 0.0))
         out[name] = rows
     return out
 
 
-def results_markdown(results: Mapping, *, title: str | None = None) -> str:
+def results_markdown(results: Mapping | Results, *, title: str | None = None) -> str:
     """The text of ``results.md``."""
-    entries = check_results(results)
-    title = title or f"Results: {results.get('preset', 'run')}, seed {results.get('seed', '?')}"
-    parts = [f"# {title}", "", measurement_note(results), "", results_table(results), ""]
-    for name in results["extractors"]:
-        parts += [f"## Extractor `{name}`", "", extractor_table(results, name), ""]
-    floors = floors_table(results)
+    r = check_results(results)
+    title = title or f"Results: {_or(r.preset, 'run')}, seed {_or(r.seed)}"
+    parts = [f"# {title}", "", measurement_note(r), "", results_table(r), ""]
+    for name in r.extractors:
+        parts += [f"## Extractor `{name}`", "", extractor_table(r, name), ""]
+    floors = floors_table(r)
     if floors:
         parts += ["## Noise floors", "",
                   ("What real held-out images score against the training images, and how far two "
@@ -214,28 +204,27 @@ def results_markdown(results: Mapping, *, title: str | None = None) -> str:
                    "A difference between two cells smaller than the two-seed ΔFID is sampling noise."),
                   "", floors, ""]
     parts += [f"![FID against steps]({FID_PLOT})", ""]
-    if results.get("side_by_side"):
+    if r.side_by_side:
         parts += ["## Samples", "", "Every row from the same noise, side by side:", "",
-                  f"![samples]({results['side_by_side']})", ""]
-    grids = [(e["label"], e["steps"], e["grid"]) for e in entries if e.get("grid")]
+                  f"![samples]({r.side_by_side})", ""]
+    grids = [(e.label, e.steps, e.grid) for e in r.entries if e.grid]
     parts += [f"- {label}, {steps_label(s)}: [{g}]({g})" for label, s, g in grids] + ([""] if grids else [])
-    if results.get("loss_curves"):
-        parts += ["## Training", "", f"![Loss curves]({results['loss_curves']})", ""]
-    timings = results.get("timings") or {}
-    if timings:
+    if r.loss_curves:
+        parts += ["## Training", "", f"![Loss curves]({r.loss_curves})", ""]
+    if r.timings:
         parts += ["## Stage timings", "", "| stage | seconds |", "|---|---|"]
-        parts += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
-        parts += [f"| total | {sum(timings.values()):.1f} |", ""]
+        parts += [f"| {k} | {v:.1f} |" for k, v in r.timings.items()]
+        parts += [f"| total | {sum(r.timings.values()):.1f} |", ""]
     return "\n".join(parts)
 
 
 def write_results(run_dir: str | os.PathLike, results: Mapping, *, title: str | None = None) -> dict[str, Path]:
     """Write ``results.json``, ``results.md`` and the FID-against-steps plot into ``run_dir``."""
     run_dir = Path(run_dir)
-    check_results(results)
+    typed = check_results(results)  # the dict is written as it is: the schema only reads it
     paths = {"json": write_text(run_dir / RESULTS_JSON, json.dumps(results, indent=2) + "\n")}
-    ref = results["primary"]["reference"]
-    paths["fid_plot"] = plot_metric_vs_steps(fid_series(results), run_dir / FID_PLOT,
+    ref = typed.primary.reference
+    paths["fid_plot"] = plot_metric_vs_steps(fid_series(typed), run_dir / FID_PLOT,
                                              metric=f"FID against {ref}")
-    paths["md"] = write_text(run_dir / RESULTS_MD, results_markdown(results, title=title) + "\n")
+    paths["md"] = write_text(run_dir / RESULTS_MD, results_markdown(typed, title=title) + "\n")
     return paths

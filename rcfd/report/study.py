@@ -139,10 +139,9 @@ def study_summary(per_seed: Sequence[Mapping], comparisons: Sequence[tuple[str, 
                   out_dir: str | os.PathLike | None = None) -> dict:
     """Everything ``study.json`` holds: the setting, the paired rows, the cell summaries and
     the generated conclusions; the seeds' run directories relative to ``out_dir`` if given."""
-    for r in per_seed:
-        check_results(r)
+    typed = [check_results(r) for r in per_seed]  # every seed's results, validated
     first = per_seed[0]
-    names, ref = first["extractors"], first["primary"]["reference"]
+    names, ref = typed[0].extractors, typed[0].primary.reference
     paired = stats.paired_comparisons(per_seed, comparisons, metrics=metrics, extractors=names)
     conclusions = stats.conclusions(paired, metric="fid", reference=ref)
     conclusions += stats.metric_disagreements(paired, reference=ref)

@@ -1,10 +1,14 @@
 """The configuration of a whole study: run-level fields, the data, the evaluation, and one
-section per registered method (:mod:`rcfd.methods`), assembled from the registry so that a
-new method's section appears here, in ``--set`` and in ``--dry-run`` without any edit.
+section per registered method (:mod:`rcfd.methods`).
 
-:func:`pipeline_config_class` builds the pydantic model; :func:`parse_pipeline` validates a
-dict into it (every method's cross-checks run in one validator); :func:`load_config` reads a
-JSON/YAML file, which may start from a preset (``preset: digits``).
+:class:`StudyConfig` is the static, typed model: one field per built-in method section, so
+type checkers and readers see every key. A method registered later (a test, a plug-in) gets
+its section from :func:`pipeline_config_class`, which returns :class:`StudyConfig` itself
+while only the built-in methods are registered and otherwise a subclass of it with one more
+field per extra section (so ``--set``, ``--dry-run`` and the presets see it, with the same
+validation). :func:`parse_pipeline` validates a dict into it (every method's cross-checks
+run in one validator, each on its :class:`~rcfd.methods.registry.View`); :func:`load_config`
+reads a JSON/YAML file, which may start from a preset (``preset: digits``).
 """
 
 from __future__ import annotations
@@ -15,22 +19,20 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, create_model, field_validator, model_validator
 
-from rcfd.config import (
-    Int,
-    NonNegInt,
-    PosInt,
-    Pow2,
-    Section,
-    apply_overrides,
-    merge,
-    parse,
-    read_mapping,
-)
+from rcfd.config import Int, NonNegInt, PosInt, Pow2, Section, parse
 from rcfd.data import DatasetSpec
 from rcfd.errors import ConfigError
-from rcfd.evaluation.extractors import DEFAULT_EXTRACTORS, EXTRACTOR_NAMES
+from rcfd.evaluation import EvalSettings
+from rcfd.evaluation.extractors import EXTRACTOR_NAMES
 from rcfd.methods import registry
+from rcfd.methods.base import BaseStageConfig
+from rcfd.methods.classifier import ClassifierStageConfig, default_eval_classifier
+from rcfd.methods.pd import PDStageConfig
+from rcfd.methods.rcfd import CFDStageConfig, RCFDStageConfig
 from rcfd.samplers import SAMPLERS
+from rcfd.study.configfile import apply_overrides, merge, read_mapping, with_overrides
+
+EVAL_DEFAULTS = EvalSettings()  # the one set of evaluation defaults (rcfd.evaluation)
 
 
 class EvalConfig(Section):
@@ -43,22 +45,25 @@ class EvalConfig(Section):
     Table-1-shaped table; ``floor``: the row sampled twice for the two-seed noise floor (a
     row key such as ``pd`` takes its cheapest row; or ``first``, ``all``, ``none``);
     ``methods``: which methods' rows to measure (``None``: all). ``dtype``: the model's while
-    sampling (``auto``: bf16 on CUDA, fp32 elsewhere); recorded with the results."""
+    sampling (``auto``: bf16 on CUDA, fp32 elsewhere); recorded with the results. The
+    defaults of the fields the evaluation stage reads are :class:`rcfd.evaluation.EvalSettings`'
+    (here validated); only ``floor`` differs: a study's floor row is PD's cheapest (the
+    library, which knows no methods, takes the first row)."""
 
     steps: tuple[Pow2, ...] = (1, 2, 4, 8)
     methods: tuple[str, ...] | None = None
     base_steps: tuple[Pow2, ...] = ()
     samplers: tuple[Literal[tuple(SAMPLERS)], ...] = ("ddim",)
-    num_samples: Annotated[Int, Field(ge=20)] = 50_000
-    batch_size: PosInt = 500
-    extractors: tuple[Literal[EXTRACTOR_NAMES], ...] = DEFAULT_EXTRACTORS
+    num_samples: Annotated[Int, Field(ge=20)] = EVAL_DEFAULTS.num_samples
+    batch_size: PosInt = EVAL_DEFAULTS.batch_size
+    extractors: tuple[Literal[EXTRACTOR_NAMES], ...] = EVAL_DEFAULTS.extractors
     inception: Literal["auto", "always", "never"] = "auto"
     inception_weights: str | None = None
-    primary: Literal[EXTRACTOR_NAMES] = "classifier"
-    reference: Literal["test", "train"] = "test"
+    primary: Literal[EXTRACTOR_NAMES] = EVAL_DEFAULTS.primary
+    reference: Literal["test", "train"] = EVAL_DEFAULTS.reference
     floor: str = "pd"
-    grid_images: NonNegInt = 64
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    grid_images: NonNegInt = EVAL_DEFAULTS.grid_images
+    dtype: Literal["auto", "fp32", "bf16"] = EVAL_DEFAULTS.dtype
 
     @model_validator(mode="after")
     def _primary_measured(self):
@@ -98,34 +103,57 @@ class PipelineBase(Section):
                                  f"evaluate; choose from {', '.join(with_rows)}")
         for method in registry.methods():
             if method.check is not None and method.enabled(self):
-                method.check(self)
+                method.check(method.view(self))
         return self
 
+    def with_overrides(self, overrides: Mapping[str, Any]):
+        """A copy with dotted-path overrides (:func:`rcfd.study.configfile.with_overrides`)."""
+        return with_overrides(self, overrides)
 
-_CLASSES: dict[int, type] = {}
+
+class StudyConfig(PipelineBase):
+    """The study's config with the built-in methods' sections (each method's module owns its
+    section type and default; tests/test_registry.py checks the two agree)."""
+
+    distill_classifier: ClassifierStageConfig | None = Field(default_factory=ClassifierStageConfig)
+    eval_classifier: ClassifierStageConfig | None = Field(default_factory=default_eval_classifier)
+    base: BaseStageConfig = Field(default_factory=BaseStageConfig)
+    pd: PDStageConfig = Field(default_factory=PDStageConfig)
+    rcfd: RCFDStageConfig = Field(default_factory=RCFDStageConfig)
+    cfd: CFDStageConfig | None = None
 
 
-def pipeline_config_class() -> type[PipelineBase]:
-    """The study's config model for the methods registered now: :class:`PipelineBase` plus
-    one field per method section."""
+_CLASSES: dict[int, type[StudyConfig]] = {}
+
+
+def extra_sections() -> dict[str, tuple[Any, Any]]:
+    """The sections of registered methods that :class:`StudyConfig` does not declare."""
+    return {key: section for m in registry.methods() for key, section in m.sections.items()
+            if key not in StudyConfig.model_fields}
+
+
+def pipeline_config_class() -> type[StudyConfig]:
+    """The study's config model for the methods registered now: :class:`StudyConfig`, or a
+    subclass with one more field per section of a method registered later."""
+    extra = extra_sections()
+    if not extra:
+        return StudyConfig
     version = registry.version()
     if version not in _CLASSES:
-        fields: dict[str, Any] = {}
-        for method in registry.methods():
-            for key, (annotation, default) in method.sections.items():
-                fields[key] = (annotation, Field(default_factory=default))
+        fields = {key: (annotation, Field(default_factory=default))
+                  for key, (annotation, default) in extra.items()}
         _CLASSES.clear()
-        _CLASSES[version] = create_model("PipelineConfig", __base__=PipelineBase, **fields)
+        _CLASSES[version] = create_model("StudyConfigWithPlugins", __base__=StudyConfig, **fields)
     return _CLASSES[version]
 
 
-def parse_pipeline(data: Mapping[str, Any]):
+def parse_pipeline(data: Mapping[str, Any]) -> StudyConfig:
     """A study config from a dict (missing keys take their defaults)."""
     return parse(pipeline_config_class(), dict(data))
 
 
 def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None,
-                presets: Mapping[str, Any] | None = None):
+                presets: Mapping[str, Any] | None = None) -> StudyConfig:
     """A study config from a JSON (``.json``) or YAML (``.yaml``/``.yml``) file, with
     optional dotted overrides. A file may name a preset of ``presets`` (name -> factory of
     a config) to start from: ``{"preset": "digits", "base": {"steps": 500}}`` merges its

@@ -14,19 +14,22 @@ from rcfd.evaluation import (
     load_references,
     panel_names,
 )
+from rcfd.methods import registry
 from rcfd.report.plots import plot_loss_curves
 from rcfd.report.results import LOSS_PLOT, results_table, write_results
 from rcfd.samplers import sampling_dtype
-from rcfd.training.logger import read_metrics
+from rcfd.io.files import read_jsonl
 from rcfd.training.rundir import checkpoint_path
 
 FEATURES_DIR = "features"
 
 
-def _distill_sections(cfg) -> list:
-    """The config sections of the enabled methods that distill into a classifier."""
-    return [s for s in (getattr(cfg, name, None) for name in type(cfg).model_fields)
-            if s is not None and hasattr(s, "classifier") and hasattr(s, "loss")]
+def distilled_classifiers(cfg) -> list:
+    """What the enabled methods distill into (:attr:`rcfd.methods.registry.Method.distills_into`),
+    in the order the pipeline runs them."""
+    found = (m.distills_into(m.view(cfg)) for m in registry.methods()
+             if m.distills_into is not None and m.enabled(cfg))
+    return [t for t in found if t is not None]
 
 
 def _classifier_paths(cfg, run_dir: Path):
@@ -34,14 +37,12 @@ def _classifier_paths(cfg, run_dir: Path):
     run (``None`` where there is none). Only our own run's classifiers are considered: a
     distillation classifier named by path is refused as the extractor too."""
     eval_ckpt = checkpoint_path(run_dir, "classifier", "eval") if cfg.eval_classifier is not None else None
-    distill, arch = None, None
-    for section in _distill_sections(cfg):
-        c = section.classifier
+    for target in distilled_classifiers(cfg):
+        c = target.source
         path = checkpoint_path(run_dir, "classifier", c) if c in ("distill", "eval") else Path(c)
         if path.is_file():
-            distill, arch = path, section.classifier_arch
-            break
-    return eval_ckpt, distill, arch
+            return eval_ckpt, path, target.arch
+    return eval_ckpt, None, None
 
 
 def names(cfg) -> tuple[str, ...]:
@@ -90,7 +91,7 @@ def loss_logs(run_dir: Path, stages) -> dict[str, list[dict]]:
     for stage in stages:
         d = run_dir / stage
         for path in sorted(d.glob("*.jsonl"), key=lambda p: _unit_order(p.stem)) if d.is_dir() else []:
-            logs[f"{stage}/{path.stem}"] = read_metrics(path)
+            logs[f"{stage}/{path.stem}"] = read_jsonl(path)
     return logs
 
 

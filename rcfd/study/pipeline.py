@@ -20,11 +20,11 @@ from pathlib import Path
 
 from rcfd import distributed
 from rcfd.io.files import read_json, write_json
-from rcfd.config import save_config
 from rcfd.data import load_dataset
 from rcfd.errors import ResumeError, StageExistsError, UsageError
 from rcfd.study.evaluation import check_evaluation, evaluate_run, finish_run_report, summary
 from rcfd.methods import registry
+from rcfd.study.configfile import save_config
 from rcfd.study.runinfo import commit, header, platform_record
 from rcfd.report.study import write_study
 from rcfd.training.rundir import RunContext, checkpoint_path
@@ -58,7 +58,7 @@ def fmt_time(seconds: float) -> str:
 
 def stage_plan(cfg) -> dict[str, str]:
     """One line per stage that ``cfg`` switches on, saying what it trains or measures."""
-    plan = {m.name: m.describe(cfg) for m in registry.methods() if m.enabled(cfg)}
+    plan = {m.name: m.describe(m.view(cfg)) for m in registry.methods() if m.enabled(cfg)}
     plan["evaluate"] = (f"{len(evaluation_rows(cfg))} (sampler, steps) pairs x "
                         f"{cfg.eval.num_samples} samples, against the {cfg.eval.reference} split")
     return plan
@@ -68,7 +68,7 @@ def evaluation_rows(cfg) -> list[registry.Row]:
     """Every sampler the enabled methods produce that ``eval.methods`` asks to measure."""
     wanted = cfg.eval.methods
     return [row for m in registry.methods() if m.enabled(cfg) and (wanted is None or m.name in wanted)
-            for row in m.rows(cfg)]
+            for row in m.rows(m.view(cfg))]
 
 
 def setup(cfg):
@@ -117,7 +117,8 @@ def check_inputs(cfg, run_dir: Path, stages: list[str]) -> None:
         if s == "evaluate":
             paths = [checkpoint_path(run_dir, r.stage, r.unit) for r in evaluation_rows(cfg)]
         else:
-            paths = registry.get(s).inputs(cfg, run_dir)
+            method = registry.get(s)
+            paths = method.inputs(method.view(cfg), run_dir)
         for path in paths:
             producer = path.parent.name
             if producer not in stages and not path.is_file():
@@ -193,7 +194,8 @@ def run_pipeline(cfg, run_dir: str | os.PathLike, *, stage: str = "all",
             results = evaluate_run(cfg, evaluation_rows(cfg), run_dir, device, dist,
                                    progress=options.progress)
         else:
-            paths = registry.get(s).train(cfg, run)
+            method = registry.get(s)
+            paths = method.train(method.view(cfg), run)
             _say(f"   checkpoints: {', '.join(str(p) for p in paths)}", dist)
         seconds = time.perf_counter() - t0
         if dist.is_main:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from rcfd.core.unet import UNetConfig
 from rcfd.errors import ConfigError
-from rcfd.study.config import PipelineBase, parse_pipeline
+from rcfd.study.config import StudyConfig, parse_pipeline
 
 
 def _cifar10_paper(arch: str = "resnet18") -> dict:
@@ -96,7 +96,7 @@ PRESETS: dict[str, Callable[[], dict]] = {
 DEFAULT_PRESET = "digits"
 
 
-def get_preset(name: str) -> PipelineBase:
+def get_preset(name: str) -> StudyConfig:
     """The preset ``name`` (see ``PRESETS``), validated into the study's config."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
