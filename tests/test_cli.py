@@ -16,11 +16,12 @@ from PIL import Image
 from rcfd.io import grids
 from rcfd.report import results as report
 from rcfd.io.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, save_diffusion_checkpoint
-from rcfd.cli import sample, train
+from rcfd.cli import evaluate, sample, train
 from rcfd.core.classifiers import ClassifierConfig, build
 from rcfd.core.unet import UNet, UNetConfig
 from rcfd.study.config import pipeline_config_class
 from rcfd.study.presets import get_preset
+from test_cli_errors import one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 T = 4
@@ -45,13 +46,25 @@ def ckpts(tmp_path_factory):
 
 
 def expect_usage_error(capsys, fn, argv, *needles):
+    """An argparse usage error of ``fn(argv)``: exit 2, stderr the usage text and then one
+    ``<prog>: error: ...`` line (the last) holding every needle; no traceback, none of our
+    own ``error: `` lines."""
     code = fn(argv)
     err = capsys.readouterr().err
+    said = err.splitlines()
+    errors = [line for line in said if ": error: " in line]
     assert code == 2, err
-    assert "Traceback" not in err and err.startswith("error: ") or "usage:" in err
+    assert err.startswith("usage: ") and "Traceback" not in err, err
+    assert len(errors) == 1 and said[-1] == errors[0], err
+    assert not any(line.startswith("error: ") for line in said), err
     for n in needles:
-        assert n in err, err
-    return err
+        assert n in errors[0], errors[0]
+    return errors[0]
+
+
+def expect_one_line_error(capsys, fn, argv, *needles):
+    """Our own user error of ``fn(argv)``: :func:`one_line_error` with exit code 2."""
+    return one_line_error(capsys, fn(argv), 2, *needles)
 
 
 # --------------------------------------------------------------------------- rcfd.train
@@ -88,20 +101,20 @@ def test_bad_preset(capsys):
 
 
 def test_unknown_set_key(capsys):
-    expect_usage_error(capsys, train.main, ["--set", "base.stepz=3"], "base.stepz", "valid keys")
-    expect_usage_error(capsys, train.main, ["--set", "base.steps"], "KEY=VALUE")
-    expect_usage_error(capsys, train.main, ["--set", "base.steps=-1"], "base.steps")
+    expect_one_line_error(capsys, train.main, ["--set", "base.stepz=3"], "base.stepz", "valid keys")
+    expect_one_line_error(capsys, train.main, ["--set", "base.steps"], "KEY=VALUE")
+    expect_one_line_error(capsys, train.main, ["--set", "base.steps=-1"], "base.steps")
     for pair, needle in (("base=5", "base: Input should be a valid dictionary"),
                          ("data=null", "data: Input should be a valid dictionary"),
                          ("base.unet=null", "base.unet: Input should be a valid dictionary"),
                          ("base.steps=true", "not true/false"),
                          ("eval.samplers=[euler]", "eval.samplers[0]")):
-        expect_usage_error(capsys, train.main, ["--dry-run", "--set", pair], needle)
+        expect_one_line_error(capsys, train.main, ["--dry-run", "--set", pair], needle)
 
 
 def test_missing_config_file_and_bad_flags(tmp_path, capsys):
-    expect_usage_error(capsys, train.main, ["--config", str(tmp_path / "none.yaml")], "does not exist")
-    expect_usage_error(capsys, train.main, ["--resume", "--overwrite"], "pick one")
+    expect_one_line_error(capsys, train.main, ["--config", str(tmp_path / "none.yaml")], "does not exist")
+    expect_one_line_error(capsys, train.main, ["--resume", "--overwrite"], "pick one")
     expect_usage_error(capsys, train.main, ["--preset", "smoke", "--config", "x.yaml"], "not allowed")
 
 
@@ -109,7 +122,7 @@ def test_missing_data_path(tmp_path, capsys):
     argv = ["--preset", "smoke", "--out", str(tmp_path / "run"), "--device", "cpu",
             "--set", "data.name=cifar10", "--set", f"data.path={tmp_path / 'no-cifar'}",
             "--set", "data.image_size=16", "--set", "data.channels=1"]
-    expect_usage_error(capsys, train.main, argv, "no-cifar", "does not exist")
+    expect_one_line_error(capsys, train.main, argv, "no-cifar", "does not exist")
     assert not (tmp_path / "run" / "classifier").exists()  # failed before training anything
 
 
@@ -160,16 +173,36 @@ def test_sample_reference_format_checkpoint(ckpts, tmp_path):
 
 
 def test_sample_errors(ckpts, tmp_path, capsys):
-    expect_usage_error(capsys, sample.main, [str(tmp_path / "none.pt"), "--device", "cpu"], "none.pt", "does not exist")
-    expect_usage_error(capsys, sample.main, [str(ckpts / "model.pt"), "--steps", "3", "--device", "cpu"], "divide")
-    expect_usage_error(capsys, sample.main, [str(ckpts / "model.pt"), "--out", "x.jpg"], ".png", ".npz")
-    expect_usage_error(capsys, sample.main, [str(ckpts / "eval.pt"), "--device", "cpu"], "classifier")
+    expect_one_line_error(capsys, sample.main, [str(tmp_path / "none.pt"), "--device", "cpu"], "none.pt",
+                          "does not exist")
+    expect_one_line_error(capsys, sample.main, [str(ckpts / "model.pt"), "--steps", "3", "--device", "cpu"], "divide")
+    expect_one_line_error(capsys, sample.main, [str(ckpts / "model.pt"), "--out", "x.jpg"], ".png", ".npz")
+    expect_one_line_error(capsys, sample.main, [str(ckpts / "eval.pt"), "--device", "cpu"], "classifier")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    expect_usage_error(capsys, sample.main, [str(garbage), "--device", "cpu"], "garbage.pt")
+    expect_one_line_error(capsys, sample.main, [str(garbage), "--device", "cpu"], "garbage.pt")
     for bad in ("0", "-2"):  # --steps 0 is a mistake, not "the checkpoint's T"
-        expect_usage_error(capsys, sample.main, [str(ckpts / "model.pt"), "--steps", bad, "--device", "cpu"],
-                           "--steps must be a positive integer")
+        expect_one_line_error(capsys, sample.main, [str(ckpts / "model.pt"), "--steps", bad, "--device", "cpu"],
+                              "--steps must be a positive integer")
+
+
+def test_shared_flags_are_the_same_in_every_command():
+    """--seed, --sampler and --no-progress come from rcfd.cli.common: the same help in every
+    command, the default each command asks for (training keeps the config's seed)."""
+    parsers = {"train": train.build_parser(), "sample": sample.build_parser(),
+               "evaluate": evaluate.build_parser()}
+    actions = {name: {a.dest: a for a in p._actions} for name, p in parsers.items()}
+    assert {n: a["seed"].default for n, a in actions.items()} == {"train": None, "sample": 0, "evaluate": 0}
+    helps = {a["no_progress"].help for a in actions.values()}
+    assert len(helps) == 1 and None not in helps, helps  # one help text, in every command
+    assert {a["seed"].help for a in actions.values()} == {"random seed (default: the config's)",
+                                                          "random seed (default: 0)"}
+    assert actions["sample"]["sampler"].choices == actions["evaluate"]["sampler"].choices
+    assert actions["sample"]["sampler"].help == actions["evaluate"]["sampler"].help
+    assert actions["sample"]["sampler"].default == actions["evaluate"]["sampler"].default == "ddim"
+    assert "sampler" not in actions["train"]
+    args = parsers["sample"].parse_args(["x.pt", "--seed", "7", "--no-progress", "--sampler", "pndm"])
+    assert (args.seed, args.no_progress, args.sampler) == (7, True, "pndm")
 
 
 def test_package_entry_point(capsys):

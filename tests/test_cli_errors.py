@@ -29,10 +29,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def one_line_error(capsys, code, expected_code=2, *needles):
+    """Our own one-line error (tests/test_cli.py uses it too): exit ``expected_code``, exactly
+    one stderr line starting with ``error: ``, the last one, holding every needle; no
+    traceback and no argparse usage text. Returns that line."""
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    said = err.splitlines()
+    lines = [line for line in said if line.startswith("error: ")]
     assert code == expected_code, err
-    assert "Traceback" not in err and len(lines) == 1, err
+    assert "Traceback" not in err and not err.startswith("usage:"), err
+    assert len(lines) == 1 and said[-1] == lines[0], err
     for n in needles:
         assert n in lines[0], lines[0]
     return lines[0]

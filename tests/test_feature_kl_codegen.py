@@ -8,6 +8,7 @@ from ``cuobjdump``. The compilation runs in one subprocess without ``TRITON_INTE
 (the interpreter patches ``triton.language`` in the process that uses it).
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -18,8 +19,14 @@ import pytest
 
 from rcfd.core.kernels import feature_kl as fk
 
-triton = pytest.importorskip("triton")
+triton = pytest.importorskip("triton", reason="needs triton (pip install triton: its Linux "
+                                               "wheels ship the NVIDIA backend with ptxas and "
+                                               "cuobjdump)")
 pytestmark = pytest.mark.triton
+# A triton with an NVIDIA backend ships ptxas and cuobjdump in triton/backends/nvidia/bin/:
+# there, a missing tool is a broken install and fails the tests instead of skipping them.
+NVIDIA_BACKEND = importlib.util.find_spec("triton.backends.nvidia") is not None
+TOOLS = ("ptxas", "cuobjdump")  # ptxas for triton.compile, cuobjdump for the resource use
 MAX_REGS = 255  # per thread, the hardware limit
 TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 SCALARS = {"n_rows", "n_cols", "s_stride", "t_stride", "scale_stride"}  # i32, the rest fp32
@@ -97,7 +104,15 @@ def builds(tmp_path_factory):
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
                           timeout=600, cwd=tmp_path_factory.mktemp("codegen"))
     if proc.returncode == 3:
-        pytest.skip(f"Triton's offline NVIDIA compiler is not available: {proc.stderr.strip()}")
+        missing = proc.stderr.strip()
+        if NVIDIA_BACKEND:
+            pytest.fail(f"triton {triton.__version__} has its NVIDIA backend but not the tools "
+                        f"it ships ({missing}): reinstall it (pip install --force-reinstall "
+                        f"triton=={triton.__version__}) or set TRITON_PTXAS_PATH and "
+                        "TRITON_CUOBJDUMP_PATH to a CUDA toolkit's ptxas and cuobjdump")
+        pytest.skip(f"this triton has no NVIDIA backend, so no offline ptxas / cuobjdump "
+                    f"({missing}); install the Linux wheel from PyPI (pip install triton), "
+                    "which ships them")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout)
 
@@ -141,8 +156,9 @@ if __name__ == "__main__":  # the subprocess of the ``builds`` fixture
         import triton.backends.compiler  # noqa: F401
         from triton import knobs
 
-        knobs.nvidia.cuobjdump.path  # noqa: B018
-    except (ImportError, AttributeError) as exc:
+        for tool in TOOLS:
+            getattr(knobs.nvidia, tool).path  # noqa: B018  (RuntimeError when it is missing)
+    except (ImportError, AttributeError, RuntimeError) as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         sys.exit(3)
     results = {}

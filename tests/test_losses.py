@@ -9,7 +9,7 @@ import torch
 from standins import GaussianDenoiser, TinyNet
 
 from rcfd import losses
-from rcfd.core.schedule import cosine_schedule, schedule_at
+from rcfd.core.schedule import cosine_schedule, eps_from_x0, schedule_at, x0_from_eps
 from rcfd.losses import DenoisingLoss, PDLoss, RCFDLoss, RCFDLossConfig
 
 F64 = torch.float64
@@ -72,8 +72,8 @@ def test_x0_eps_conversions_invert_each_other(shape):
     z, x0 = torch.randn(shape, dtype=F64), torch.randn(shape, dtype=F64)
     a = torch.rand(shape[0], dtype=F64) * 0.9 + 0.05
     s = (1 - a * a).sqrt()
-    eps = losses.eps_from_x0(z, x0, a, s)
-    torch.testing.assert_close(losses.x0_from_eps(z, eps, a, s), x0)
+    eps = eps_from_x0(z, x0, a, s)
+    torch.testing.assert_close(x0_from_eps(z, eps, a, s), x0)
     torch.testing.assert_close(a.view(-1, 1, 1, 1) * x0 + s.view(-1, 1, 1, 1) * eps, z)
 
 
@@ -163,6 +163,34 @@ def two_teacher_steps(teacher, z, t, sched, ts, prediction):
     return torch.cat(out)
 
 
+def ref_pd_target(teacher, x0, eps, t, sched, ts):
+    """METHOD.md, "Progressive distillation target", from its equations in float64 (the
+    teacher copied to float64): ``z_t = alpha_t x0 + sigma_t eps``; two unclipped teacher
+    DDIM steps ``z_t -> z_{t-1} -> z_{t-2}``, each ``x_hat = teacher(z_k, k ts)``,
+    ``eps_hat = (z_k - alpha_k x_hat) / sigma_k``, ``z_{k-1} = alpha_{k-1} x_hat + sigma_{k-1}
+    eps_hat``; then ``r = sigma_{t-2} / sigma_t``, ``x_target = (z_{t-2} - r z_t) /
+    (alpha_{t-2} - r alpha_t)``, ``eps_target = (z_t - alpha_t x_target) / sigma_t``.
+    Returns ``(z_t, x_target, eps_target)``."""
+    teacher = copy.deepcopy(teacher).double()
+
+    def alpha(k):
+        return sched.alpha[k * ts].view(-1, 1, 1, 1)
+
+    def sigma(k):
+        return sched.sigma[k * ts].view(-1, 1, 1, 1)
+
+    z_t = alpha(t) * x0.double() + sigma(t) * eps.double()
+    z = z_t
+    with torch.no_grad():
+        for k in (t, t - 1):
+            x_hat = teacher(z, k * ts)
+            eps_hat = (z - alpha(k) * x_hat) / sigma(k)
+            z = alpha(k - 1) * x_hat + sigma(k - 1) * eps_hat
+    r = sigma(t - 2) / sigma(t)
+    x_target = (z - r * z_t) / (alpha(t - 2) - r * alpha(t))
+    return z_t, x_target, (z_t - alpha(t) * x_target) / sigma(t)
+
+
 @pytest.mark.parametrize("prediction", ["x0", "eps"])
 def test_student_predicting_the_target_takes_the_teachers_two_steps_in_one(prediction):
     T, ts = 16, 4
@@ -201,12 +229,21 @@ def test_pd_loss_outputs_and_gradients():
     x0 = torch.rand(6, 1, 5, 7) * 2 - 1
     g = torch.Generator().manual_seed(1)
     objective = PDLoss(teacher, sched, T, ts)
-    out = objective(student, x0, *objective.draw(g, x0))
+    t, noise = objective.draw(g, x0)
+    out = objective(student, x0, t, noise)
     assert out.loss.dim() == 0 and out.x0_hat.shape == x0.shape
-    assert bool(((out.t % 2 == 0) & (out.t >= 2) & (out.t <= T)).all())
+    assert torch.equal(out.t, t) and bool(((t % 2 == 0) & (t >= 2) & (t <= T)).all())
     assert not out.x_target.requires_grad and out.x0_hat.requires_grad
-    want_x, _ = losses.pd_target(teacher, out.z_t, out.t, sched, ts)
-    torch.testing.assert_close(out.x_target, want_x)
+    z_t, want_x, want_eps = ref_pd_target(teacher, x0, noise, t, sched, ts)
+    tol = dict(rtol=1e-5, atol=1e-5)  # fp32 against float64
+    torch.testing.assert_close(out.z_t.double(), z_t, **tol)
+    torch.testing.assert_close(out.x_target.double(), want_x, **tol)
+    torch.testing.assert_close(out.eps_target.double(), want_eps, **tol)
+    with torch.no_grad():  # the "both" loss of the student against that target
+        x_s = copy.deepcopy(student).double()(z_t, t * ts)
+    a, s = sched.alpha[t * ts].view(-1, 1, 1, 1), sched.sigma[t * ts].view(-1, 1, 1, 1)
+    want = torch.maximum(ref_mse(x_s, want_x), ref_mse((z_t - a * x_s) / s, want_eps)).mean()
+    torch.testing.assert_close(out.loss.double(), want, **tol)
     out.loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert student.out.weight.grad.abs().sum() > 0
