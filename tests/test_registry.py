@@ -16,12 +16,11 @@ from rcfd.config import PosInt, Pow2, Section
 from rcfd.core.schedule import cosine_schedule
 from rcfd.losses import DenoisingLoss
 from rcfd.methods import registry
-from rcfd.methods.common import data_batches, load_train, require
+from rcfd.methods.common import data_batches, load_train, require, train_unit
 from rcfd.study.config import StudyConfig, pipeline_config_class
 from rcfd.study.presets import get_preset
-from rcfd.training.loop import Job, run_job
+from rcfd.training.loop import Job
 from rcfd.training.optim import OptimSpec
-from rcfd.training.rundir import checkpoint_path, unit_done
 
 
 class ToyConfig(Section):
@@ -33,8 +32,10 @@ class ToyConfig(Section):
 
 
 def train_toy(cfg, run) -> list[Path]:
-    if unit_done(run, "toy", "model"):
-        return [checkpoint_path(run.run_dir, "toy", "model")]
+    return [train_unit(run, "toy", "model", lambda: toy_job(cfg, run))]
+
+
+def toy_job(cfg, run) -> Job:
     model, info = load_diffusion_checkpoint(require(run.run_dir, "base", "model"))
     objective = DenoisingLoss(cosine_schedule(info.T, 1), info.T, 1)
 
@@ -49,7 +50,7 @@ def train_toy(cfg, run) -> list[Path]:
     job = Job(stage="toy", unit="model", model=model.train(), loss_fn=loss_fn,
               batches=data_batches(dataset, 16, run, "toy", "model"), steps=cfg.toy.steps,
               optim=OptimSpec("adam", cfg.toy.lr), config=cfg.toy.to_dict(), finalize=finalize)
-    return [run_job(job, run)]
+    return job
 
 
 TOY = registry.Method(

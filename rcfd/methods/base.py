@@ -29,12 +29,13 @@ from rcfd.methods.common import (
     data_spec_dict,
     grid_sampler,
     load_train,
+    train_unit,
 )
 from rcfd.methods.registry import Method, Row
 from rcfd.training.fast_step import ObjectiveStep
-from rcfd.training.loop import Job, run_job
+from rcfd.training.loop import Job
 from rcfd.training.optim import OptimSpec
-from rcfd.training.rundir import RunContext, checkpoint_path, unit_done
+from rcfd.training.rundir import RunContext
 from rcfd.training.state import stage_seed
 
 STAGE, UNIT = "base", "model"
@@ -83,8 +84,11 @@ def train_base(cfg: BaseStageConfig, data, run: RunContext) -> Path:
     Adam with linear warmup, EMA, grad-norm clipping, a sample grid every
     ``sample_interval`` steps. Returns ``run_dir/base/model.pt`` (weights and EMA weights;
     :func:`rcfd.io.checkpoint.load_diffusion_checkpoint` picks the EMA)."""
-    if unit_done(run, STAGE, UNIT):
-        return checkpoint_path(run.run_dir, STAGE, UNIT)
+    return train_unit(run, STAGE, UNIT, lambda: _base_job(cfg, data, run))
+
+
+def _base_job(cfg: BaseStageConfig, data, run: RunContext) -> Job:
+    """The base model's :class:`~rcfd.training.loop.Job` (see :func:`train_base`)."""
     dataset = load_train(data)
     check_images_fit(cfg.unet, dataset, "base.unet")
     torch.manual_seed(stage_seed(run.seed, STAGE, UNIT, "init"))
@@ -114,7 +118,7 @@ def train_base(cfg: BaseStageConfig, data, run: RunContext) -> Path:
                                      cfg.prediction),
               sample_interval=cfg.sample_interval, bf16=o.bf16,
               channels_last=o.channels_last, compile=o.compile)
-    return run_job(job, run)
+    return job
 
 
 # --------------------------------------------------------------------------- the method

@@ -29,11 +29,17 @@ from rcfd.core.classifiers import CLASSIFIER_NAMES, ClassifierConfig, build
 from rcfd.data import DatasetSpec, ImageDataset, load_dataset, to_float
 from rcfd.data.augment import classifier_augment
 from rcfd.errors import UsageError
-from rcfd.methods.common import TrainOptions, data_batches, data_identity, data_spec_dict
+from rcfd.methods.common import (
+    TrainOptions,
+    data_batches,
+    data_identity,
+    data_spec_dict,
+    train_unit,
+)
 from rcfd.methods.registry import Method
-from rcfd.training.loop import Job, run_job
+from rcfd.training.loop import Job
 from rcfd.training.optim import OptimSpec
-from rcfd.training.rundir import RunContext, checkpoint_path, unit_done
+from rcfd.training.rundir import RunContext
 from rcfd.training.state import stage_seed
 
 STAGE = "classifier"
@@ -103,9 +109,13 @@ def train_classifier(cfg: ClassifierStageConfig, data: DatasetSpec | ImageDatase
     test split is never seen, so it stays held out for the evaluation. Returns
     ``run_dir/classifier/<role>.pt`` (``extra``: ``accuracy`` (validation), ``best_step``,
     ``final_accuracy``, ``test_accuracy`` of the kept weights, ``image_size``)."""
+    return train_unit(run, STAGE, cfg.role, lambda: _classifier_job(cfg, data, run))
+
+
+def _classifier_job(cfg: ClassifierStageConfig, data: DatasetSpec | ImageDataset,
+                    run: RunContext) -> Job:
+    """The classifier's :class:`~rcfd.training.loop.Job` (see :func:`train_classifier`)."""
     unit = cfg.role
-    if unit_done(run, STAGE, unit):
-        return checkpoint_path(run.run_dir, STAGE, unit)
     full = data if isinstance(data, ImageDataset) else load_dataset(data, "train")
     test = load_dataset(data, "test") if isinstance(data, DatasetSpec) else None
     if full.labels is None:
@@ -161,7 +171,7 @@ def train_classifier(cfg: ClassifierStageConfig, data: DatasetSpec | ImageDatase
               log_interval=cfg.log_interval, checkpoint_interval=interval, eval_fn=eval_fn,
               eval_interval=interval, bf16=o.bf16, channels_last=o.channels_last,
               compile=o.compile, seed_offset=cfg.seed_offset, rank_generator=True)
-    return run_job(job, run)
+    return job
 
 
 def load_classifier(source: Path | str | nn.Module, device: torch.device | str = "cpu",

@@ -1,8 +1,11 @@
 """What the training methods share: execution options, the training data of a unit, sample
-grids, and the checks that an earlier stage's output is there and fits."""
+grids, the checks that an earlier stage's output is there and fits, and
+:func:`train_unit`, the one way a method trains a unit (skip it when it is finished, else
+build its :class:`~rcfd.training.loop.Job` and run it)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,7 +17,8 @@ from rcfd.data.loader import batches
 from rcfd.errors import UsageError
 from rcfd.io.grids import display_scale, save_grid
 from rcfd.samplers import get_sampler, make_plan
-from rcfd.training.rundir import RunContext, checkpoint_path
+from rcfd.training.loop import Job, log_line, run_job
+from rcfd.training.rundir import RunContext, checkpoint_path, unit_done
 from rcfd.training.state import stage_seed
 
 
@@ -104,3 +108,22 @@ def require(run_dir: Path, stage: str, unit: str) -> Path:
         raise UsageError(f"{path} does not exist: run the {stage} stage first "
                          f"(python -m rcfd.train {stage} --out {run_dir})")
     return path
+
+
+def train_unit(run: RunContext, stage: str, unit: str, make_job: Callable[[], Job]) -> Path:
+    """The checkpoint ``<stage>/<unit>.pt`` of one unit of training: when it is finished
+    (:func:`rcfd.training.rundir.unit_done`: a ``--resume`` of a run that has it) it is
+    used as it is, with one line saying so; otherwise ``make_job()`` builds the unit's
+    :class:`~rcfd.training.loop.Job` (only then: building loads data and networks) and
+    :func:`~rcfd.training.loop.run_job` trains it (resuming its state when asked). A run
+    directory holding the unit without ``--resume`` or ``--overwrite`` is refused by
+    ``unit_done`` before anything is built."""
+    if unit_done(run, stage, unit):
+        path = checkpoint_path(run.run_dir, stage, unit)
+        log_line(run, f"{stage}/{unit} is finished; using {path}")
+        return path
+    job = make_job()
+    if (job.stage, job.unit) != (stage, unit):
+        raise ValueError(f"train_unit({stage!r}, {unit!r}) was given a job for "
+                         f"{job.stage!r}/{job.unit!r}")
+    return run_job(job, run)

@@ -27,11 +27,12 @@ from rcfd.methods.common import (
     data_spec_dict,
     grid_sampler,
     load_train,
+    train_unit,
 )
 from rcfd.training.fast_step import ObjectiveStep
-from rcfd.training.loop import Job, log_line, run_job
+from rcfd.training.loop import Job
 from rcfd.training.optim import OptimSpec
-from rcfd.training.rundir import RunContext, checkpoint_path, unit_done
+from rcfd.training.rundir import RunContext
 from rcfd.training.state import stage_seed
 
 
@@ -92,8 +93,11 @@ def check_halving(info: DiffusionInfo, final_T: int, source) -> list[tuple[int, 
     return halving_rounds(info.T, final_T)
 
 
-def _student(teacher: nn.Module, info: DiffusionInfo, dropout: float) -> UNet:
-    """The student of a round: the teacher's architecture with ``dropout``, its weights."""
+def student_from(teacher: nn.Module, info: DiffusionInfo, dropout: float) -> UNet:
+    """A student initialised from ``teacher`` (a round's, or any method's that starts from
+    its teacher): a new :class:`~rcfd.core.unet.UNet` of the teacher's architecture
+    (``info.config``) with ``dropout``, holding a copy of the teacher's weights (the
+    teacher is left as it is). A teacher whose architecture is not ours fails to load."""
     student = UNet(info.config.replace(dropout=dropout))
     student.load_state_dict(teacher.state_dict())
     return student
@@ -117,10 +121,9 @@ def distill_rounds(cfg: DistillConfig, stage: str, teacher_path: Path | str, dat
     o = cfg.options
     for teacher_T, student_T in rounds:
         unit, student_ts = f"T{student_T}", 2 * time_scale
-        if unit_done(run, stage, unit):
-            path = checkpoint_path(run.run_dir, stage, unit)
-            log_line(run, f"{stage}/{unit} is finished; using {path}")
-        else:
+
+        def make_job():
+            nonlocal teacher
             if o.channels_last and device.type == "cuda":
                 teacher = teacher.to(memory_format=torch.channels_last)
             objective = make_objective(teacher, schedule, teacher_T, time_scale, info.prediction)
@@ -133,7 +136,7 @@ def distill_rounds(cfg: DistillConfig, stage: str, teacher_path: Path | str, dat
                            "skipped_steps": extra["skipped_steps"], "config": cfg.to_dict(),
                            "data": data_spec_dict(identity), **(extra_info or {})})
 
-            job = Job(stage=stage, unit=unit, model=_student(teacher, info, cfg.dropout),
+            job = Job(stage=stage, unit=unit, model=student_from(teacher, info, cfg.dropout),
                       loss_fn=ObjectiveStep(objective), data=identity,
                       batches=data_batches(dataset, cfg.batch_size, run, stage, unit, flip=cfg.flip),
                       steps=cfg.round_steps(student_T), config=cfg.to_dict(), finalize=finalize,
@@ -147,8 +150,9 @@ def distill_rounds(cfg: DistillConfig, stage: str, teacher_path: Path | str, dat
                                              info.prediction),
                       sample_interval=cfg.sample_interval, bf16=o.bf16,
                       channels_last=o.channels_last, compile=o.compile)
-            path = run_job(job, run)
-            del job
+            return job
+
+        path = train_unit(run, stage, unit, make_job)
         teacher, new = load_teacher(path, device)
         if (new.T, new.time_scale) != (student_T, student_ts):
             raise CheckpointError(f"{path} is a (T={new.T}, time_scale={new.time_scale}) sampler, "

@@ -1,5 +1,6 @@
-"""The figures a run leaves behind: every row's samples side by side, loss curves, FID against steps per extractor, and the paired differences of a study with
-their confidence intervals. Pure functions of plain data plus the file they write.
+"""The figures a run leaves behind: every row's samples side by side, the curves of every
+term each stage logged (:data:`BOOKKEEPING` aside), FID against steps per extractor, and the
+paired differences of a study with their confidence intervals. Pure functions of plain data plus the file they write.
 
 matplotlib is imported inside the plotting functions (with ``Agg``): it is slow to import
 and only the report needs it.
@@ -20,21 +21,22 @@ from rcfd.io.grids import image_grid
 
 # --------------------------------------------------------------------------- loss curves
 
-_NOT_A_LOSS = ("step", "epoch", "position", "time", "elapsed", "lr", "grad_norm", "seconds",
-               "images_per_s", "steps_per_s", "rank", "round", "T", "time_scale")
+# The fields of a metric log that are bookkeeping, not terms: where the step is, how fast it
+# went, the optimiser's settings. Every other finite number a stage logs (its loss, every term
+# of its objective, whatever a plug-in method logs, the metrics of its eval_fn) is plotted.
+BOOKKEEPING = ("step", "epoch", "position", "time", "elapsed", "lr", "grad_norm", "seconds",
+               "images_per_s", "steps_per_s", "rank", "round", "T", "time_scale", "skipped")
 
 
 def loss_series(records: Iterable[Mapping]) -> dict[str, tuple[list[int], list[float]]]:
-    """``{name: (steps, values)}`` of every finite numeric loss-like field of a metric log's
-    records (``loss`` and ``loss/...`` or ``*_loss`` terms; bookkeeping such as the step,
-    learning rate, timings is left out). Records without a ``step`` are numbered."""
+    """``{name: (steps, values)}`` of every finite numeric field of a metric log's records
+    except the :data:`BOOKKEEPING` ones (so every logged term is a series, whatever its
+    name); booleans and non-numbers are left out. Records without a ``step`` are numbered."""
     out: dict[str, tuple[list[int], list[float]]] = {}
     for i, rec in enumerate(records):
         step = rec.get("step", i)
         for key, v in rec.items():
-            if key in _NOT_A_LOSS or isinstance(v, bool) or not isinstance(v, (int, float)):
-                continue
-            if "loss" not in key and key not in ("cfd", "ent", "div", "reg", "pd", "total"):
+            if key in BOOKKEEPING or isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
             if math.isfinite(v):
                 steps, values = out.setdefault(key, ([], []))
@@ -52,17 +54,35 @@ def smooth(values: Sequence[float], window: int) -> np.ndarray:
     return (c[idx] - c[lo]) / (idx - lo)
 
 
-def plot_loss_curves(logs: Mapping[str, Sequence[Mapping]], path: str | os.PathLike) -> Path:
-    """One panel per stage (``logs``: stage name -> metric-log records), each positive
-    loss-like series against the step on a log axis (terms that go negative, such as the
-    diversity term, are left out), smoothed when long. Stages without a loss are skipped;
-    with none at all the figure says so."""
-    plt = _pyplot()
+def loss_panels(logs: Mapping[str, Sequence[Mapping]]) -> list[tuple[str, dict]]:
+    """``[(stage, series)]``: the panels of :func:`plot_loss_curves`, one per stage with at
+    least one series (:func:`loss_series`), ``loss`` first and the other terms by name."""
     panels = []
     for name, recs in logs.items():
-        series = {k: v for k, v in loss_series(recs).items() if v[1] and min(v[1]) > 0}
+        series = {k: v for k, v in loss_series(recs).items() if v[1]}
         if series:
-            panels.append((name, series))
+            panels.append((name, dict(sorted(series.items(), key=lambda kv: (kv[0] != "loss", kv[0])))))
+    return panels
+
+
+def _value_scale(series: Mapping[str, tuple[list[int], list[float]]]) -> tuple[str, dict]:
+    """A log axis when every value is positive; otherwise symmetric-log (terms that go
+    negative or reach zero, such as the diversity term, are still drawn), linear near zero
+    below the smallest non-zero magnitude."""
+    values = [v for _, vs in series.values() for v in vs]
+    if min(values) > 0:
+        return "log", {}
+    tiny = [abs(v) for v in values if v != 0]
+    return "symlog", {"linthresh": min(tiny) if tiny else 1.0}
+
+
+def plot_loss_curves(logs: Mapping[str, Sequence[Mapping]], path: str | os.PathLike) -> Path:
+    """One panel per stage (``logs``: stage name -> metric-log records), every logged term
+    (:func:`loss_panels`) against the step, on a log axis (symmetric-log when a term is not
+    positive), smoothed when long. Stages without a term are skipped; with none at all the
+    figure says so."""
+    plt = _pyplot()
+    panels = loss_panels(logs)
     cols = min(3, max(1, len(panels)))
     rows = max(1, math.ceil(len(panels) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
@@ -71,14 +91,15 @@ def plot_loss_curves(logs: Mapping[str, Sequence[Mapping]], path: str | os.PathL
     if not panels:
         axes.flat[0].text(0.5, 0.5, "no loss records", ha="center", va="center")
     for ax, (name, series) in zip(axes.flat, panels):
-        for i, (key, (steps, values)) in enumerate(sorted(series.items(), key=lambda kv: kv[0] != "loss")):
-            color = f"C{i}"
+        for i, (key, (steps, values)) in enumerate(series.items()):
+            color = f"C{i % 10}"
             if len(values) > 50:
                 ax.plot(steps, values, color=color, linewidth=0.5, alpha=0.3)
                 ax.plot(steps, smooth(values, max(5, len(values) // 25)), color=color, linewidth=1.2, label=key)
             else:
                 ax.plot(steps, values, color=color, linewidth=1.2, label=key)
-        ax.set_yscale("log")
+        scale, kw = _value_scale(series)
+        ax.set_yscale(scale, **kw)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)

@@ -134,13 +134,14 @@ def extra_sections() -> dict[str, tuple[Any, Any]]:
 
 def pipeline_config_class() -> type[StudyConfig]:
     """The study's config model for the methods registered now: :class:`StudyConfig`, or a
-    subclass with one more field per section of a method registered later."""
+    subclass with one more field per section of a method registered later (each may be
+    ``None``, which switches the method off, e.g. in a preset)."""
     extra = extra_sections()
     if not extra:
         return StudyConfig
     version = registry.version()
     if version not in _CLASSES:
-        fields = {key: (annotation, Field(default_factory=default))
+        fields = {key: (annotation | None, Field(default_factory=default))  # None: off
                   for key, (annotation, default) in extra.items()}
         _CLASSES.clear()
         _CLASSES[version] = create_model("StudyConfigWithPlugins", __base__=StudyConfig, **fields)

@@ -1,17 +1,25 @@
 """The named configurations: ``smoke`` (a tiny end-to-end check), ``digits`` (the embedded
 default study), ``cifar10-paper`` and ``cifar10-paper-densenet201`` (the paper's settings,
 METHOD.md). Each is a dict of the keys that differ from the defaults, validated into the
-study's config by :func:`get_preset` (a method registered later gets its default section).
-A config file starts from one with ``preset: <name>``.
+study's config by :func:`get_preset`. A config file starts from one with ``preset: <name>``.
+
+A method contributes values to presets through its ``Method.presets`` (``{preset: {section
+key: values or None}}``; :func:`with_method_presets` merges them, the preset's own keys
+winning, ``None`` switching the method off there). A method without an entry for a preset
+runs with its section defaults, except in the paper's presets (:data:`PAPER_PRESETS`):
+there only the package's own methods, whose defaults are the paper's settings, run
+without an entry, and any other method (a plug-in) is switched off unless it gives values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from rcfd.core.unet import UNetConfig
 from rcfd.errors import ConfigError
+from rcfd.methods import registry
 from rcfd.study.config import StudyConfig, parse_pipeline
+from rcfd.study.configfile import merge
 
 
 def _cifar10_paper(arch: str = "resnet18") -> dict:
@@ -94,13 +102,40 @@ PRESETS: dict[str, Callable[[], dict]] = {
     "cifar10-paper-densenet201": lambda: _cifar10_paper("densenet201"),
 }
 DEFAULT_PRESET = "digits"
+# The presets of the paper's settings, where a method without an entry of its own for the
+# preset is switched off unless it is one of the package's own (module docstring).
+PAPER_PRESETS = frozenset({"cifar10-paper", "cifar10-paper-densenet201"})
+
+
+def with_method_presets(name: str, preset: Mapping) -> dict:
+    """The preset ``name``'s dict with every registered method's ``presets[name]`` merged
+    under it: a section the preset does not name takes the method's values (``None``: off);
+    one both name is the method's values with the preset's merged over them (the preset's
+    own keys win, and a ``None`` of either side's top level stays the preset's choice). A
+    method without an entry is left to its section default, or switched off in
+    :data:`PAPER_PRESETS` when it is not one of the package's own."""
+    out = dict(preset)
+    for method in registry.methods():
+        given = method.presets.get(name)
+        if given is None:
+            if name in PAPER_PRESETS and not registry.is_builtin(method.name):
+                for key in method.sections:
+                    out.setdefault(key, None)
+            continue
+        for key, values in given.items():
+            if key not in out:
+                out[key] = values
+            elif isinstance(values, Mapping) and isinstance(out[key], Mapping):
+                out[key] = merge(dict(values), out[key])
+    return out
 
 
 def get_preset(name: str) -> StudyConfig:
-    """The preset ``name`` (see ``PRESETS``), validated into the study's config."""
+    """The preset ``name`` (see ``PRESETS``) with the registered methods' contributions
+    (:func:`with_method_presets`), validated into the study's config."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return parse_pipeline(PRESETS[name]())
+    return parse_pipeline(with_method_presets(name, PRESETS[name]()))
 
 
 PRESET_CONFIGS = {name: (lambda name=name: get_preset(name)) for name in PRESETS}

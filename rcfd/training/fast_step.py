@@ -28,6 +28,13 @@ captured in a CUDA graph: whether that is faster is unmeasured, so it stays off.
 
 Without compilation (on the CPU, or ``options.compile=False``) the step is exactly the
 eager one, bit for bit.
+
+A loss object may hold networks besides the student (PD's teacher, RCFD's classifier, the
+EMA *target network* of consistency distillation): they must be frozen (no parameter
+requires a gradient; :func:`held_networks` finds them and :class:`ObjectiveStep` refuses a
+trainable one), are never copied, and reach the compiled region as inputs like the student,
+so a target that a job's ``after_step`` updates in place (:func:`rcfd.training.ema.ema_update_`)
+is read with its new weights at the next step without a recompile: the step stays one region.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import inspect
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 DEFAULT_REGION = "default"
 
@@ -85,6 +93,13 @@ class ObjectiveStep:
             raise TypeError("objective must be a loss object of rcfd.losses: callable as "
                             "objective(model, x0, t, noise), with a draw(generator, x0, "
                             f"global_batch, rows) method; got {type(objective).__name__}")
+        trainable = [name for name, net in held_networks(objective).items()
+                     if any(p.requires_grad for p in net.parameters())]
+        if trainable:
+            raise ValueError(f"the loss object's network(s) {trainable} have parameters that "
+                             "require gradients: a teacher or target network held by the "
+                             "objective must be frozen (requires_grad_(False)); only the "
+                             "student (the job's model) is trained")
         self.objective, self.is_compiled, self.backend = objective, compiled, backend
         self.region = region
         self._loss = compiled_objective(region, backend) if compiled else objective_loss
@@ -102,6 +117,20 @@ class ObjectiveStep:
             _warm_up(self.objective, model, x, t, noise)
             self._warm = True
         return self._loss(self.objective, model, x, t, noise)
+
+
+def held_networks(objective: Any, prefix: str = "", depth: int = 2) -> dict[str, nn.Module]:
+    """The networks a loss object holds as attributes (``{"teacher": ..., "pd.teacher":
+    ...}``), looking ``depth`` levels into attributes that are themselves plain objects (an
+    RCFD loss holds its PD loss); modules are not looked into."""
+    out: dict[str, nn.Module] = {}
+    for name, value in vars(objective).items() if hasattr(objective, "__dict__") else ():
+        if isinstance(value, nn.Module):
+            out[prefix + name] = value
+        elif depth > 1 and hasattr(value, "__dict__") and not isinstance(value, type) \
+                and type(value).__module__.split(".")[0] not in ("torch", "builtins"):
+            out.update(held_networks(value, f"{prefix}{name}.", depth - 1))
+    return out
 
 
 def _warm_up(objective, model, x0, t, noise) -> None:

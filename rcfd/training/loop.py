@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,13 @@ class Job:
     step) -> dict`` logs metrics (e.g. test accuracy) and may keep a best state in
     ``extra``. ``data`` identifies the training data (a resume on other data is refused).
 
+    ``state``: modules the method keeps besides the student (target networks, buffers),
+    saved in ``<unit>.train.pt`` at every checkpoint and loaded back into the same modules
+    before a resume's first step. ``after_step(steps_done, student)``: called after every
+    applied optimiser step (after the EMA, outside any compiled region, on every rank) with
+    the step count (skipped non-finite steps count but get no call) and the unwrapped
+    student, e.g. to update a target (:func:`rcfd.training.ema.ema_update_`).
+
     ``compile`` takes effect on CUDA only (:func:`rcfd.training.fast_step.compile_step`):
     a ``loss_fn`` that is an :class:`~rcfd.training.fast_step.ObjectiveStep` then runs
     compiled as a whole (the fast step), any other has its model compiled; ``bf16``
@@ -98,6 +105,8 @@ class Job:
     seed_offset: int = 0
     rank_generator: bool = False  # True: the step generator is seeded per rank too
     extra: dict = field(default_factory=dict)  # job state saved with the checkpoint
+    state: Mapping[str, nn.Module] = field(default_factory=dict)  # the method's own state
+    after_step: Callable[[int, nn.Module], None] | None = None
 
 
 class _Signals:
@@ -267,6 +276,8 @@ class _Trainer:
         else:
             self._skip_nonfinite(reduced)
         self.step += 1
+        if finite and job.after_step is not None:
+            job.after_step(self.step, unwrap_model(self.model))
         reduced.update(_lr=lr, _finite=finite)
         return reduced
 
@@ -343,7 +354,8 @@ class _Trainer:
                 "model": unwrap_model(self.model).state_dict(),
                 "ema": None if self.ema is None else self.ema.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "rng": rngs,
-                "data": job.batches.state_dict(), "extra": job.extra}, self.state)
+                "data": job.batches.state_dict(), "extra": job.extra,
+                "method_state": st.method_state(job.state)}, self.state)
         dist.barrier()
         return self.state
 
@@ -357,6 +369,7 @@ class _Trainer:
         self.job.batches.load_state_dict(s["data"])
         st.set_rng_state(s["rng"][self.info.rank], self.generator)
         self.job.extra.update(s["extra"])
+        st.load_method_state(self.state, s, self.job.state)
         self.step, self.elapsed, self.skipped = s["step"], s["elapsed"], s["skipped"]
 
     def _save_samples(self) -> None:

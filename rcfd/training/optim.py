@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from rcfd.io.checkpoint import unwrap_model
+from rcfd.training.ema import ema_lerp_, ema_pairs
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "multistep")
@@ -75,8 +76,9 @@ def grad_norm(params: list, clip: float | None) -> torch.Tensor:
 class EMA:
     """Exponential moving average of a model's floating-point parameters,
     ``ema = decay * ema + (1 - decay) * param`` after every optimizer step, updated in place
-    with one ``torch._foreach_lerp_``; buffers are copied. ``self.model`` is the averaged
-    copy (eval mode, no grads), the weights sampled from and saved as ``ema_state_dict``."""
+    with one ``torch._foreach_lerp_`` (:mod:`rcfd.training.ema`); buffers are copied.
+    ``self.model`` is the averaged copy (eval mode, no grads), the weights sampled from and
+    saved as ``ema_state_dict``."""
 
     def __init__(self, model: nn.Module, decay: float):
         if not 0.0 <= decay < 1.0:
@@ -85,20 +87,14 @@ class EMA:
         self.model = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
 
     def _pairs(self, model: nn.Module):
-        """Matching (EMA, model) parameter and buffer lists, built once per model."""
+        """Matching (EMA, model) parameter and buffer lists (:func:`rcfd.training.ema.ema_pairs`),
+        built once per model."""
         if getattr(self, "_source", None) is not model:
-            inner = unwrap_model(model)
-            src = dict(inner.named_parameters())
-            names = [n for n, p in self.model.named_parameters() if p.is_floating_point()]
-            own = dict(self.model.named_parameters())
-            self._lists = ([own[n] for n in names], [src[n].detach() for n in names],
-                           list(self.model.buffers()), list(inner.buffers()))
+            self._lists = ema_pairs(self.model, model)
             self._source = model
         return self._lists
 
-    @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        ema, src, ema_buffers, buffers = self._pairs(model)
-        torch._foreach_lerp_(ema, src, 1.0 - self.decay)
-        for b, s in zip(ema_buffers, buffers):
-            b.copy_(s)
+        """One step of the average towards ``model`` (:func:`rcfd.training.ema.ema_lerp_`, the
+        math of the public :func:`rcfd.training.ema.ema_update_`)."""
+        ema_lerp_(self._pairs(model), self.decay)

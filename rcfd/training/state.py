@@ -1,8 +1,9 @@
 """The resumable state of one unit of training, and what a resume must match.
 
 A state file (``<stage>/<unit>.train.pt``) holds the model, EMA, optimizer, step, every RNG
-state (as tensors and lists, so it stays ``weights_only`` loadable), the data position, and
-the unit's *identity*: its config, the data it trains on (spec and a fingerprint of the
+state (as tensors and lists, so it stays ``weights_only`` loadable), the data position, the
+method's own state (a job's ``state`` modules: target networks, buffers; see
+:func:`method_state`), and the unit's *identity*: its config, the data it trains on (spec and a fingerprint of the
 images), the world size, the CPU thread count and the library versions. A resume continues
 exactly (on the CPU: the same losses, bit for bit) or is refused with what changed
 (:func:`check_identity`); it is never silently something else.
@@ -11,10 +12,12 @@ exactly (on the CPU: the same losses, bit for bit) or is refused with what chang
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from rcfd import __version__
 from rcfd.core.seeds import derive_seed
@@ -108,3 +111,24 @@ def read_state(path, state: Any) -> dict:
         raise ResumeError(f"cannot resume {path}: it lacks {missing} (written by an older rcfd); "
                           "pass --overwrite to train this unit again")
     return state
+
+
+def method_state(modules: Mapping[str, nn.Module]) -> dict:
+    """What a state file keeps of a job's ``state`` (the method's own modules: target
+    networks, buffers): ``{name: state_dict}``, tensors only, so it stays ``weights_only``
+    loadable."""
+    return {name: module.state_dict() for name, module in modules.items()}
+
+
+def load_method_state(path, saved: dict, modules: Mapping[str, nn.Module]) -> None:
+    """Load a state file's :func:`method_state` back into the same-named ``modules`` (in
+    place, keeping their devices), or raise :class:`~rcfd.errors.ResumeError` when the names
+    differ from what the job keeps now (a state written by another method or an older
+    rcfd)."""
+    kept = saved.get("method_state") or {}
+    if set(kept) != set(modules):
+        raise ResumeError(f"cannot resume {path}: it holds the method state "
+                          f"{sorted(kept) or 'none'} but this job keeps {sorted(modules) or 'none'}; "
+                          "pass --overwrite to train this unit again")
+    for name, module in modules.items():
+        module.load_state_dict(kept[name])
