@@ -8,9 +8,9 @@ from pathlib import Path
 import rcfd
 
 PACKAGE = Path(rcfd.__file__).parent
-LAYERS = [{"errors"}, {"config"}, {"distributed"}, {"core", "io", "data"}, {"losses"},
-          {"samplers"}, {"training"}, {"methods"}, {"report"}, {"evaluation"}, {"study"}, {"cli"}]
-DOORS = {"train", "sample", "evaluate", "__main__"}
+LAYERS = [{"errors"}, {"config"}, {"distributed"}, {"core", "io", "data", "interop"}, {"losses"},
+          {"samplers"}, {"training"}, {"methods"}, {"report"}, {"evaluation"}, {"study"}, {"api"}, {"cli"}]
+DOORS = {"train", "sample", "evaluate", "export", "__main__"}
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
 

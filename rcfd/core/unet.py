@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from torch import nn
 from rcfd.config import Decay, NonNegInt, PosInt, Section
 
 NORM_GROUPS = 32  # GroupNorm groups of the reference network
+NORM_EPS = 1e-5  # GroupNorm eps of the reference network (torch's default)
 MAX_WIDTH = 8192  # channels of one level (ch * ch_mult)
 MAX_IMAGE_SIZE = 4096
 MAX_TIME_INDICES = 1 << 20
@@ -38,7 +39,17 @@ class UNetConfig(Section):
     of a ``(T, time_scale)`` lineage needs ``T * time_scale + 1``. ``out_channels`` defaults
     to ``in_channels``. Sizes are bounded (:data:`MAX_WIDTH` channels, :data:`MAX_IMAGE_SIZE`
     pixels, :data:`MAX_TIME_INDICES` rows) so that a config read from a file cannot ask for
-    an absurd allocation."""
+    an absurd allocation.
+
+    The last five fields exist so that diffusers' ``UNet2DModel`` maps onto this network
+    weight for weight (``rcfd.interop.diffusers_unet``); their defaults are the reference
+    network. ``norm_groups`` / ``norm_eps``: every GroupNorm. ``downsample_padding``: 1 is
+    a stride-2 conv with padding 1; 0 pads right and bottom by one, then a stride-2 conv
+    with no padding (diffusers' ``downsample_padding=0``). ``freq_shift``: the time table's
+    frequencies are ``w_j = 10000 ** (-j / (ch/2 - freq_shift))`` (ours is 0, diffusers'
+    DDPM model 1). ``time_input_scale``: row ``i`` of the table embeds the time
+    ``i * time_input_scale``, so the model is still called with the integer index ``i`` but
+    computes what a network trained on the time ``i * time_input_scale`` would."""
 
     image_size: Annotated[PosInt, Field(le=MAX_IMAGE_SIZE)] = 32
     in_channels: Annotated[PosInt, Field(le=64)] = 3
@@ -50,17 +61,28 @@ class UNetConfig(Section):
     num_time_indices: Annotated[PosInt, Field(le=MAX_TIME_INDICES)] = 1025
     num_classes: Annotated[PosInt, Field(le=100_000)] | None = None
     out_channels: Annotated[PosInt, Field(le=64)] | None = None
+    norm_groups: Annotated[PosInt, Field(le=1024)] = NORM_GROUPS
+    norm_eps: Annotated[float, Field(gt=0, le=0.1)] = NORM_EPS
+    downsample_padding: Literal[0, 1] = 1
+    freq_shift: Annotated[float, Field(ge=0, le=16)] = 0.0
+    time_input_scale: Annotated[float, Field(gt=0, le=1e4)] = 1.0
 
     @model_validator(mode="after")
     def _check(self) -> "UNetConfig":
         if self.out_channels is None:  # frozen: resolve the default once
             object.__setattr__(self, "out_channels", self.in_channels)
+        g = self.norm_groups
         for m in self.ch_mult:
-            if (self.ch * m) % NORM_GROUPS or self.ch * m > MAX_WIDTH:
+            if (self.ch * m) % g or self.ch * m > MAX_WIDTH:
                 raise ValueError(
-                    f"ch * ch_mult = {self.ch} * {m} must be a multiple of {NORM_GROUPS} "
+                    f"ch * ch_mult = {self.ch} * {m} must be a multiple of {g} "
                     f"(GroupNorm groups) and at most {MAX_WIDTH}; use ch = 32, 64, 128, ..."
                 )
+        if self.ch % g:
+            raise ValueError(f"ch={self.ch} must be a multiple of norm_groups={g}")
+        if self.ch % 2 or self.ch // 2 - self.freq_shift <= 0:
+            raise ValueError(f"the time table needs an even ch and freq_shift < ch / 2, "
+                             f"got ch={self.ch}, freq_shift={self.freq_shift}")
         levels = len(self.ch_mult)
         if any(a >= levels for a in self.attn):
             raise ValueError(
@@ -128,24 +150,36 @@ class UNetConfig(Section):
                    out_channels=out_channels)
 
 
-def sinusoidal_table(num_indices: int, dim: int) -> torch.Tensor:
+def sinusoidal_table(num_indices: int, dim: int, freq_shift: float = 0.0,
+                     scale: float = 1.0) -> torch.Tensor:
     """Transformer position table (Vaswani et al., 2017, sec. 3.5) in DDPM's interleaved
-    layout: row ``i``, columns ``2j`` and ``2j + 1`` hold ``sin(i w_j)`` and ``cos(i w_j)``
-    with ``w_j = 10000 ** (-2j / dim)``. Computed in float64, returned as float32."""
+    layout: row ``i``, columns ``2j`` and ``2j + 1`` hold ``sin(s i w_j)`` and
+    ``cos(s i w_j)`` with ``w_j = 10000 ** (-2j / (dim - 2 freq_shift))`` and ``s = scale``
+    (the defaults are DDPM's table; diffusers' ``freq_shift`` and a time scale give its
+    ``get_timestep_embedding`` at ``i * scale``, up to the column order). Computed in
+    float64, returned as float32."""
     if dim % 2:
         raise ValueError(f"the time-table width must be even, got {dim}")
-    w = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    angle = torch.arange(num_indices, dtype=torch.float64)[:, None] * w[None, :]
+    if dim - 2 * freq_shift <= 0:
+        raise ValueError(f"freq_shift must be below dim / 2 = {dim // 2}, got {freq_shift}")
+    w = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float64)
+                  / (dim - 2 * freq_shift))
+    index = torch.arange(num_indices, dtype=torch.float64)
+    if scale != 1.0:
+        index = index * scale
+    angle = index[:, None] * w[None, :]
     return torch.stack([angle.sin(), angle.cos()], dim=-1).reshape(num_indices, dim).float()
 
 
 class TimeEmbedding(nn.Module):
     """Schedule index -> ``[B, tdim]``: table gather, Linear, SiLU, Linear."""
 
-    def __init__(self, num_indices: int, ch: int, tdim: int):
+    def __init__(self, num_indices: int, ch: int, tdim: int, freq_shift: float = 0.0,
+                 scale: float = 1.0):
         super().__init__()
+        table = sinusoidal_table(num_indices, ch, freq_shift, scale)
         self.timembedding = nn.Sequential(
-            nn.Embedding.from_pretrained(sinusoidal_table(num_indices, ch), freeze=True),
+            nn.Embedding.from_pretrained(table, freeze=True),
             nn.Linear(ch, tdim),
             nn.SiLU(),
             nn.Linear(tdim, tdim),
@@ -156,11 +190,17 @@ class TimeEmbedding(nn.Module):
 
 
 class DownSample(nn.Module):
-    def __init__(self, ch: int):
+    """Stride-2 3x3 conv. ``padding=1`` pads every side (DDPM); ``padding=0`` pads only the
+    right and bottom by one pixel first (diffusers' ``downsample_padding=0``)."""
+
+    def __init__(self, ch: int, padding: int = 1):
         super().__init__()
-        self.main = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.pad_right_bottom = padding == 0
+        self.main = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        if self.pad_right_bottom:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.main(x)
 
 
@@ -180,9 +220,9 @@ class AttnBlock(nn.Module):
     maps on ``[B, HW, C]`` tokens, which is the same product and hands
     ``scaled_dot_product_attention`` contiguous inputs whatever the memory format."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, groups: int = NORM_GROUPS, eps: float = NORM_EPS):
         super().__init__()
-        self.group_norm = nn.GroupNorm(NORM_GROUPS, ch)
+        self.group_norm = nn.GroupNorm(groups, ch, eps=eps)
         self.proj_q = nn.Conv2d(ch, ch, 1)
         self.proj_k = nn.Conv2d(ch, ch, 1)
         self.proj_v = nn.Conv2d(ch, ch, 1)
@@ -205,16 +245,18 @@ class AttnBlock(nn.Module):
 class ResBlock(nn.Module):
     """``h = block1(x) + temb_proj(temb)``; ``out = attn(block2(h) + shortcut(x))``."""
 
-    def __init__(self, in_ch: int, out_ch: int, tdim: int, dropout: float, attn: bool):
+    def __init__(self, in_ch: int, out_ch: int, tdim: int, dropout: float, attn: bool,
+                 groups: int = NORM_GROUPS, eps: float = NORM_EPS):
         super().__init__()
         self.block1 = nn.Sequential(
-            nn.GroupNorm(NORM_GROUPS, in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+            nn.GroupNorm(groups, in_ch, eps=eps), nn.SiLU(),
+            nn.Conv2d(in_ch, out_ch, 3, padding=1))
         self.temb_proj = nn.Sequential(nn.SiLU(), nn.Linear(tdim, out_ch))
         self.block2 = nn.Sequential(
-            nn.GroupNorm(NORM_GROUPS, out_ch), nn.SiLU(), nn.Dropout(dropout),
+            nn.GroupNorm(groups, out_ch, eps=eps), nn.SiLU(), nn.Dropout(dropout),
             nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
-        self.attn = AttnBlock(out_ch) if attn else nn.Identity()
+        self.attn = AttnBlock(out_ch, groups, eps) if attn else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.block1(x) + self.temb_proj(temb)[:, :, None, None]
@@ -234,7 +276,9 @@ class UNet(nn.Module):
             raise TypeError(f"config must be a UNetConfig, got {type(config).__name__}")
         self.config = c = config
         tdim = 4 * c.ch
-        self.time_embedding = TimeEmbedding(c.num_time_indices, c.ch, tdim)
+        self.time_embedding = TimeEmbedding(c.num_time_indices, c.ch, tdim, c.freq_shift,
+                                            c.time_input_scale)
+        norm = {"groups": c.norm_groups, "eps": c.norm_eps}
         # Reference name and layout: a Linear on one-hot labels, applied here as a gather.
         self.y_embedding = nn.Linear(c.num_classes, tdim) if c.num_classes else None
         self.head = nn.Conv2d(c.in_channels, c.ch, 3, padding=1)
@@ -244,26 +288,27 @@ class UNet(nn.Module):
         for level, mult in enumerate(c.ch_mult):
             for _ in range(c.num_res_blocks):
                 self.downblocks.append(
-                    ResBlock(now, c.ch * mult, tdim, c.dropout, attn=level in c.attn))
+                    ResBlock(now, c.ch * mult, tdim, c.dropout, attn=level in c.attn, **norm))
                 now = c.ch * mult
                 skip_chs.append(now)
             if level != len(c.ch_mult) - 1:
-                self.downblocks.append(DownSample(now))
+                self.downblocks.append(DownSample(now, c.downsample_padding))
                 skip_chs.append(now)
         self.middleblocks = nn.ModuleList([
-            ResBlock(now, now, tdim, c.dropout, attn=True),
-            ResBlock(now, now, tdim, c.dropout, attn=False),
+            ResBlock(now, now, tdim, c.dropout, attn=True, **norm),
+            ResBlock(now, now, tdim, c.dropout, attn=False, **norm),
         ])
         self.upblocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.ch_mult))):
             for _ in range(c.num_res_blocks + 1):
-                self.upblocks.append(ResBlock(
-                    skip_chs.pop() + now, c.ch * mult, tdim, c.dropout, attn=level in c.attn))
+                self.upblocks.append(ResBlock(skip_chs.pop() + now, c.ch * mult, tdim,
+                                              c.dropout, attn=level in c.attn, **norm))
                 now = c.ch * mult
             if level != 0:
                 self.upblocks.append(UpSample(now))
         self.tail = nn.Sequential(
-            nn.GroupNorm(NORM_GROUPS, now), nn.SiLU(), nn.Conv2d(now, c.out_channels, 3, padding=1))
+            nn.GroupNorm(c.norm_groups, now, eps=c.norm_eps), nn.SiLU(),
+            nn.Conv2d(now, c.out_channels, 3, padding=1))
         self.reset_parameters()
 
     @torch.no_grad()
