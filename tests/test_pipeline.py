@@ -75,7 +75,7 @@ def check_run_dir(out: Path, cfg) -> dict:
     for name in (report.FID_PLOT, report.LOSS_PLOT, results["side_by_side"]):
         with Image.open(out / name) as im:
             assert im.format == "PNG"
-    assert set(json.loads((out / "timings.json").read_text())) == {"classifier", "base", "pd", "rcfd", "evaluate"}
+    assert set(json.loads((out / "timings.json").read_text())) == {"classifier", "base", "pd", "rcfd", "cd", "evaluate"}
     return results
 
 

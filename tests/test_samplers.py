@@ -12,7 +12,7 @@ from rcfd import samplers
 from rcfd.core.schedule import Schedule, cosine_schedule
 
 F64 = torch.float64
-NAMES = tuple(samplers.SAMPLERS)
+NAMES = samplers.registry.TRAINING_FREE  # the consistency sampler: tests/test_consistency.py
 T, TIME_SCALE = 24, 2  # 1, 2, 3, 4 and 8 steps divide T
 # (num_steps or an explicit step list, x_T shape): odd batches and odd sizes
 CONFIGS = [

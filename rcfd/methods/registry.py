@@ -44,7 +44,8 @@ BUILTIN = (("classifier", "rcfd.methods.classifier:METHOD"),
            ("base", "rcfd.methods.base:METHOD"),
            ("pd", "rcfd.methods.pd:METHOD"),
            ("rcfd", "rcfd.methods.rcfd:METHOD"),
-           ("cfd", "rcfd.methods.rcfd:CFD_METHOD"))
+           ("cfd", "rcfd.methods.rcfd:CFD_METHOD"),
+           ("cd", "rcfd.methods.cd:METHOD"))
 # What every method may read of the study config, besides its own sections and its ``reads``.
 RUN_LEVEL = {"data": "data", "seed": "seed", "eval_steps": "eval.steps"}
 # The study config's run-level keys, which no method section may take (tests/test_plugin.py

@@ -12,6 +12,7 @@ from typing import Callable, Union
 import torch
 
 from rcfd.core.precision import autocast
+from rcfd.samplers.consistency import consistency
 from rcfd.samplers.ddim import ddim
 from rcfd.samplers.dpm_solver import dpm_solver_2m
 from rcfd.samplers.plan import Plan
@@ -20,7 +21,11 @@ from rcfd.samplers.pndm import pndm
 Sampler = Callable[[Callable, torch.Tensor, Plan], torch.Tensor]
 SamplerLike = Union[str, Sampler]
 
-SAMPLERS: dict[str, Sampler] = {"ddim": ddim, "dpm-solver": dpm_solver_2m, "pndm": pndm}
+SAMPLERS: dict[str, Sampler] = {"ddim": ddim, "dpm-solver": dpm_solver_2m, "pndm": pndm,
+                                "consistency": consistency}
+# The training-free samplers of a diffusion model (the base model's rows); "consistency"
+# samples a consistency model (rcfd.methods.cd) and is not one of them.
+TRAINING_FREE = ("ddim", "dpm-solver", "pndm")
 
 
 def get_sampler(sampler: SamplerLike) -> Sampler:

@@ -26,10 +26,11 @@ from rcfd.evaluation import EvalSettings
 from rcfd.evaluation.extractors import EXTRACTOR_NAMES
 from rcfd.methods import registry
 from rcfd.methods.base import BaseStageConfig
+from rcfd.methods.cd import CDStageConfig
 from rcfd.methods.classifier import ClassifierStageConfig, default_eval_classifier
 from rcfd.methods.pd import PDStageConfig
 from rcfd.methods.rcfd import CFDStageConfig, RCFDStageConfig
-from rcfd.samplers import SAMPLERS
+from rcfd.samplers.registry import TRAINING_FREE
 from rcfd.study.configfile import apply_overrides, merge, read_mapping, with_overrides
 
 EVAL_DEFAULTS = EvalSettings()  # the one set of evaluation defaults (rcfd.evaluation)
@@ -53,7 +54,7 @@ class EvalConfig(Section):
     steps: tuple[Pow2, ...] = (1, 2, 4, 8)
     methods: tuple[str, ...] | None = None
     base_steps: tuple[Pow2, ...] = ()
-    samplers: tuple[Literal[tuple(SAMPLERS)], ...] = ("ddim",)
+    samplers: tuple[Literal[TRAINING_FREE], ...] = ("ddim",)
     num_samples: Annotated[Int, Field(ge=20)] = EVAL_DEFAULTS.num_samples
     batch_size: PosInt = EVAL_DEFAULTS.batch_size
     extractors: tuple[Literal[EXTRACTOR_NAMES], ...] = EVAL_DEFAULTS.extractors
@@ -121,6 +122,7 @@ class StudyConfig(PipelineBase):
     pd: PDStageConfig = Field(default_factory=PDStageConfig)
     rcfd: RCFDStageConfig = Field(default_factory=RCFDStageConfig)
     cfd: CFDStageConfig | None = None
+    cd: CDStageConfig | None = None
 
 
 _CLASSES: dict[int, type[StudyConfig]] = {}

@@ -211,8 +211,13 @@ def run_pipeline(cfg, run_dir: str | os.PathLike, *, stage: str = "all",
 
 
 def comparisons(cfg) -> list[tuple[str, str]]:
-    """``(method, baseline)`` pairs compared by seed in a study (the enabled methods)."""
-    return [(m.name, m.compare_to) for m in registry.methods() if m.compare_to and m.enabled(cfg)]
+    """``(method, baseline)`` row keys compared by seed in a study (the enabled methods; a
+    method's key is its rows' ``method/sampler`` when they use another sampler than DDIM)."""
+    def key(method):
+        rows = method.rows(method.view(cfg)) if method.enabled(cfg) else []
+        return rows[0].key if rows else method.name
+    return [(key(m), key(registry.get(m.compare_to))) for m in registry.methods()
+            if m.compare_to and m.enabled(cfg)]
 
 
 def run_study(cfg, out: str | os.PathLike, *, num_seeds: int, stage: str = "all",
