@@ -26,7 +26,7 @@ from rcfd.config import Decay, Int, NonNegInt, PosFloat, PosInt, Section
 from rcfd.core.consistency import DISTANCES, SIGMA_DATA
 from rcfd.core.schedule import cosine_schedule
 from rcfd.io.checkpoint import save_diffusion_checkpoint
-from rcfd.methods.cd_loss import CDLoss
+from rcfd.methods.cd_loss import SOLVERS, CDLoss
 from rcfd.methods.common import (
     TrainOptions,
     check_images_fit,
@@ -51,7 +51,9 @@ STAGE, UNIT = "cd", "model"
 class CDStageConfig(Section):
     """Consistency distillation (module docstring): ``N`` points of the teacher's index grid,
     the target network's EMA decay ``mu``, the ``distance`` (``"l2"`` or ``"pseudo-huber"``;
-    LPIPS is not available: its weights are not part of the package), ``steps`` of Adam at
+    LPIPS is not available: its weights are not part of the package), the teacher's ODE step
+    ``solver`` (``"ddim"``: one call; ``"heun"``: EDM's second-order step, two calls; see
+    :func:`rcfd.methods.cd_loss.teacher_step`), ``steps`` of Adam at
     ``lr``; ``teacher``: a diffusion checkpoint (``None``: the run's ``base/model.pt``);
     ``eval_steps``: the step counts the ``CD`` rows may take (those in ``eval.steps``)."""
 
@@ -59,6 +61,7 @@ class CDStageConfig(Section):
     N: Annotated[Int, Field(ge=2)] = 18
     mu: Decay = 0.95
     distance: Literal[DISTANCES] = "l2"  # type: ignore[valid-type]
+    solver: Literal[SOLVERS] = "ddim"  # type: ignore[valid-type]
     steps: PosInt = 10_000
     batch_size: PosInt = 128
     flip: bool = True
@@ -94,7 +97,7 @@ def make_cd_job(cfg: CDStageConfig, source: Path, data, run: RunContext) -> Job:
         target = target.to(memory_format=torch.channels_last)
     schedule = cosine_schedule(info.T, info.time_scale)
     objective = CDLoss(teacher, target, schedule, info.T, info.time_scale, cfg.N, cfg.distance,
-                       info.prediction)
+                       info.prediction, solver=cfg.solver)
 
     def after_step(steps_done, student):
         ema_update_(target, student, cfg.mu)
@@ -139,7 +142,8 @@ def _rows(view) -> list[Row]:
 def _describe(view) -> str:
     cfg = view.cd
     src = cfg.teacher or "base/model"
-    return (f"from {src}: N={cfg.N}, mu={cfg.mu}, {cfg.distance}, {cfg.steps} steps, "
+    return (f"from {src}: N={cfg.N}, mu={cfg.mu}, {cfg.solver} teacher steps, {cfg.distance}, "
+            f"{cfg.steps} steps, "
             f"rows at {sorted(set(view.eval_steps) & set(cfg.eval_steps))} steps")
 
 
