@@ -51,6 +51,7 @@ from rcfd.core.schedule import (
     schedule_at,
 )
 from rcfd.losses import check_choice, draw_noise, predict
+from rcfd.training.fast_step import DEFAULT_REGION, ObjectiveStep
 
 SOLVERS = ("ddim", "heun")
 
@@ -111,8 +112,16 @@ class CDLoss:
         self.teacher, self.target, self.schedule = teacher, target, schedule
         self.T, self.time_scale, self.N = T, time_scale, N
         self.grid = cd_grid(T, time_scale, N)
+        self._grids = {N: self.grid}
         self.kind, self.prediction, self.sigma_data = kind, prediction, sigma_data
         self.solver = solver
+
+    def set_N(self, N: int) -> None:
+        """Use the ``N``-point grid from now on (the adaptive schedule, :class:`CDStep`);
+        each grid is made once and kept, so a grid returns as the same tensor."""
+        if N not in self._grids:
+            self._grids[N] = cd_grid(self.T, self.time_scale, N)
+        self.N, self.grid = N, self._grids[N]
 
     def draw(self, generator, x0, global_batch=None, rows=None):
         """``(n, eps)`` for the global batch, this process's ``rows`` of them."""
@@ -138,3 +147,25 @@ class CDLoss:
         f_student = self.consistency(student, z_hi, hi, a_hi, s_hi, a_min, s_min)
         loss = distance(f_student, f_target, self.kind).mean()
         return CDOutput(loss, f_student, f_target, z_hi, n)
+
+
+class CDStep(ObjectiveStep):
+    """The training step of a :class:`CDLoss` whose ``N`` follows the training step:
+    before each step ``objective.set_N(N_at(info.step))`` (eager, outside any compiled
+    region; the grid's device copy is made there too), then the plain
+    :class:`~rcfd.training.fast_step.ObjectiveStep`. ``N`` depends on the step index
+    alone, so a resumed run draws exactly what a straight one does."""
+
+    def __init__(self, objective: CDLoss, N_at: Callable[[int], int], compiled: bool = False,
+                 backend="inductor", region: str = DEFAULT_REGION):
+        super().__init__(objective, compiled, backend, region)
+        self.N_at = N_at
+
+    def compiled(self, backend=None, region: str = DEFAULT_REGION) -> "CDStep":
+        """The same step compiled (:meth:`ObjectiveStep.compiled`), still following ``N``."""
+        return CDStep(self.objective, self.N_at, True, backend or self.backend, region)
+
+    def __call__(self, model, x: torch.Tensor, y, info):
+        self.objective.set_N(self.N_at(info.step))
+        on_device(self.objective.grid, x.device, torch.int64)
+        return super().__call__(model, x, y, info)
