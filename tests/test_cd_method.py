@@ -10,14 +10,15 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from rcfd.cli import train
+from rcfd.core.consistency import adaptive_N
 from rcfd.core.schedule import cosine_schedule
 from rcfd.core.unet import UNet, UNetConfig
 from rcfd.data import DatasetSpec
 from rcfd.errors import Interrupted
 from rcfd.io.checkpoint import load_checkpoint, load_diffusion_checkpoint, save_diffusion_checkpoint
 from rcfd.methods import registry
-from rcfd.methods.cd import CDStageConfig, make_cd_job
-from rcfd.methods.cd_loss import CDLoss
+from rcfd.methods.cd import CDStageConfig, make_cd_job, step_schedule
+from rcfd.methods.cd_loss import CDLoss, CDStep
 from rcfd.methods.common import train_unit
 from rcfd.report import results as report
 from rcfd.study.pipeline import comparisons
@@ -49,12 +50,15 @@ def run_ctx(path, **kw):
     return RunContext(path, device="cpu", progress=False, **kw)
 
 
-def train_cd_unit(run_dir, **kw):
+ADAPTIVE = CFG.model_copy(update=dict(schedule="adaptive", s0=2, s1=8, mu0=0.8))
+
+
+def train_cd_unit(run_dir, cfg=CFG, **kw):
     """``cd/model`` through train_unit; returns its path and the job's target network."""
     jobs = []
 
     def make():
-        jobs.append(make_cd_job(CFG, checkpoint_path(run_dir, "base", "model"), SPEC,
+        jobs.append(make_cd_job(cfg, checkpoint_path(run_dir, "base", "model"), SPEC,
                                 run_ctx(run_dir, **kw)))
         return jobs[-1]
     try:
@@ -63,16 +67,17 @@ def train_cd_unit(run_dir, **kw):
         assert len(jobs) == 1
 
 
-def test_cd_resumes_bit_exactly_with_its_target_network(tmp_path):
+@pytest.mark.parametrize("cfg", [CFG, ADAPTIVE], ids=["fixed", "adaptive"])
+def test_cd_resumes_bit_exactly_with_its_target_network(tmp_path, cfg):
     a, b = tmp_path / "a", tmp_path / "b"
     base = write_base(a)
     write_base(b)
-    path_a, target_a = train_cd_unit(a)
+    path_a, target_a = train_cd_unit(a, cfg)
     with pytest.raises(Interrupted):
-        train_cd_unit(b, resume=True, stop_after=8)
+        train_cd_unit(b, cfg, resume=True, stop_after=8)
     held = torch.load(state_path(b, "cd", "model"), weights_only=True)
     target_8 = held["method_state"]["target"]
-    path_b, target_b = train_cd_unit(b, resume=True)
+    path_b, target_b = train_cd_unit(b, cfg, resume=True)
     ca, cb = load_checkpoint(path_a), load_checkpoint(path_b)
     assert all(torch.equal(ca["state_dict"][k], cb["state_dict"][k]) for k in ca["state_dict"])
     sa, sb = target_a.state_dict(), target_b.state_dict()
@@ -88,6 +93,31 @@ def test_cd_resumes_bit_exactly_with_its_target_network(tmp_path):
     model, info = load_diffusion_checkpoint(path_a)
     assert (info.T, info.time_scale, info.prediction) == (T, 1, "x0")
     assert info.extra["consistency"]["sigma_data"] == 0.5 and info.extra["steps"] == 16
+
+
+def test_adaptive_schedule_drives_the_grid_and_the_target_decay(tmp_path):
+    """Step k trains on the N(k)-point grid (n within 0..N(k)-2) and the target decays
+    with mu(N(k)); the fixed schedule keeps N and mu."""
+    write_base(tmp_path)
+    job = make_cd_job(ADAPTIVE, checkpoint_path(tmp_path, "base", "model"), SPEC,
+                      run_ctx(tmp_path))
+    N_at, mu_after = step_schedule(ADAPTIVE)
+    assert [N_at(k) for k in (0, 8, 15, 16)] == [2, 7, 9, 9]  # sqrt(k/16 (81 - 4) + 4)
+    assert mu_after(1) == pytest.approx(0.8) and mu_after(16) == pytest.approx(0.8 ** (2 / 9))
+    student, x0 = job.model, torch.rand(64, 1, 8, 8) * 2 - 1
+    seen = {}
+    for k in (0, 8, 15):
+        info = StepInfo(k, torch.Generator().manual_seed(k), 0, 1, 64)
+        job.loss_fn(student, x0, None, info)
+        loss = job.loss_fn.objective
+        seen[k] = (loss.N, loss.grid.tolist())
+        n, _ = loss.draw(torch.Generator().manual_seed(k), x0)
+        assert int(n.max()) <= loss.N - 2
+    assert seen[0] == (2, [0, T]) and seen[8][0] == 7 and seen[15] == (9, list(range(0, T + 1, 2)))
+    fixed = make_cd_job(CFG, checkpoint_path(tmp_path, "base", "model"), SPEC, run_ctx(tmp_path))
+    assert type(fixed.loss_fn) is ObjectiveStep and fixed.loss_fn.objective.N == CFG.N
+    with pytest.raises(ValueError, match=r"cd.s1 \+ 1=81 needs N - 1 <= base.T=64"):
+        get_preset("digits").with_overrides({"cd.schedule": "adaptive", "cd.s1": 80})
 
 
 def test_cd_config_checks_and_rows():
@@ -174,3 +204,22 @@ def test_studies_pair_cd_rows_with_pd_by_their_row_key():
     pairs = comparisons(get_preset("digits"))
     assert ("cd/consistency", "pd") in pairs and ("rcfd", "pd") in pairs
     assert ("cd", "pd") not in pairs  # the method name is not a row key of the results
+
+
+def test_adaptive_cd_step_compiles_once_more_as_N_grows():
+    """With N(k) changing every few steps the compiled step recompiles once (the grid's
+    length becomes dynamic), not once per N, so it stays under Dynamo's recompile limit."""
+    torch.manual_seed(0)
+    student, teacher = ConvNet(), ConvNet().requires_grad_(False)
+    target = ConvNet().requires_grad_(False)
+    loss = CDLoss(teacher, target, cosine_schedule(T, 1), T, 1, 17)
+    counter = CompileCounterWithBackend("aot_eager")
+    step = CDStep(loss, lambda k: adaptive_N(k, 30, 2, 16)).compiled(counter, region="test-cd-adaptive")
+    x0 = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    frames, Ns = [], set()
+    for k in range(30):
+        out, _ = step(student, x0, None, StepInfo(k, torch.Generator().manual_seed(k), 0, 1, 6))
+        out.backward()
+        frames.append(counter.frame_count)
+        Ns.add(loss.N)
+    assert len(Ns) >= 10 and frames[-1] == frames[6] and frames[-1] - frames[0] <= 1, frames

@@ -9,7 +9,15 @@ import math
 import pytest
 import torch
 
-from rcfd.core.consistency import boundary, cd_grid, consistency_output, distance, skip_out
+from rcfd.core.consistency import (
+    adaptive_mu,
+    adaptive_N,
+    boundary,
+    cd_grid,
+    consistency_output,
+    distance,
+    skip_out,
+)
 from rcfd.core.schedule import cosine_schedule
 from rcfd.methods.cd_loss import CDLoss
 from rcfd.samplers import get_sampler, make_plan
@@ -44,6 +52,21 @@ def test_cd_grid():
     for bad in (1, 18, 2.0):
         with pytest.raises(ValueError, match="N must be"):
             cd_grid(16, 1, bad)
+
+
+def test_adaptive_schedule_against_hand_computed_values():
+    """N(k) = ceil(sqrt(k/K ((s1+1)^2 - s0^2) + s0^2) - 1) + 1, mu = exp(s0 log mu0 / N)."""
+    # the paper's CIFAR-10 values s0=2, s1=150 over K=100 steps
+    assert adaptive_N(0, 100, 2, 150) == 2  # ceil(2 - 1) + 1
+    assert adaptive_N(100, 100, 2, 150) == 151  # ceil(151 - 1) + 1
+    assert adaptive_N(50, 100, 2, 150) == 107  # sqrt(11402.5) = 106.78 -> ceil(105.78) + 1
+    assert adaptive_N(1, 100, 2, 150) == 16  # sqrt(231.97) = 15.23 -> ceil(14.23) + 1
+    assert adaptive_N(8, 16, 2, 17) == 13  # sqrt(164) = 12.81 -> 12 + 1
+    Ns = [adaptive_N(k, 1000, 2, 17) for k in range(1001)]
+    assert Ns == sorted(Ns) and Ns[0] == 2 and Ns[-1] == 18
+    assert adaptive_mu(2, 2, 0.9) == pytest.approx(0.9, rel=1e-15)  # mu(0) = mu0
+    assert adaptive_mu(13, 2, 0.9) == pytest.approx(0.9 ** (2 / 13), rel=1e-15)  # 0.98392
+    assert adaptive_mu(151, 2, 0.9) == pytest.approx(0.99860547, rel=1e-8)
 
 
 def test_distances_against_their_formulas():

@@ -143,6 +143,16 @@ def test_missing_extractor_fails_before_training(tmp_path, capsys, monkeypatch):
     assert not out.exists()
 
 
+def test_floor_naming_a_missing_row_fails_before_training(tmp_path, capsys):
+    """eval.floor=pd with only CD rows to evaluate is refused before any stage runs."""
+    out = tmp_path / "run"
+    assert run_train("--preset", "smoke", "--out", str(out), "--set", "eval.methods=[cd]",
+                     "--set", "eval.floor=pd", *TINY) == 2
+    err = capsys.readouterr().err
+    assert "error: eval.floor must be one of" in err and "cd/consistency" in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
 @pytest.mark.cuda
 def test_tiny_run_on_gpu(tmp_path):
     """The whole pipeline on a GPU: trainers, CUDA-graph sampling for evaluation, metrics."""

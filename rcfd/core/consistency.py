@@ -25,6 +25,16 @@ The CD discretisation (:func:`cd_grid`) takes ``N`` points of the teacher's inde
 ``0, time_scale, ..., T * time_scale``; :func:`distance` is the loss's metric (``"l2"``:
 mean squared error; ``"pseudo-huber"``: iCT's ``sqrt(|a - b|^2 + c^2) - c`` with ``c =
 0.00054 sqrt(d)``). LPIPS is not offered: its weights would have to be downloaded.
+
+The paper's step-dependent discretisation and target decay (Song et al. 2023, Appendix C,
+the schedule functions written for consistency training, eq. in its "Consistency Training"
+paragraph; :func:`adaptive_N`, :func:`adaptive_mu`), for training step ``k`` of ``K``::
+
+    N(k)  = ceil(sqrt(k / K ((s1 + 1)^2 - s0^2) + s0^2) - 1) + 1
+    mu(k) = exp(s0 log(mu0) / N(k))
+
+``N`` grows from ``s0`` at ``k = 0`` to ``s1 + 1`` at ``k = K``, and ``mu`` with it (the
+paper's CIFAR-10 CT: ``s0 = 2``, ``s1 = 150``, ``mu0 = 0.9``).
 """
 
 from __future__ import annotations
@@ -77,6 +87,16 @@ def cd_grid(T: int, time_scale: int, N: int) -> torch.Tensor:
                          f"{T}-step grid), got {N!r}")
     n = torch.arange(N, dtype=torch.int64)
     return (n * T) // (N - 1) * time_scale
+
+
+def adaptive_N(k: int, K: int, s0: int, s1: int) -> int:
+    """``N(k)`` of the module docstring, in Python floats (ints in and out)."""
+    return math.ceil(math.sqrt(k / K * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1) + 1
+
+
+def adaptive_mu(N: int, s0: int, mu0: float) -> float:
+    """``mu(k) = exp(s0 log(mu0) / N(k))`` of the module docstring, given ``N = N(k)``."""
+    return math.exp(s0 * math.log(mu0) / N)
 
 
 def distance(a: torch.Tensor, b: torch.Tensor, kind: str = "l2") -> torch.Tensor:

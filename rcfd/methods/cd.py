@@ -23,10 +23,10 @@ import torch
 from pydantic import Field
 
 from rcfd.config import Decay, Int, NonNegInt, PosFloat, PosInt, Section
-from rcfd.core.consistency import DISTANCES, SIGMA_DATA
+from rcfd.core.consistency import DISTANCES, SIGMA_DATA, adaptive_mu, adaptive_N
 from rcfd.core.schedule import cosine_schedule
 from rcfd.io.checkpoint import save_diffusion_checkpoint
-from rcfd.methods.cd_loss import CDLoss
+from rcfd.methods.cd_loss import SOLVERS, CDLoss, CDStep
 from rcfd.methods.common import (
     TrainOptions,
     check_images_fit,
@@ -51,14 +51,24 @@ STAGE, UNIT = "cd", "model"
 class CDStageConfig(Section):
     """Consistency distillation (module docstring): ``N`` points of the teacher's index grid,
     the target network's EMA decay ``mu``, the ``distance`` (``"l2"`` or ``"pseudo-huber"``;
-    LPIPS is not available: its weights are not part of the package), ``steps`` of Adam at
-    ``lr``; ``teacher``: a diffusion checkpoint (``None``: the run's ``base/model.pt``);
+    LPIPS is not available: its weights are not part of the package), the teacher's ODE step
+    ``solver`` (``"ddim"``: one call; ``"heun"``: EDM's second-order step, two calls; see
+    :func:`rcfd.methods.cd_loss.teacher_step`), ``steps`` of Adam at
+    ``lr``; ``schedule``: ``"fixed"`` (``N`` and ``mu`` throughout) or ``"adaptive"``
+    (the paper's ``N(k)``, ``mu(k)`` from ``s0``, ``s1``, ``mu0``: see
+    :func:`rcfd.core.consistency.adaptive_N`; ``s1=None`` is ``N - 1``, so the grid ends at
+    ``N`` points; ``mu`` is then unused); ``teacher``: a diffusion checkpoint (``None``: the run's ``base/model.pt``);
     ``eval_steps``: the step counts the ``CD`` rows may take (those in ``eval.steps``)."""
 
     teacher: str | None = None
     N: Annotated[Int, Field(ge=2)] = 18
     mu: Decay = 0.95
     distance: Literal[DISTANCES] = "l2"  # type: ignore[valid-type]
+    solver: Literal[SOLVERS] = "ddim"  # type: ignore[valid-type]
+    schedule: Literal["fixed", "adaptive"] = "fixed"
+    s0: Annotated[Int, Field(ge=2)] = 2
+    s1: PosInt | None = None
+    mu0: Decay = 0.9
     steps: PosInt = 10_000
     batch_size: PosInt = 128
     flip: bool = True
@@ -79,6 +89,27 @@ def teacher_path(cfg: CDStageConfig, run_dir: Path) -> Path:
     return Path(cfg.teacher) if cfg.teacher else checkpoint_path(run_dir, "base", "model")
 
 
+def N_max(cfg: CDStageConfig) -> int:
+    """The most grid points training uses: ``N``, or the adaptive schedule's ``s1 + 1``."""
+    if cfg.schedule == "fixed":
+        return cfg.N
+    return (cfg.N - 1 if cfg.s1 is None else cfg.s1) + 1
+
+
+def step_schedule(cfg: CDStageConfig):
+    """``(N_at(k), mu_after(steps_done))`` of the adaptive schedule (module
+    :mod:`rcfd.core.consistency`): the grid of step ``k`` (0-based) and the target decay
+    after it, which uses that step's ``N``."""
+    s1 = N_max(cfg) - 1
+
+    def N_at(k: int) -> int:
+        return adaptive_N(k, cfg.steps, cfg.s0, s1)
+
+    def mu_after(steps_done: int) -> float:
+        return adaptive_mu(N_at(steps_done - 1), cfg.s0, cfg.mu0)
+    return N_at, mu_after
+
+
 def make_cd_job(cfg: CDStageConfig, source: Path, data, run: RunContext) -> Job:
     """The unit's :class:`~rcfd.training.loop.Job`: the student and its frozen target
     network from the teacher at ``source``, the CD objective, the target's EMA update."""
@@ -93,11 +124,16 @@ def make_cd_job(cfg: CDStageConfig, source: Path, data, run: RunContext) -> Job:
         teacher = teacher.to(memory_format=torch.channels_last)
         target = target.to(memory_format=torch.channels_last)
     schedule = cosine_schedule(info.T, info.time_scale)
-    objective = CDLoss(teacher, target, schedule, info.T, info.time_scale, cfg.N, cfg.distance,
-                       info.prediction)
+    objective = CDLoss(teacher, target, schedule, info.T, info.time_scale, N_max(cfg),
+                       cfg.distance, info.prediction, solver=cfg.solver)
+    step = ObjectiveStep(objective)
+    mu_after = lambda steps_done: cfg.mu  # noqa: E731
+    if cfg.schedule == "adaptive":
+        N_at, mu_after = step_schedule(cfg)
+        step = CDStep(objective, N_at)
 
     def after_step(steps_done, student):
-        ema_update_(target, student, cfg.mu)
+        ema_update_(target, student, mu_after(steps_done))
 
     def finalize(net, ema_net, extra, path):
         return save_diffusion_checkpoint(
@@ -109,7 +145,7 @@ def make_cd_job(cfg: CDStageConfig, source: Path, data, run: RunContext) -> Job:
                    "consistency": {"sigma_data": SIGMA_DATA, "sampler": "consistency"}})
 
     return Job(stage=STAGE, unit=UNIT, model=student_from(teacher, info, cfg.dropout),
-               loss_fn=ObjectiveStep(objective), data=identity,
+               loss_fn=step, data=identity,
                batches=data_batches(dataset, cfg.batch_size, run, STAGE, UNIT, flip=cfg.flip),
                steps=cfg.steps, config=cfg.to_dict(), finalize=finalize,
                optim=OptimSpec("adam", cfg.lr, cfg.lr_schedule, warmup=cfg.warmup, fused=o.fused),
@@ -139,15 +175,24 @@ def _rows(view) -> list[Row]:
 def _describe(view) -> str:
     cfg = view.cd
     src = cfg.teacher or "base/model"
-    return (f"from {src}: N={cfg.N}, mu={cfg.mu}, {cfg.distance}, {cfg.steps} steps, "
+    grid = (f"N={cfg.N}, mu={cfg.mu}" if cfg.schedule == "fixed" else
+            f"adaptive N {cfg.s0}..{N_max(cfg)}, mu0={cfg.mu0}")
+    return (f"from {src}: {grid}, {cfg.solver} teacher steps, {cfg.distance}, "
+            f"{cfg.steps} steps, "
             f"rows at {sorted(set(view.eval_steps) & set(cfg.eval_steps))} steps")
 
 
 def _check(view) -> None:
     cfg = view.cd
-    if cfg is not None and cfg.teacher is None and cfg.N - 1 > view.teacher_T:
-        raise ValueError(f"cd.N={cfg.N} needs N - 1 <= base.T={view.teacher_T} (points of the "
-                         "teacher's grid)")
+    if cfg is None or cfg.teacher is not None:
+        return
+    if cfg.schedule == "adaptive" and cfg.s0 > N_max(cfg):
+        raise ValueError(f"cd.s0={cfg.s0} must be at most s1 + 1={N_max(cfg)} (the adaptive "
+                         "schedule's first and last N)")
+    if N_max(cfg) - 1 > view.teacher_T:
+        what = "N" if cfg.schedule == "fixed" else "s1 + 1"
+        raise ValueError(f"cd.{what}={N_max(cfg)} needs N - 1 <= base.T={view.teacher_T} "
+                         "(points of the teacher's grid)")
 
 
 PRESETS = {

@@ -21,6 +21,7 @@ from pathlib import Path
 from rcfd import distributed
 from rcfd.io.files import read_json, write_json
 from rcfd.data import load_dataset
+from rcfd.evaluation.stage import floor_rows
 from rcfd.errors import ResumeError, StageExistsError, UsageError
 from rcfd.study.evaluation import check_evaluation, evaluate_run, finish_run_report, summary
 from rcfd.methods import registry
@@ -126,6 +127,13 @@ def check_inputs(cfg, run_dir: Path, stages: list[str]) -> None:
                                  f"(python -m rcfd.train {producer} --out {run_dir})")
 
 
+def check_floor(cfg, stages: list[str]) -> None:
+    """Refuse, before anything is trained, an ``eval.floor`` that names a row key none of
+    the rows to evaluate has (else the evaluation would stop on it after training)."""
+    if "evaluate" in stages:
+        floor_rows(evaluation_rows(cfg), cfg.eval.floor)
+
+
 def check_batch_sizes(cfg, stages: list[str]) -> None:
     """Refuse, before anything is written, a training batch larger than the training split."""
     sections = [(key, getattr(cfg, key)) for s in stages if s != "evaluate"
@@ -171,6 +179,7 @@ def run_pipeline(cfg, run_dir: str | os.PathLike, *, stage: str = "all",
     if dist is None:
         dist, device = setup(cfg)
     stages = stages_to_run(cfg, stage)
+    check_floor(cfg, stages)
     extractor = check_evaluation(cfg) if "evaluate" in stages else None  # data and extractor, first
     check_run_dir(cfg, run_dir, options)
     check_inputs(cfg, run_dir, stages)
