@@ -26,6 +26,7 @@ from rcfd.config import Decay, Int, NonNegInt, PosFloat, PosInt, Section
 from rcfd.core.consistency import DISTANCES, SIGMA_DATA, adaptive_mu, adaptive_N
 from rcfd.core.schedule import cosine_schedule
 from rcfd.io.checkpoint import save_diffusion_checkpoint
+from rcfd.methods import common
 from rcfd.methods.cd_loss import SOLVERS, CDLoss, CDStep
 from rcfd.methods.common import (
     TrainOptions,
@@ -33,7 +34,6 @@ from rcfd.methods.common import (
     data_batches,
     data_identity,
     data_spec_dict,
-    grid_sampler,
     load_train,
     require,
     train_unit,
@@ -158,9 +158,10 @@ def make_cd_job(cfg: CDStageConfig, source: Path, data, run: RunContext) -> Job:
                optim=OptimSpec("adam", cfg.lr, cfg.lr_schedule, warmup=cfg.warmup, fused=o.fused),
                ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip, log_interval=cfg.log_interval,
                checkpoint_interval=cfg.checkpoint_interval, bf16=o.bf16,
-               sample_fn=grid_sampler(schedule, info.T, info.time_scale, 1, cfg.num_sample_images,
-                                      shape, stage_seed(run.seed, STAGE, "grid"), device,
-                                      info.prediction, sampler="consistency"),
+               sample_fn=common.grid_sampler(schedule, info.T, info.time_scale, 1,
+                                             cfg.num_sample_images, shape,
+                                             stage_seed(run.seed, STAGE, "grid"), device,
+                                             info.prediction, sampler="consistency"),
                sample_interval=cfg.sample_interval,
                channels_last=o.channels_last, compile=o.compile,
                state={"target": target}, after_step=after_step)
