@@ -149,6 +149,11 @@ def test_cd_stage_in_a_smoke_pipeline(tmp_path):
     assert report.results_table(results) in md
     assert any(line.lstrip("| ").startswith("CD") for line in md.splitlines()), md
     assert checkpoint_path(out, "cd", "model").is_file()
+    # its training-time grid (one-step consistency samples) and its evaluation grids
+    assert list((out / "cd").glob("model_step*.png"))
+    grids = {e["key"]: e["grid"] for e in results["entries"] if e["key"] == "cd/consistency"}
+    assert grids and all((out / g).is_file() for g in grids.values())
+    assert results["side_by_side"] and (out / results["side_by_side"]).is_file()
 
 
 class ConvNet(torch.nn.Module):

@@ -196,3 +196,43 @@ def test_generate_on_cuda_draws_its_noise_there_and_reproduces():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     noise = next(samplers.noise_batches(6, 4, (3, 8, 8), 2, "cuda"))
     assert noise.device.type == "cuda"
+
+
+def test_consistency_graph_inputs_are_the_eager_default_noise():
+    """What GraphSampler draws outside its capture for the consistency sampler is exactly
+    the noise the eager sampler draws by default, so the captured images are the eager ones;
+    one step draws nothing."""
+    from rcfd.samplers.consistency import graph_inputs
+
+    fn = samplers.get_sampler("consistency")
+    assert fn.graph_inputs is graph_inputs
+    model = TinyNet(ch=3, width=8).eval()
+    x_T = torch.randn(3, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    for K in (2, 4):
+        plan = plan_of(8, 2, K)
+        extra = graph_inputs(x_T, plan)
+        assert len(extra["noise"]) == K - 1
+        assert torch.equal(fn(model, x_T, plan, **graph_inputs(x_T, plan)), fn(model, x_T, plan))
+        other = graph_inputs(x_T + 1e-3, plan)["noise"][0]
+        assert (other - extra["noise"][0]).abs().max() > 0.1
+    assert graph_inputs(x_T, plan_of(8, 2, 1)) == {"noise": []}
+    static = graph_module._clone_inputs(extra)
+    graph_module._copy_inputs(static, graph_inputs(x_T * 2, plan_of(8, 2, 4)))
+    assert all(torch.equal(a, b) for a, b in
+               zip(static["noise"], graph_inputs(x_T * 2, plan_of(8, 2, 4))["noise"]))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_multistep_consistency_is_captured_with_its_eager_noise(steps):
+    model = TinyNet(ch=3).cuda().eval()
+    plan = plan_of(16, 2, steps, "cuda")
+    sampler = samplers.GraphSampler(model, plan, "consistency")
+    fn = samplers.get_sampler("consistency")
+    outs = []
+    for batch in (5, 5, 7):
+        x_T = torch.randn(batch, 3, 8, 8, device="cuda")
+        outs.append(sampler(x_T))
+        torch.testing.assert_close(outs[-1], fn(model, x_T, plan), rtol=1e-5, atol=1e-5)
+    assert sampler.fell_back is None and sampler.num_graphs == 2  # batch 5 replayed
+    assert not torch.equal(outs[0], outs[1])

@@ -26,6 +26,7 @@ from rcfd.config import Decay, Int, NonNegInt, PosFloat, PosInt, Section
 from rcfd.core.consistency import DISTANCES, SIGMA_DATA, adaptive_mu, adaptive_N
 from rcfd.core.schedule import cosine_schedule
 from rcfd.io.checkpoint import save_diffusion_checkpoint
+from rcfd.methods import common
 from rcfd.methods.cd_loss import SOLVERS, CDLoss, CDStep
 from rcfd.methods.common import (
     TrainOptions,
@@ -44,6 +45,7 @@ from rcfd.training.fast_step import ObjectiveStep
 from rcfd.training.loop import Job
 from rcfd.training.optim import OptimSpec
 from rcfd.training.rundir import RunContext, checkpoint_path
+from rcfd.training.state import stage_seed
 
 STAGE, UNIT = "cd", "model"
 
@@ -58,7 +60,9 @@ class CDStageConfig(Section):
     (the paper's ``N(k)``, ``mu(k)`` from ``s0``, ``s1``, ``mu0``: see
     :func:`rcfd.core.consistency.adaptive_N`; ``s1=None`` is ``N - 1``, so the grid ends at
     ``N`` points; ``mu`` is then unused); ``teacher``: a diffusion checkpoint (``None``: the run's ``base/model.pt``);
-    ``eval_steps``: the step counts the ``CD`` rows may take (those in ``eval.steps``)."""
+    ``eval_steps``: the step counts the ``CD`` rows may take (those in ``eval.steps``);
+    ``num_sample_images`` one-step consistency samples every ``sample_interval`` steps and
+    at the end, as a grid ``cd/model_step<N>.png`` (0: none)."""
 
     teacher: str | None = None
     N: Annotated[Int, Field(ge=2)] = 18
@@ -81,6 +85,8 @@ class CDStageConfig(Section):
     eval_steps: tuple[PosInt, ...] = (1, 2)
     checkpoint_interval: PosInt = 1_000
     log_interval: PosInt = 10
+    sample_interval: PosInt = 5_000
+    num_sample_images: NonNegInt = 64
     options: TrainOptions = TrainOptions()
 
 
@@ -118,6 +124,7 @@ def make_cd_job(cfg: CDStageConfig, source: Path, data, run: RunContext) -> Job:
     identity = data_identity(data, dataset)
     teacher, info = load_teacher(source, device)
     check_images_fit(info.config, dataset, f"the teacher {source}")
+    shape = (dataset.channels, dataset.image_size, dataset.image_size)
     target = student_from(teacher, info, 0.0).to(device).eval().requires_grad_(False)
     o = cfg.options
     if o.channels_last and device.type == "cuda":
@@ -151,6 +158,11 @@ def make_cd_job(cfg: CDStageConfig, source: Path, data, run: RunContext) -> Job:
                optim=OptimSpec("adam", cfg.lr, cfg.lr_schedule, warmup=cfg.warmup, fused=o.fused),
                ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip, log_interval=cfg.log_interval,
                checkpoint_interval=cfg.checkpoint_interval, bf16=o.bf16,
+               sample_fn=common.grid_sampler(schedule, info.T, info.time_scale, 1,
+                                             cfg.num_sample_images, shape,
+                                             stage_seed(run.seed, STAGE, "grid"), device,
+                                             info.prediction, sampler="consistency"),
+               sample_interval=cfg.sample_interval,
                channels_last=o.channels_last, compile=o.compile,
                state={"target": target}, after_step=after_step)
 

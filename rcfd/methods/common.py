@@ -83,19 +83,19 @@ def data_batches(dataset: ImageDataset, batch_size: int, run: RunContext, *key, 
 
 
 def grid_sampler(schedule: Schedule, T: int, time_scale: int, num_steps: int, n: int, shape,
-                 seed: int, device: torch.device, prediction: str = "x0"):
+                 seed: int, device: torch.device, prediction: str = "x0", sampler: str = "ddim"):
     """``(model, path) -> path``: ``n`` images from a fixed ``x_T`` (drawn once on the CPU
-    from ``seed``) by the ``num_steps``-step DDIM sampler, written as a PNG grid (the
-    periodic sample grid of a stage); ``None`` when ``n == 0``."""
+    from ``seed``) by the ``num_steps``-step ``sampler`` (DDIM; CD's ``"consistency"``),
+    written as a PNG grid (the periodic sample grid of a stage); ``None`` when ``n == 0``."""
     if n < 1:
         return None
     x_T = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
     plan = make_plan(schedule, T, time_scale, num_steps, prediction=prediction, device=device)
-    ddim = get_sampler("ddim")
+    fn = get_sampler(sampler)
 
     def sample(model, path):
         with torch.no_grad():
-            images = ddim(model, x_T, plan)
+            images = fn(model, x_T, plan)
         return save_grid(images, path, scale=display_scale(shape[-1]))
     return sample
 

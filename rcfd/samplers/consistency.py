@@ -13,9 +13,12 @@ re-noising too, as the paper's sampler clips its denoised images). The fresh noi
 caller), or is drawn from ``generator``, or by default from a generator on ``x_T``'s device
 seeded from ``x_T`` itself (:func:`noise_seed`): so a batch's images depend only on its
 ``x_T``, as the evaluation's reproducible noise wants, and two batches get different noise.
-Reading that seed syncs the host once per batch, so a multistep run is not captured in a
-CUDA graph (:class:`~rcfd.samplers.graph.GraphSampler` falls back to the eager sampler);
-the one-step sampler draws nothing and is captured like the others.
+Reading that seed syncs the host once per batch, so that default noise is drawn before the
+loop (:func:`renoising_noise`), all ``K - 1`` tensors in the order the loop uses them, and
+:func:`graph_inputs` lets :class:`~rcfd.samplers.graph.GraphSampler` draw it eagerly per
+batch outside the captured region and pass it in as a static input: the multistep sampler is
+captured like the others, with the eager sampler's noise (the same images, bit for bit on
+the CPU as before). The one-step sampler draws nothing.
 """
 
 from __future__ import annotations
@@ -47,6 +50,25 @@ def noise_seed(x_T: torch.Tensor) -> int:
     return derive_seed("rcfd-consistency-noise", *head.view(torch.int32).tolist())
 
 
+def renoising_noise(x_T: torch.Tensor, plan: Plan,
+                    generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """The ``K - 1`` re-noising tensors of a ``K``-step run from ``x_T``: drawn in order
+    from ``generator``, by default one on ``x_T``'s device seeded from :func:`noise_seed`
+    (``[]`` for one step, without reading ``x_T``)."""
+    if plan.num_steps < 2:
+        return []
+    if generator is None:
+        generator = torch.Generator(device=x_T.device).manual_seed(noise_seed(x_T))
+    return [torch.randn(x_T.shape, generator=generator, device=x_T.device, dtype=x_T.dtype)
+            for _ in range(plan.num_steps - 1)]
+
+
+def graph_inputs(x_T: torch.Tensor, plan: Plan) -> dict:
+    """What :class:`~rcfd.samplers.graph.GraphSampler` computes eagerly before each replay
+    and passes as static keyword inputs: ``{"noise": renoising_noise(x_T, plan)}``."""
+    return {"noise": renoising_noise(x_T, plan)}
+
+
 @torch.no_grad()
 def consistency(model: Callable, x_T: torch.Tensor, plan: Plan, *,
                 noise: Sequence[torch.Tensor] | None = None,
@@ -61,12 +83,13 @@ def consistency(model: Callable, x_T: torch.Tensor, plan: Plan, *,
         raise ValueError(f"noise must hold {plan.num_steps - 1} tensors (one per re-noising), "
                          f"got {len(noise)}")
     raw = dataclasses.replace(plan, clip=False) if plan.clip else plan  # clip f, not x0_F
+    if noise is None:
+        noise = renoising_noise(x_T, plan, generator)
     x0 = finish(consistency_at(model, x_T, raw, 0), plan)
-    if noise is None and generator is None and plan.num_steps > 1:
-        generator = torch.Generator(device=x_T.device).manual_seed(noise_seed(x_T))
     for k in range(1, plan.num_steps):
-        eps = (noise[k - 1] if noise is not None else
-               torch.randn(x_T.shape, generator=generator, device=x_T.device, dtype=x_T.dtype))
-        z = (plan.alpha[k] * x0 + plan.sigma[k] * eps).to(x_T.dtype)
+        z = (plan.alpha[k] * x0 + plan.sigma[k] * noise[k - 1]).to(x_T.dtype)
         x0 = finish(consistency_at(model, z, raw, k), plan)
     return x0
+
+
+consistency.graph_inputs = graph_inputs  # what GraphSampler draws outside its capture

@@ -5,7 +5,10 @@ The whole K-step loop (K model forwards and K fused updates) is captured once pe
 input, ``replay()``, clone the static output (PyTorch's "CUDA Graphs" notes). This works for
 every sampler of :data:`rcfd.samplers.SAMPLERS` because they read their per-step
 coefficients from the plan's device tensors, never sync the host, and never branch on
-tensor values.
+tensor values. A sampler that needs inputs drawn on the host per batch (the consistency
+sampler's re-noising noise, seeded from ``x_T``) names them in its ``graph_inputs(x_T, plan)
+-> {keyword: tensor or list of tensors}``: they are computed eagerly before each replay,
+outside the captured region, and copied into static buffers the graph reads.
 
 Capture degrades, never crashes: when capturing (or compiling the model inside the capture,
 or the first replay) raises, the sampler logs one line naming the error and the switch
@@ -53,9 +56,9 @@ class _Captured:
     """One captured sampler run with its static input and output. It owns its copy of the
     plan: the graph reads that memory on every replay, so it lives as long as the graph."""
 
-    def __init__(self, graph, static_in, static_out, plan, ptrs):
+    def __init__(self, graph, static_in, static_out, plan, ptrs, static_extra=None):
         self.graph, self.static_in, self.static_out = graph, static_in, static_out
-        self.plan, self.ptrs = plan, ptrs
+        self.plan, self.ptrs, self.static_extra = plan, ptrs, static_extra or {}
 
 
 class GraphSampler:
@@ -113,27 +116,33 @@ class GraphSampler:
             return ()
         return tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
 
-    def _run(self, z: torch.Tensor, plan: Plan) -> torch.Tensor:
+    def _run(self, z: torch.Tensor, plan: Plan, extra: dict) -> torch.Tensor:
         with torch.no_grad(), autocast(z.device, self.autocast_dtype, cache=False):
-            return self.sampler(self._net, z, plan)
+            return self.sampler(self._net, z, plan, **extra)
+
+    def _extra_inputs(self, x_T: torch.Tensor, plan: Plan) -> dict:
+        """The sampler's ``graph_inputs`` for this batch (module docstring), eagerly."""
+        make = getattr(self.sampler, "graph_inputs", None)
+        return {} if make is None else make(x_T, plan)
 
     def _capture(self, x_T: torch.Tensor, plan: Plan) -> _Captured:
         static_in = x_T.detach().clone()
+        static_extra = _clone_inputs(self._extra_inputs(x_T, plan))
         plan = plan.to(x_T.device, copy=True)
         side = torch.cuda.Stream(device=x_T.device)
         side.wait_stream(torch.cuda.current_stream(x_T.device))
         with torch.cuda.stream(side):
             for _ in range(max(self.warmup, 1)):
-                self._run(static_in, plan)
+                self._run(static_in, plan, static_extra)
         torch.cuda.current_stream(x_T.device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            static_out = self._run(static_in, plan)
+            static_out = self._run(static_in, plan, static_extra)
         log.info("rcfd: captured a %d-step %s sampler graph for x_T %s %s", plan.num_steps,
                  sampler_name(self.sampler), tuple(x_T.shape), x_T.dtype)
-        return _Captured(graph, static_in, static_out, plan, self._ptrs())
+        return _Captured(graph, static_in, static_out, plan, self._ptrs(), static_extra)
 
     def __call__(self, x_T: torch.Tensor, plan: Plan | None = None) -> torch.Tensor:
         """Images from noise ``x_T`` (the result of the sampler); ``plan`` overrides the
@@ -165,7 +174,9 @@ class GraphSampler:
             entry = None
         if entry is None:
             entry = self._graphs[key] = self._capture(x_T, plan)
+        extra = self._extra_inputs(x_T, plan) if entry.static_extra else {}
         entry.static_in.copy_(x_T)
+        _copy_inputs(entry.static_extra, extra)
         entry.graph.replay()
         return entry.static_out.clone()
 
@@ -175,3 +186,16 @@ class GraphSampler:
         self.fell_back = reason(exc)
         what = f"capturing the {plan.num_steps}-step {sampler_name(self.sampler)} sampler in a CUDA graph"
         log.warning("rcfd: %s", fallback_message(what, exc, GRAPH_SWITCH))
+
+
+def _clone_inputs(extra: dict) -> dict:
+    """Static copies of a sampler's extra inputs (tensors or lists of tensors)."""
+    return {k: [t.clone() for t in v] if isinstance(v, (list, tuple)) else v.clone()
+            for k, v in extra.items()}
+
+
+def _copy_inputs(static: dict, extra: dict) -> None:
+    """``copy_`` this batch's extra inputs into the graph's static buffers."""
+    for k, v in extra.items():
+        for dst, src in zip(static[k], v) if isinstance(v, (list, tuple)) else [(static[k], v)]:
+            dst.copy_(src)
