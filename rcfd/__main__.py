@@ -1,4 +1,4 @@
-"""``python -m rcfd {train,sample,evaluate} ...``: the package's command lines behind one name
+"""``python -m rcfd {train,sample,evaluate,export} ...``: the package's command lines behind one name
 (each is also ``python -m rcfd.<command>``)."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import importlib
 import sys
 from typing import Sequence
 
-COMMANDS = {"train": "rcfd.cli.train", "sample": "rcfd.cli.sample", "evaluate": "rcfd.cli.evaluate"}
+COMMANDS = {"train": "rcfd.cli.train", "sample": "rcfd.cli.sample", "evaluate": "rcfd.cli.evaluate",
+            "export": "rcfd.cli.export"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

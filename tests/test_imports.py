@@ -91,3 +91,16 @@ def test_ops_load_the_extension_and_triton_on_first_use():
         "print(json.dumps(seen))\n")
     assert got == {"import": False, "ddim": True, "triton_after_ddim": False,
                    "route": "extension", "triton_after_kl": True}
+
+
+def test_the_public_api_loads_without_triton_fidelity_or_extension():
+    """``rcfd.load`` and ``rcfd.Model`` (attribute access: the lazy import) bring in the loader
+    and the samplers, not Triton, torch-fidelity or the compiled extension."""
+    got = child(
+        "import json, sys\n"
+        "import rcfd\n"
+        "before = sorted(sys.modules)\n"
+        "rcfd.load, rcfd.Model\n"
+        "print(json.dumps({'before': 'rcfd.api.model' in before, 'after': sorted(sys.modules)}))\n")
+    assert got["before"] is False and "rcfd.api.model" in got["after"]  # the access imported it
+    assert [m for m in got["after"] if any(m == h or m.startswith(h + ".") for h in HEAVY)] == []

@@ -1,5 +1,6 @@
 """The command lines: :mod:`~rcfd.cli.train` (the study), :mod:`~rcfd.cli.sample` (images from
-a checkpoint) and :mod:`~rcfd.cli.evaluate` (metrics of a checkpoint). Each parses its
+a checkpoint), :mod:`~rcfd.cli.evaluate` (metrics of a checkpoint) and :mod:`~rcfd.cli.export`
+(a checkpoint to a diffusers folder or an ``.npz`` of samples). Each parses its
 arguments, builds a config and calls the library; nothing in :mod:`rcfd` imports from here.
 Shared options and error handling are :mod:`~rcfd.cli.common`."""
 

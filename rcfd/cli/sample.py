@@ -57,15 +57,38 @@ def save_samples(images: torch.Tensor, path: str | os.PathLike, *, nrow: int | N
     raise UsageError(f"--out must end in .png (a grid) or .npz (the images), got {path}")
 
 
+def add_sampling_args(p: argparse.ArgumentParser, num_default: int | None) -> None:
+    """``--steps``, ``--sampler``, ``--num``, ``--seed`` and ``--batch-size``: what to draw
+    (shared with ``python -m rcfd.export --to npz``, so the same flags give the same images)."""
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's T)")
+    add_sampler_arg(p)
+    shown = "required" if num_default is None else f"default {num_default}"
+    p.add_argument("--num", type=int, default=num_default, help=f"number of images ({shown})")
+    add_seed_arg(p, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+
+
+def checked_steps(info, steps: int | None) -> int:
+    """``--steps`` (``None``: the checkpoint's ``T``), refused unless it divides ``T``."""
+    steps = info.T if steps is None else steps
+    if steps > info.T or info.T % steps:
+        raise UsageError(f"--steps {steps} must divide the checkpoint's T={info.T} (try a power of two <= {info.T})")
+    return steps
+
+
+def draw(args: argparse.Namespace, model, info, steps: int, device) -> torch.Tensor:
+    """The uint8 ``[N, C, H, W]`` images :func:`add_sampling_args` and
+    :func:`~rcfd.cli.common.add_model_args` ask for (:func:`rcfd.evaluation.measure.sample_images`)."""
+    return sample_images(model, info, num_samples=args.num, num_steps=steps, batch_size=args.batch_size,
+                         sampler=args.sampler, dtype=args.dtype, device=device, seed=args.seed,
+                         use_cuda_graph=not args.no_cuda_graph, progress=not args.no_progress)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rcfd.sample", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="diffusion checkpoint (rcfd or reference format)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's T)")
-    add_sampler_arg(p)
-    p.add_argument("--num", type=int, default=64, help="number of images (default 64)")
-    add_seed_arg(p, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
+    add_sampling_args(p, num_default=64)
     p.add_argument("--out", default=None, help="output .png grid or .npz (default: "
                    "<checkpoint name>_samples_<steps>steps.png next to the checkpoint)")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: a square)")
@@ -89,16 +112,12 @@ def _main(argv: Sequence[str] | None) -> int:
         raise UsageError(f"--out must end in .png (a grid) or .npz (the images), got {args.out}")
     device = resolve_device(args.device)
     model, info = load_model(args, device)
-    steps = info.T if args.steps is None else args.steps
-    if steps > info.T or info.T % steps:
-        raise UsageError(f"--steps {steps} must divide the checkpoint's T={info.T} (try a power of two <= {info.T})")
+    steps = checked_steps(info, args.steps)
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name(
         f"{Path(args.checkpoint).stem}_samples_{steps}steps.png")
     print(f"{args.checkpoint}: T={info.T}, time_scale={info.time_scale}, {info.source} format ({info.weights}); "
           f"{args.num} images, {steps}-step {args.sampler}, seed {args.seed}, on {device}", flush=True)
-    images = sample_images(model, info, num_samples=args.num, num_steps=steps, batch_size=args.batch_size,
-                           sampler=args.sampler, dtype=args.dtype, device=device, seed=args.seed, use_cuda_graph=not args.no_cuda_graph,
-                           progress=not args.no_progress)
+    images = draw(args, model, info, steps, device)
     path = save_samples(images, out, nrow=args.nrow, scale=args.scale, steps=steps, seed=args.seed,
                         T=info.T, time_scale=info.time_scale, sampler=args.sampler)
     print(f"wrote {path}")

@@ -13,18 +13,26 @@ from typing import Mapping
 
 import torch
 import torch.nn.functional as F
-import torchvision
-from torchvision.models import DenseNet201_Weights, ResNet50_Weights
 
 from rcfd.io.safeload import load_checkpoint
 from rcfd.core.classifier_base import _IMAGENET, ClassifierBase, ClassifierConfig, check_images
 
 
+def _models():
+    """``torchvision.models``, imported on first use: torchvision imports torch._dynamo and
+    with it Triton, which loading a diffusion checkpoint (it imports this module through
+    :mod:`rcfd.core.classifiers`) must not pay for."""
+    import torchvision.models
+
+    return torchvision.models
+
+
 def _imagenet_state_dict(arch: str, weights: str | None) -> dict[str, torch.Tensor]:
     """Load torchvision's ImageNet weights from ``weights`` or from torchvision's cache
     (``torch.hub.get_dir()/checkpoints``); never downloads."""
-    url = {"resnet50": ResNet50_Weights.IMAGENET1K_V1,
-           "densenet201": DenseNet201_Weights.IMAGENET1K_V1}[arch].url
+    models = _models()
+    url = {"resnet50": models.ResNet50_Weights.IMAGENET1K_V1,
+           "densenet201": models.DenseNet201_Weights.IMAGENET1K_V1}[arch].url
     path = weights or os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -49,7 +57,7 @@ class ImageNetClassifier(ClassifierBase):
         arch = config.name.removeprefix("imagenet_")
         self._setup(config, _IMAGENET[config.name], 3)
         self.input_size = config.input_size
-        self.net = getattr(torchvision.models, arch)(weights=None)
+        self.net = getattr(_models(), arch)(weights=None)
         if config.pretrained:
             self.net.load_state_dict(_imagenet_state_dict(arch, config.weights))
 

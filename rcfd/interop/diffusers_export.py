@@ -88,7 +88,7 @@ def _safetensors_bytes(state_dict: dict[str, torch.Tensor]) -> bytes:
         from safetensors.torch import save
     except ImportError:
         raise UsageError("the diffusers export writes safetensors: "
-                         "pip install 'rcfd[diffusers]'") from None
+                         'pip install "rcfd[diffusers]"') from None
     return save({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()})
 
 
