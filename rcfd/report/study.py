@@ -4,8 +4,8 @@ figures, from the per-seed results dicts (:mod:`rcfd.report.results`) and the co
 ``study.md`` holds, in this order: the setting (commit, platform, seeds, measurement), the
 conclusion lines generated from the numbers by the fixed rule :data:`rcfd.report.stats.RULE` (one
 per extractor, and a line wherever the extractors disagree), the paired tables (mean
-difference, 95% interval, paired t and Wilcoxon p, seeds in which the method is better,
-verdict), the mean ± std of every cell per extractor with the teacher labelled as the upper
+difference, 95% interval, paired t and Wilcoxon p, raw and Holm-adjusted, seeds in which the
+method is better, verdict), the mean ± std of every cell per extractor with the teacher labelled as the upper
 bound, the noise floors over seeds and the raw per-seed numbers of the primary extractor.
 """
 
@@ -77,20 +77,30 @@ def aggregate_table(per_seed: Sequence[Mapping], extractor: str, reference: str,
 
 def paired_table(rows: Sequence[Mapping], metric: str, reference: str) -> str:
     """The paired comparisons of one metric and reference, one line per (comparison,
-    extractor, steps)."""
+    extractor, steps): raw and Holm-adjusted p of both tests, the verdict (on the adjusted p)."""
     rows = [r for r in rows if r["metric"] == metric and r["reference"] == reference]
     if not rows:
         return ""
     fmt = fmt_sig if metric == "kid" else (lambda v: fmt_fixed(v, 3))
-    lines = [(f"| comparison | extractor | steps | mean Δ{metric.upper()} | 95% interval | p (t) | p (Wilcoxon) "
-              "| method better in | verdict |"), "|---|---|---|---|---|---|---|---|---|"]
+    lines = [(f"| comparison | extractor | steps | mean Δ{metric.upper()} | 95% interval | p (t) | p (t, Holm) "
+              "| p (Wilcoxon) | p (Wilcoxon, Holm) | method better in | verdict |"), "|---" * 11 + "|"]
     for r in rows:
         ci = "n/a" if r["ci_low"] is None else f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]"
-        p = [("n/a" if r[k] is None else f"{r[k]:.3g}") for k in ("p_t", "p_wilcoxon")]
+        p = [_p(r.get(k)) for k in ("p_t", "p_t_holm", "p_wilcoxon", "p_wilcoxon_holm")]
         lines.append(f"| {r['method_label']} − {r['baseline_label']} | `{r['extractor']}` | {r['steps']} | "
-                     f"{fmt(r['mean'])} | {ci} | {p[0]} | {p[1]} | {r['method_better_in']} of {r['n']} | "
-                     f"{r['verdict']} |")
+                     f"{fmt(r['mean'])} | {ci} | {' | '.join(p)} | {r['method_better_in']} of {r['n']} | "
+                     f"{r['verdict']}{_flip(r)} |")
     return "\n".join(lines)
+
+
+def _p(value) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def _flip(row: Mapping) -> str:
+    """`` (unadjusted: worse)`` where the Holm correction changed the verdict."""
+    raw = row.get("verdict_unadjusted")
+    return "" if raw is None or raw == row["verdict"] else f" (unadjusted: {raw})"
 
 
 def floors_summary(per_seed: Sequence[Mapping]) -> str:
