@@ -184,7 +184,10 @@ def test_study_report_reads_the_numbers(tmp_path):
     assert summary["seeds"] == list(range(10)) and summary["commit"] == "abc1234"
     assert summary["runs"] == [f"seed{k}" for k in range(10)] and str(tmp_path) not in md
     assert "references 300 test / 1497 train images" in md
-    assert summary["conclusions"] == [l[2:] for l in md.splitlines() if l.startswith(("- Under", "- **The", "- All"))]
+    assert stats.FAMILIES_TEXT in md
+    section = md.split("## Conclusions")[1].split("![")[0]
+    assert summary["conclusions"] == [l[2:] for l in section.splitlines() if l.startswith("- ")]
+    assert "- RCFD vs PD by extractor family (FID against test, 10 seeds): under classifier features (`a`, `b`)" in md
     rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
     measured = sum(ref in m for r in per_seed for e in r["entries"] for m in e["metrics"].values()
                    for ref in ("test", "train"))

@@ -322,3 +322,47 @@ def test_study_rows_carry_holm_per_table():
     for r in rows:
         assert r["p_t_holm"] >= r["p_t"] and r["p_wilcoxon_holm"] >= r["p_wilcoxon"]
         assert r["verdict"] == stats.verdict(r, stats.LOWER_IS_BETTER[r["metric"]], p_keys=stats.HOLM_KEYS)
+
+
+# --------------------------------------------------------------------------- extractor families
+
+
+def renamed(per_seed, names):
+    """``per_seed`` with its extractors renamed by ``names`` (old -> list of new names: an
+    extractor may be copied under several names)."""
+    out = []
+    for r in per_seed:
+        new = [n for old in r["extractors"] for n in names[old]]
+        entries = [{**e, "metrics": {n: e["metrics"][old] for old in r["extractors"] for n in names[old]}}
+                   for e in r["entries"]]
+        out.append({**r, "extractors": new, "primary": {"extractor": new[0], "reference": "test"},
+                    "extractor_details": {n: n for n in new}, "entries": entries})
+    return out
+
+
+def test_extractor_families():
+    assert [stats.extractor_family(n) for n in ("classifier", "inception", "mlp-classifier")] == \
+        [stats.CLASSIFIER_FEATURES] * 3
+    assert [stats.extractor_family(n) for n in ("random-conv", "pixels", "pca")] == [stats.CLASSIFIER_FREE_FEATURES] * 3
+
+
+def test_conclusions_per_family():
+    """`classifier` favours RCFD, the classifier-free `pixels` and `random-conv` do not: the
+    family line says so; a family whose members disagree is called mixed."""
+    rows = stats.paired_comparisons(renamed(study(), {"a": ["classifier"], "b": ["pixels", "random-conv"]}),
+                                    COMPARISONS)
+    lines = stats.conclusions(rows, metric="fid", reference="test")
+    assert ("RCFD vs PD by extractor family (FID against test, 10 seeds): under classifier features (`classifier`) "
+            "better at 1 and 2 steps; under classifier-free features (`pixels`, `random-conv`) worse at 1 step, "
+            "no difference shown at 2 steps.") in lines
+    assert ("Slow vs PD by extractor family (FID against test, 10 seeds): under classifier features (`classifier`) "
+            "worse at 1 and 2 steps; under classifier-free features (`pixels`, `random-conv`) worse at 1 and 2 "
+            "steps.") in lines
+    assert "All 3 extractors agree on Slow vs PD at every step count." in lines
+    assert not any("All 3 extractors agree on RCFD" in line or "every extractor" in line for line in lines)
+    mixed = stats.conclusions(stats.paired_comparisons(
+        renamed(study(), {"a": ["classifier"], "b": ["inception", "pixels"]}), COMPARISONS))
+    assert ("RCFD vs PD by extractor family (FID against test, 10 seeds): under classifier features (`classifier`, "
+            "`inception`) mixed (better under `classifier`, worse under `inception`) at 1 step, mixed (better under "
+            "`classifier`, no difference shown under `inception`) at 2 steps; under classifier-free features "
+            "(`pixels`) worse at 1 step, no difference shown at 2 steps.") in mixed

@@ -226,10 +226,59 @@ def _steps_text(steps: Sequence[int]) -> str:
     return f"{text} step{'s' if len(s) > 1 or s[0] != '1' else ''}"
 
 
+# --------------------------------------------------------------------------- extractor families
+
+CLASSIFIER_FREE = ("random-conv", "pixels", "pca")
+CLASSIFIER_FEATURES, CLASSIFIER_FREE_FEATURES = "classifier features", "classifier-free features"
+MIXED = "mixed"
+FAMILIES_TEXT = ("Extractor families: *classifier-free features* are `random-conv`, `pixels` and `pca` (no "
+                 "trained classifier in them); every other extractor (`classifier`, any other trained "
+                 "classifier, `inception`) gives *classifier features*. A family is **mixed** at a number "
+                 "of steps where its extractors' verdicts differ.")
+
+
+def extractor_family(name: str) -> str:
+    """:data:`CLASSIFIER_FREE_FEATURES` for the extractors no trained classifier is in
+    (:data:`CLASSIFIER_FREE`: a random conv net, raw pixels, PCA of pixels);
+    :data:`CLASSIFIER_FEATURES` for every other (the evaluation classifier, any other trained
+    classifier, Inception). The two families can rank methods differently: a classifier is
+    taught which pixel changes not to see."""
+    return CLASSIFIER_FREE_FEATURES if name in CLASSIFIER_FREE else CLASSIFIER_FEATURES
+
+
+def _family_verdict(verdicts: Mapping[str, str]) -> str:
+    """The family's verdict at one step count: the one its extractors share, else ``mixed
+    (... under `a`, ... under `b`)``."""
+    if len(set(verdicts.values())) == 1:
+        return next(iter(verdicts.values()))
+    return f"{MIXED} (" + ", ".join(f"{v} under `{e}`" for e, v in verdicts.items()) + ")"
+
+
+def family_line(rows: Sequence[Mapping]) -> str:
+    """One conclusion line for the rows of one comparison (one metric and reference): the
+    verdict per extractor family, ``under classifier features (...) worse at 1 step, ...; under
+    classifier-free features (...) ...``; a family whose extractors disagree is ``mixed``."""
+    r0 = rows[0]
+    n = max(r["n"] for r in rows)
+    parts = []
+    for family in (CLASSIFIER_FEATURES, CLASSIFIER_FREE_FEATURES):
+        mine = [r for r in rows if extractor_family(r["extractor"]) == family]
+        if not mine:
+            continue
+        names = list(dict.fromkeys(r["extractor"] for r in mine))
+        at = {s: _family_verdict({r["extractor"]: r["verdict"] for r in mine if r["steps"] == s})
+              for s in sorted({r["steps"] for r in mine})}
+        said = ", ".join(f"{v} at {_steps_text([s for s in at if at[s] == v])}" for v in dict.fromkeys(at.values()))
+        parts.append(f"under {family} (" + ", ".join(f"`{e}`" for e in names) + f") {said}")
+    return (f"{r0['method_label']} vs {r0['baseline_label']} by extractor family ({r0['metric'].upper()} "
+            f"against {r0['reference']}, {n} seeds): " + "; ".join(parts) + ".")
+
+
 def conclusions(rows: Sequence[Mapping], *, metric: str = "fid", reference: str = "test") -> list[str]:
     """The conclusion lines, generated from the verdicts of :func:`paired_comparisons` by
-    :data:`RULE`: one per (comparison, extractor) for ``metric`` against ``reference``, then
-    one per (comparison, steps) where the extractors disagree, or one saying they agree."""
+    :data:`RULE`, for ``metric`` against ``reference``: per comparison, its verdict per
+    extractor family (:func:`family_line`), one line per extractor, then one per steps where
+    the extractors disagree, or one saying they all agree."""
     rows = [r for r in rows if r["metric"] == metric and r["reference"] == reference]
     lines = []
     comparisons = list(dict.fromkeys((r["method"], r["baseline"]) for r in rows))
@@ -237,6 +286,7 @@ def conclusions(rows: Sequence[Mapping], *, metric: str = "fid", reference: str 
     for m, b in comparisons:
         mine = [r for r in rows if (r["method"], r["baseline"]) == (m, b)]
         ml, bl = mine[0]["method_label"], mine[0]["baseline_label"]
+        lines.append(family_line(mine))
         for ext in extractors:
             by = {r["steps"]: r["verdict"] for r in mine if r["extractor"] == ext}
             parts = [f"{v} at {_steps_text([s for s in by if by[s] == v])}"

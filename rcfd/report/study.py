@@ -178,7 +178,7 @@ def study_markdown(summary: Mapping, per_seed: Sequence[Mapping], *, side_by_sid
              f"references {_references_text(summary.get('num_reference'))}. Extractors: "
              + ", ".join(f"`{n}`" for n in names) + " (the `classifier` extractor is each seed's own "
              "evaluation classifier, never the distillation one; differences are paired by seed).", "",
-             "## Conclusions", "", stats.RULE, ""]
+             "## Conclusions", "", stats.RULE, "", stats.FAMILIES_TEXT, ""]
     parts += [f"- {line}" for line in summary["conclusions"]] + [""]
     parts += [f"![paired differences]({PAIRED_PLOT})", ""]
     for reference in ("test", "train"):
