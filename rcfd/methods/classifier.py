@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from rcfd.io.checkpoint import (
+    is_rcfd_checkpoint,
     load_checkpoint,
     load_classifier_checkpoint,
     make_checkpoint,
@@ -190,13 +191,43 @@ def load_classifier(source: Path | str | nn.Module, device: torch.device | str =
     return load_classifier_checkpoint(name, device, arch)
 
 
+def _our_checkpoint(source) -> dict | None:
+    """The checkpoint dict at ``source`` if it is a file of our format, else ``None``."""
+    if isinstance(source, nn.Module) or not Path(str(source)).is_file():
+        return None
+    ckpt = load_checkpoint(source)
+    return ckpt if is_rcfd_checkpoint(ckpt) else None
+
+
 def classifier_info(source) -> dict:
     """What one of our classifier checkpoints records besides weights (``role``,
     ``accuracy``, ``image_size``, ...); ``{}`` for other sources."""
-    if isinstance(source, nn.Module) or not Path(str(source)).is_file():
-        return {}
-    ckpt = load_checkpoint(source)
-    return dict(ckpt.get("extra") or {}) if isinstance(ckpt, dict) else {}
+    ckpt = _our_checkpoint(source)
+    return {} if ckpt is None else dict(ckpt.get("extra") or {})
+
+
+def classifier_record(source, role: str, extractor: str | None = None) -> dict:
+    """What ``results.json`` records of one classifier (``classifiers.<name>``): its ``role``,
+    the ``extractor`` it serves as (if any), and, for one of our checkpoints, its ``arch``,
+    ``width``, training ``steps``, ``val_accuracy`` (the accuracy that chose its weights) and
+    ``test_accuracy`` (of the kept weights on the data's held-out test split, computed when the
+    classifier stage trained it; ``None`` where none was, e.g. for a reference checkpoint)."""
+    record = {"role": role, "extractor": extractor, "arch": None, "width": None, "steps": None,
+              "val_accuracy": None, "test_accuracy": None}
+    ckpt = _our_checkpoint(source)
+    if ckpt is None:
+        return record
+    extra, config = ckpt.get("extra") or {}, ckpt.get("model_config") or {}
+    return {**record, "arch": config.get("name"), "width": config.get("width"), "steps": extra.get("steps"),
+            "val_accuracy": extra.get("accuracy"), "test_accuracy": extra.get("test_accuracy")}
+
+
+def run_classifiers(distill=None, evaluation=None) -> dict[str, dict]:
+    """``{"distill": record, "eval": record}`` (:func:`classifier_record`) of a run's
+    distillation classifier and evaluation classifier (the ``classifier`` extractor), leaving
+    out the one that is ``None``."""
+    given = {"distill": (distill, None), "eval": (evaluation, "classifier")}
+    return {role: classifier_record(src, role, ext) for role, (src, ext) in given.items() if src is not None}
 
 
 # --------------------------------------------------------------------------- the method
