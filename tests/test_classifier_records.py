@@ -1,7 +1,8 @@
 """Every classifier's accuracy reaches the reports: the classifier stage's checkpoint records
 its held-out test accuracy, :func:`rcfd.methods.classifier.run_classifiers` carries it into
 results.json, results.md shows it, and study.md gives its mean and range over seeds (or says
-it was not recorded, as in results written before it was)."""
+it was not recorded, as in results written before it was); the augmentation options of the
+stage config are checked."""
 
 import pytest
 import torch
@@ -67,3 +68,13 @@ def test_study_md_gives_mean_and_range_over_seeds(tmp_path):
     assert "| eval | eval | resnet18 | not recorded | not recorded | 0 of 10 |" in md
     older = study_report.write_study(tmp_path / "old", study(), COMPARISONS, commit="abc", platform={})
     assert "Classifier test accuracies: not recorded" in older["md"].read_text()
+
+
+def test_stage_config_pad_fill_and_cutout_fraction():
+    """The crop's fill is a value in image units or "background"; the Cutout hole a fraction
+    of the side in (0, 1]; anything else is refused with the field named."""
+    assert ClassifierStageConfig(pad_fill="background").pad_fill == "background"
+    assert ClassifierStageConfig(pad_fill=-1.0, cutout_fraction=0.25).cutout_fraction == 0.25
+    for bad in ({"pad_fill": "grey"}, {"pad_fill": 2.0}, {"cutout_fraction": 0.0}, {"cutout_fraction": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ClassifierStageConfig(**bad)

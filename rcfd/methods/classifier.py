@@ -28,7 +28,7 @@ from rcfd.io.checkpoint import (
 from rcfd.config import Decay, Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Section
 from rcfd.core.classifiers import CLASSIFIER_NAMES, ClassifierConfig, build
 from rcfd.data import DatasetSpec, ImageDataset, load_dataset, to_float
-from rcfd.data.augment import classifier_augment
+from rcfd.data.augment import classifier_augment, pad_value
 from rcfd.errors import UsageError
 from rcfd.methods.common import (
     TrainOptions,
@@ -52,7 +52,11 @@ class ClassifierStageConfig(Section):
     ``lr_decay`` at each fraction of training in ``milestones``. Train for ``epochs`` or for
     ``steps`` (exactly one is set). ``role`` says which classifier this is (``"distill"``:
     used by RCFD; ``"eval"``: the evaluation feature extractor); ``seed_offset`` makes the
-    two differ when their settings are equal."""
+    two differ when their settings are equal. Augmentation: ``pad_fill`` is what the crop's
+    border and AutoAugment's uncovered pixels are filled with, a value in image units or
+    ``"background"`` (the training images' minimum pixel value: black, -1, for the digits), so
+    that no training image shows borders the data never has; the Cutout hole is
+    ``cutout_fraction`` of each side."""
 
     role: Literal["distill", "eval"] = "distill"
     arch: Literal[TRAINABLE] = "resnet18"
@@ -69,6 +73,8 @@ class ClassifierStageConfig(Section):
     flip: bool = True
     autoaugment: bool = True
     cutout: bool = True
+    cutout_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5  # of each side of the image
+    pad_fill: Literal["background"] | Annotated[float, Field(ge=-1, le=1)] = 0.0
     seed_offset: NonNegInt = 0
     eval_interval: PosInt | None = None  # steps between validation checks; None: each epoch
     val_fraction: Annotated[Fraction, Field(gt=0, lt=1)] = 0.1  # of train, to choose the weights
@@ -131,10 +137,12 @@ def _classifier_job(cfg: ClassifierStageConfig, data: DatasetSpec | ImageDataset
     data_iter = data_batches(train, cfg.batch_size, run, STAGE, unit, cfg.seed_offset, flip=False)
     steps = cfg.steps or cfg.epochs * data_iter.batches_per_epoch
     identity = data_identity(data, full)
+    fill = pad_value(cfg.pad_fill, train.images)
 
     def loss_fn(net, x, y, info):
         x = classifier_augment(x, info.generator, crop=cfg.crop, flip=cfg.flip,
-                               autoaugment=cfg.autoaugment, cutout=cfg.cutout)
+                               autoaugment=cfg.autoaugment, cutout=cfg.cutout,
+                               cutout_fraction=cfg.cutout_fraction, pad_fill=fill)
         if cfg.options.channels_last and x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         logits, _ = net(x)
