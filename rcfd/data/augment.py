@@ -5,9 +5,11 @@ Everything works on a batch ``[B, C, H, W]`` of float images in ``[-1, 1]`` on a
 its randomness per image from an optional ``torch.Generator`` (same generator state, same
 output), and returns a new tensor of the input's shape and dtype. Sizes scale with the image:
 the crop pads by ``H / 8`` (4 at 32x32) and Cutout cuts one hole of a fraction of each
-side (:func:`cutout_hole`; by default ``H/2 x W/2``, 16x16 at 32x32). Fill values are in image units: the crop pads with mid-grey ``0`` (the reference pads
-with pixel value 128) and Cutout fills with black ``-1`` (the reference zeroes ``[0, 1]``
-pixels).
+side (:func:`cutout_hole`; by default ``H/4 x W/4``, 2x2 at 8x8; the reference's is
+``H/2 x W/2``, 16x16 at 32x32). Fill values are in image units: the crop pads with black
+``-1`` by default (the digits' background, and what torchvision's ``RandomCrop`` pads with;
+:func:`pad_value` reads a dataset's background; the reference pads with pixel value 128,
+mid-grey ``0``) and Cutout fills with black ``-1`` (the reference zeroes ``[0, 1]`` pixels).
 
 AutoAugment uses torchvision's CIFAR-10 policy table and per-op implementations on ``uint8``
 (``round((x + 1) * 127.5)``), one sub-policy per image as torchvision's ``AutoAugment`` does,
@@ -175,8 +177,8 @@ def autoaugment_cifar10(x: torch.Tensor, generator: torch.Generator | None = Non
 def classifier_augment(x: torch.Tensor, generator: torch.Generator | None = None, *,
                        crop: bool = True, flip: bool = True, autoaugment: bool = True,
                        cutout: bool = True, padding: int | None = None,
-                       cutout_size: int | tuple[int, int] | None = None, cutout_fraction: float = 0.5,
-                       pad_fill: float = 0.0, cutout_fill: float = -1.0) -> torch.Tensor:
+                       cutout_size: int | tuple[int, int] | None = None, cutout_fraction: float = 0.25,
+                       pad_fill: float = -1.0, cutout_fill: float = -1.0) -> torch.Tensor:
     """The classifier training augmentation: random crop (``padding``, default ``H / 8``; the
     border and AutoAugment's uncovered pixels filled with ``pad_fill``) -> horizontal flip ->
     AutoAugment CIFAR-10 -> Cutout (``cutout_size``, default :func:`cutout_hole` of
