@@ -8,7 +8,9 @@ from rcfd.data.augment import (
     autoaugment_cifar10,
     autoaugment_decisions,
     classifier_augment,
+    cutout_hole,
     from_uint8,
+    pad_value,
     random_crop,
     random_cutout,
     random_flip,
@@ -80,7 +82,7 @@ def test_crop_is_a_window_of_the_padded_image(padding):
 def test_crop_flip_alone_through_classifier_augment():
     x = images(12, 1, 16)
     y = classifier_augment(x, gen(2), autoaugment=False, cutout=False, padding=2)
-    padded = F.pad(x, (2,) * 4, value=0.0)
+    padded = F.pad(x, (2,) * 4, value=-1.0)  # the default fill: black
     for i in range(len(x)):
         windows = [padded[i, :, dy:dy + 16, dx:dx + 16] for dy in range(5) for dx in range(5)]
         assert any(torch.equal(y[i], w) or torch.equal(y[i], w.flip(-1)) for w in windows)
@@ -104,12 +106,12 @@ def test_cutout_sets_one_clipped_rectangle(size):
 
 
 def test_default_sizes_scale_with_the_image():
-    # 32x32: Cutout hole 16x16; 16x16 images: 8x8 hole.
+    # a quarter of the side: 32x32: Cutout hole 8x8; 16x16 images: 4x4 hole.
     for hw in (32, 16):
         x = images(32, 1, hw) * 0.9
         y = classifier_augment(x, gen(0), crop=False, flip=False, autoaugment=False)
         sides = [int((y[i, 0] == -1).any(1).sum()) for i in range(len(x))]
-        assert max(sides) == hw // 2
+        assert max(sides) == hw // 4
 
 
 def test_autoaugment_decisions_follow_the_cifar10_policy():
@@ -187,3 +189,32 @@ def test_cuda_generator_reproducible():
     g2 = torch.Generator(device="cuda").manual_seed(0)
     a, b = classifier_augment(x, g1), classifier_augment(x, g2)
     assert a.is_cuda and torch.equal(a, b) and a.shape == x.shape
+
+
+def test_a_padded_crop_of_a_black_image_stays_black():
+    """With the data's background as the fill (what the classifier stage pads with by
+    default), no crop, AutoAugment op or Cutout hole adds a pixel the data never has."""
+    black = torch.full((64, 1, 8, 8), -1.0)
+    fill = pad_value("background", torch.zeros(10, 1, 8, 8, dtype=torch.uint8))
+    assert fill == -1.0
+    y = classifier_augment(black, gen(0), flip=False, pad_fill=fill)
+    assert torch.equal(y, black)
+    grey = classifier_augment(black, gen(0), flip=False, autoaugment=False, cutout=False, pad_fill=0.0)
+    assert (grey == 0.0).any()  # the old mid-grey border shows, so the test above can fail
+
+
+def test_pad_value():
+    u = torch.tensor([[[[30, 200], [12, 255]]]], dtype=torch.uint8)
+    assert pad_value("background", u) == pytest.approx(12 / 127.5 - 1)
+    assert pad_value(0.25, u) == 0.25
+
+
+@pytest.mark.parametrize("hw,fraction,hole", [(8, 0.25, 2), (8, 0.5, 4), (32, 0.5, 16), (28, 0.25, 7), (7, 0.5, 3),
+                                              (3, 0.25, 1)])
+def test_cutout_hole_is_a_fraction_of_the_side(hw, fraction, hole):
+    assert cutout_hole(hw, hw, fraction) == (hole, hole)
+    x = images(64, 1, hw) * 0.9
+    y = classifier_augment(x, gen(0), crop=False, flip=False, autoaugment=False, cutout_fraction=fraction)
+    assert max(int((y[i, 0] == -1).any(1).sum()) for i in range(len(x))) == hole
+    with pytest.raises(ValueError, match="fraction"):
+        cutout_hole(8, 8, 0.0)

@@ -15,7 +15,7 @@ from test_stats import COMPARISONS, study
 
 from rcfd.io import grids
 from rcfd.io.files import read_jsonl
-from rcfd.report import plots
+from rcfd.report import plots, stats
 from rcfd.report import results as report
 from rcfd.report import study as study_report
 
@@ -177,13 +177,17 @@ def test_study_report_reads_the_numbers(tmp_path):
     assert "Under `a` (FID against test, 10 seeds), CFD vs PD: no difference shown at 1 and 2 steps." in md
     assert "Under `b` (FID against test, 10 seeds), Slow vs PD: worse at 1 and 2 steps." in md
     assert "**The extractors disagree** on RCFD vs PD at 1 step (in opposite directions)" in md
-    assert "FID and KID disagree on RCFD vs PD" in md and "not corrected for the number of comparisons" in md
+    assert "FID and KID disagree on RCFD vs PD" in md and "after the Holm-Bonferroni correction" in md
+    assert "| p (t) | p (t, Holm) | p (Wilcoxon) | p (Wilcoxon, Holm) |" in md
     assert "(teacher: upper bound)" in md and "## Paired differences: FID against train" in md
     summary = json.loads(paths["json"].read_text())
     assert summary["seeds"] == list(range(10)) and summary["commit"] == "abc1234"
     assert summary["runs"] == [f"seed{k}" for k in range(10)] and str(tmp_path) not in md
     assert "references 300 test / 1497 train images" in md
-    assert summary["conclusions"] == [l[2:] for l in md.splitlines() if l.startswith(("- Under", "- **The", "- All"))]
+    assert stats.FAMILIES_TEXT in md
+    section = md.split("## Conclusions")[1].split("![")[0]
+    assert summary["conclusions"] == [l[2:] for l in section.splitlines() if l.startswith("- ")]
+    assert "- RCFD vs PD by extractor family (FID against test, 10 seeds): under classifier features (`a`, `b`)" in md
     rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
     measured = sum(ref in m for r in per_seed for e in r["entries"] for m in e["metrics"].values()
                    for ref in ("test", "train"))
@@ -195,3 +199,14 @@ def test_study_report_reads_the_numbers(tmp_path):
             assert im.format == "PNG"
     with pytest.raises(ValueError, match="at least one seed"):
         study_report.write_study(tmp_path, [], COMPARISONS, commit="x", platform={})
+
+
+def test_paired_table_prints_raw_and_holm_p():
+    base = {"method": "rcfd", "baseline": "pd", "method_label": "RCFD", "baseline_label": "PD", "metric": "fid",
+            "reference": "test", "mean": -1.0, "ci_low": -1.5, "ci_high": -0.5, "p_t": 0.03, "p_wilcoxon": 0.02,
+            "method_better_in": 9, "n": 10}
+    rows = stats.adjust_rows([dict(base, extractor="a", steps=1), dict(base, extractor="a", steps=2)])
+    table = study_report.paired_table(rows, "fid", "test").splitlines()
+    assert len(table) == 4 and all(line.count("|") == 12 for line in table)
+    assert table[2] == ("| RCFD − PD | `a` | 1 | -1.000 | [-1.500, -0.500] | 0.03 | 0.06 | 0.02 | 0.04 | 9 of 10 "
+                        "| no difference shown (unadjusted: better) |")

@@ -266,3 +266,103 @@ def test_cells_and_summaries():
     assert s["mean"] == pytest.approx(np.mean(v)) and s["std"] == pytest.approx(np.std(v, ddof=1)) and s["n"] == 10
     assert stats.value(per_seed[0]["entries"][0], "is", "a", "test") == 5.0
     assert stats.value(per_seed[0]["entries"][0], "fid", "missing", "test") is None
+
+
+# --------------------------------------------------------------------------- Holm-Bonferroni
+
+
+def test_holm_by_hand():
+    """m = 4: sorted 0.005, 0.01, 0.03, 0.04 -> 4 x 0.005 = 0.02, 3 x 0.01 = 0.03,
+    2 x 0.03 = 0.06, max(0.06, 1 x 0.04) = 0.06; returned in the input's order."""
+    got = stats.holm([0.01, 0.04, 0.03, 0.005])
+    assert got == pytest.approx([0.03, 0.06, 0.06, 0.02], rel=1e-12)
+    assert stats.holm([0.3, None, 0.02]) == pytest.approx([0.3, None, 0.04])  # None: not counted in m
+    assert stats.holm([0.7, 0.6]) == [1.0, 1.0]  # capped at 1
+    assert stats.holm([]) == []
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        stats.holm([0.5, 1.5])
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 18])
+def test_holm_closed_forms(m):
+    """Equal p-values all become ``min(1, m p)`` (Bonferroni); one p alone is unchanged; the
+    adjusted values keep the raw order, are never below the raw p nor above Bonferroni's."""
+    assert stats.holm([0.002] * m) == pytest.approx([min(1.0, m * 0.002)] * m, rel=1e-12)
+    p = list(np.random.RandomState(m).uniform(0, 0.2, m))
+    adj = stats.holm(p)
+    for raw, a in zip(p, adj):
+        assert raw <= a <= min(1.0, m * raw) + 1e-15
+    order = np.argsort(p, kind="stable")
+    assert all(adj[i] <= adj[j] for i, j in zip(order, order[1:]))
+
+
+def _row(p_t, p_w, metric="fid", reference="test", mean=-1.0):
+    return {"metric": metric, "reference": reference, "mean": mean, "ci_low": mean - 0.5, "ci_high": mean + 0.5,
+            "p_t": p_t, "p_wilcoxon": p_w}
+
+
+def test_holm_flips_a_verdict_and_keeps_the_raw_p():
+    """Alone, p = 0.03 / 0.02 shows a difference; in a family of two the adjusted t p is 0.06
+    and the verdict becomes no difference; another table is another family."""
+    (alone,) = stats.adjust_rows([_row(0.03, 0.02)])
+    assert alone["verdict"] == alone["verdict_unadjusted"] == stats.BETTER and alone["holm_family"] == 1
+    two = stats.adjust_rows([_row(0.03, 0.02), _row(0.03, 0.02), _row(0.03, 0.02, reference="train")])
+    for r in two[:2]:
+        assert r["p_t"] == 0.03 and r["p_t_holm"] == pytest.approx(0.06) and r["p_wilcoxon_holm"] == pytest.approx(0.04)
+        assert r["verdict_unadjusted"] == stats.BETTER and r["verdict"] == stats.NO_DIFFERENCE and r["holm_family"] == 2
+    assert two[2]["verdict"] == stats.BETTER and two[2]["holm_family"] == 1
+
+
+def test_study_rows_carry_holm_per_table():
+    rows = stats.paired_comparisons(study(), COMPARISONS)
+    fid = [r for r in rows if (r["metric"], r["reference"]) == ("fid", "test")]
+    assert len(fid) == 12 and all(r["holm_family"] == 12 for r in fid)  # 3 comparisons x 2 extractors x 2 steps
+    adj = stats.holm([r["p_wilcoxon"] for r in fid])
+    assert [r["p_wilcoxon_holm"] for r in fid] == pytest.approx(adj)
+    for r in rows:
+        assert r["p_t_holm"] >= r["p_t"] and r["p_wilcoxon_holm"] >= r["p_wilcoxon"]
+        assert r["verdict"] == stats.verdict(r, stats.LOWER_IS_BETTER[r["metric"]], p_keys=stats.HOLM_KEYS)
+
+
+# --------------------------------------------------------------------------- extractor families
+
+
+def renamed(per_seed, names):
+    """``per_seed`` with its extractors renamed by ``names`` (old -> list of new names: an
+    extractor may be copied under several names)."""
+    out = []
+    for r in per_seed:
+        new = [n for old in r["extractors"] for n in names[old]]
+        entries = [{**e, "metrics": {n: e["metrics"][old] for old in r["extractors"] for n in names[old]}}
+                   for e in r["entries"]]
+        out.append({**r, "extractors": new, "primary": {"extractor": new[0], "reference": "test"},
+                    "extractor_details": {n: n for n in new}, "entries": entries})
+    return out
+
+
+def test_extractor_families():
+    assert [stats.extractor_family(n) for n in ("classifier", "inception", "mlp-classifier")] == \
+        [stats.CLASSIFIER_FEATURES] * 3
+    assert [stats.extractor_family(n) for n in ("random-conv", "pixels", "pca")] == [stats.CLASSIFIER_FREE_FEATURES] * 3
+
+
+def test_conclusions_per_family():
+    """`classifier` favours RCFD, the classifier-free `pixels` and `random-conv` do not: the
+    family line says so; a family whose members disagree is called mixed."""
+    rows = stats.paired_comparisons(renamed(study(), {"a": ["classifier"], "b": ["pixels", "random-conv"]}),
+                                    COMPARISONS)
+    lines = stats.conclusions(rows, metric="fid", reference="test")
+    assert ("RCFD vs PD by extractor family (FID against test, 10 seeds): under classifier features (`classifier`) "
+            "better at 1 and 2 steps; under classifier-free features (`pixels`, `random-conv`) worse at 1 step, "
+            "no difference shown at 2 steps.") in lines
+    assert ("Slow vs PD by extractor family (FID against test, 10 seeds): under classifier features (`classifier`) "
+            "worse at 1 and 2 steps; under classifier-free features (`pixels`, `random-conv`) worse at 1 and 2 "
+            "steps.") in lines
+    assert "All 3 extractors agree on Slow vs PD at every step count." in lines
+    assert not any("All 3 extractors agree on RCFD" in line or "every extractor" in line for line in lines)
+    mixed = stats.conclusions(stats.paired_comparisons(
+        renamed(study(), {"a": ["classifier"], "b": ["inception", "pixels"]}), COMPARISONS))
+    assert ("RCFD vs PD by extractor family (FID against test, 10 seeds): under classifier features (`classifier`, "
+            "`inception`) mixed (better under `classifier`, worse under `inception`) at 1 step, mixed (better under "
+            "`classifier`, no difference shown under `inception`) at 2 steps; under classifier-free features "
+            "(`pixels`) worse at 1 step, no difference shown at 2 steps.") in mixed

@@ -4,10 +4,12 @@ horizontal flip, AutoAugment's CIFAR-10 policy, Cutout, in the reference's order
 Everything works on a batch ``[B, C, H, W]`` of float images in ``[-1, 1]`` on any device, draws
 its randomness per image from an optional ``torch.Generator`` (same generator state, same
 output), and returns a new tensor of the input's shape and dtype. Sizes scale with the image:
-the crop pads by ``H / 8`` (4 at 32x32) and Cutout cuts one ``H/2 x W/2`` hole (16x16 at
-32x32). Fill values are in image units: the crop pads with mid-grey ``0`` (the reference pads
-with pixel value 128) and Cutout fills with black ``-1`` (the reference zeroes ``[0, 1]``
-pixels).
+the crop pads by ``H / 8`` (4 at 32x32) and Cutout cuts one hole of a fraction of each
+side (:func:`cutout_hole`; by default ``H/4 x W/4``, 2x2 at 8x8; the reference's is
+``H/2 x W/2``, 16x16 at 32x32). Fill values are in image units: the crop pads with black
+``-1`` by default (the digits' background, and what torchvision's ``RandomCrop`` pads with;
+:func:`pad_value` reads a dataset's background; the reference pads with pixel value 128,
+mid-grey ``0``) and Cutout fills with black ``-1`` (the reference zeroes ``[0, 1]`` pixels).
 
 AutoAugment uses torchvision's CIFAR-10 policy table and per-op implementations on ``uint8``
 (``round((x + 1) * 127.5)``), one sub-policy per image as torchvision's ``AutoAugment`` does,
@@ -175,11 +177,13 @@ def autoaugment_cifar10(x: torch.Tensor, generator: torch.Generator | None = Non
 def classifier_augment(x: torch.Tensor, generator: torch.Generator | None = None, *,
                        crop: bool = True, flip: bool = True, autoaugment: bool = True,
                        cutout: bool = True, padding: int | None = None,
-                       cutout_size: int | tuple[int, int] | None = None,
-                       pad_fill: float = 0.0, cutout_fill: float = -1.0) -> torch.Tensor:
-    """The classifier training augmentation: random crop (``padding``, default ``H / 8``) ->
-    horizontal flip -> AutoAugment CIFAR-10 -> Cutout (``cutout_size``, default half the
-    image). ``x``: ``[B, C, H, W]`` floats in ``[-1, 1]``; returns the same shape and dtype."""
+                       cutout_size: int | tuple[int, int] | None = None, cutout_fraction: float = 0.25,
+                       pad_fill: float = -1.0, cutout_fill: float = -1.0) -> torch.Tensor:
+    """The classifier training augmentation: random crop (``padding``, default ``H / 8``; the
+    border and AutoAugment's uncovered pixels filled with ``pad_fill``) -> horizontal flip ->
+    AutoAugment CIFAR-10 -> Cutout (``cutout_size``, default :func:`cutout_hole` of
+    ``cutout_fraction``). ``x``: ``[B, C, H, W]`` floats in ``[-1, 1]``; returns the same shape
+    and dtype."""
     _check(x)
     H, W = x.shape[-2:]
     if crop:
@@ -190,6 +194,27 @@ def classifier_augment(x: torch.Tensor, generator: torch.Generator | None = None
     if autoaugment:
         x = autoaugment_cifar10(x, generator, fill=pad_fill)
     if cutout:
-        size = (max(1, H // 2), max(1, W // 2)) if cutout_size is None else cutout_size
+        size = cutout_hole(H, W, cutout_fraction) if cutout_size is None else cutout_size
         x = random_cutout(x, size, generator, fill=cutout_fill)
     return x
+
+
+def pad_value(pad_fill: str | float, images: torch.Tensor) -> float:
+    """The crop's fill in image units: ``pad_fill`` itself, or for ``"background"`` the
+    smallest pixel value of ``images`` (``uint8``, as datasets hold them) in ``[-1, 1]``: black
+    (-1) for the digits, whose background is black. Padding with it adds no border the data
+    never shows (a mid-grey border teaches a classifier to ignore grey specks)."""
+    if pad_fill != "background":
+        return float(pad_fill)
+    if images.dtype != torch.uint8 or images.numel() == 0:
+        raise ValueError(f"pad_fill='background' needs uint8 training images, got {images.dtype} "
+                         f"of shape {tuple(images.shape)}")
+    return float(from_uint8(images.min().reshape(1))[0])
+
+
+def cutout_hole(height: int, width: int, fraction: float = 0.5) -> tuple[int, int]:
+    """The Cutout hole of an ``height x width`` image: ``fraction`` of each side, rounded
+    down, at least 1 pixel (``0.5``: the reference's 16x16 at 32x32, 4x4 at 8x8)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"cutout fraction must be in (0, 1], got {fraction}")
+    return max(1, int(height * fraction)), max(1, int(width * fraction))

@@ -1,5 +1,6 @@
 """What a run leaves behind for people to read: ``results.json`` and ``results.md`` (a table
-in the shape of the paper's Table 1, one table per extractor, the noise floors, the samples
+in the shape of the paper's Table 1, one table per extractor, the classifiers and their
+accuracies, the noise floors, the samples
 of every row side by side, loss curves, FID against steps). Figures are :mod:`rcfd.report.plots`;
 a multi-seed study is :mod:`rcfd.report.study`.
 
@@ -150,6 +151,26 @@ def floors_table(results: Mapping | Results) -> str:
     return "\n".join(lines)
 
 
+def fmt_accuracy(v) -> str:
+    """A top-1 accuracy in percent, ``not recorded`` where missing."""
+    return "not recorded" if v is None or not math.isfinite(v) else f"{100 * v:.2f}%"
+
+
+def classifiers_table(results: Mapping | Results) -> str:
+    """Every classifier of the run: role, the extractor it serves as, architecture, training
+    steps, validation and held-out test accuracy. "" when none is recorded (older results)."""
+    r = check_results(results)
+    if not r.classifiers:
+        return ""
+    lines = ["| classifier | role | extractor | architecture | steps | validation accuracy | test accuracy |",
+             "|---" * 7 + "|"]
+    for name, c in r.classifiers.items():
+        arch = _or(c.arch) + ("" if c.width is None else f" (width {c.width})")
+        lines.append(f"| {name} | {_or(c.role)} | {'`' + c.extractor + '`' if c.extractor else '-'} | {arch} | "
+                     f"{_or(c.steps)} | {fmt_accuracy(c.val_accuracy)} | {fmt_accuracy(c.test_accuracy)} |")
+    return "\n".join(lines)
+
+
 def _or(value, missing: str = "?"):
     return missing if value is None else value
 
@@ -196,6 +217,8 @@ def results_markdown(results: Mapping | Results, *, title: str | None = None) ->
     parts = [f"# {title}", "", measurement_note(r), "", results_table(r), ""]
     for name in r.extractors:
         parts += [f"## Extractor `{name}`", "", extractor_table(r, name), ""]
+    classifiers = classifiers_table(r)
+    parts += ["## Classifiers", "", classifiers or "Classifier accuracies: not recorded in these results.", ""]
     floors = floors_table(r)
     if floors:
         parts += ["## Noise floors", "",

@@ -101,6 +101,21 @@ class Teacher(_Model):
     steps: int
 
 
+class ClassifierRecord(_Model):
+    """A classifier the run trained or used (``classifiers.<name>`` in ``results.json``): its
+    role (``"distill"``: what RCFD/CFD distill into; ``"eval"``: the ``classifier`` extractor),
+    architecture, and its accuracy on the validation part that chose its weights and on the
+    data's held-out test split (``None``: not recorded)."""
+
+    role: str | None = None
+    extractor: str | None = None
+    arch: str | None = None
+    width: int | None = None
+    steps: int | None = None
+    val_accuracy: Number = Field(None, description="top-1 on the validation part of the training split")
+    test_accuracy: Number = Field(None, description="top-1 on the held-out test split")
+
+
 class Results(_Model):
     """A run's results (the keys ``results.json`` holds; see :mod:`rcfd.report.results`)."""
 
@@ -123,6 +138,7 @@ class Results(_Model):
     side_by_side: str | None = None
     loss_curves: str | None = None
     timings: dict[str, float] = Field(default_factory=dict)
+    classifiers: dict[str, ClassifierRecord] = Field(default_factory=dict)  # absent before they were recorded
 
     def is_teacher(self, entry: Entry) -> bool:
         """Whether ``entry`` is the distillation teacher's cell (the students' upper bound)."""

@@ -1,6 +1,7 @@
 """Study statistics over seeds: per-cell mean and spread, the paired differences of a method
 against its baseline with a 95% t-interval, a paired t-test and a Wilcoxon signed-rank test,
-and the verdict each comparison gets by the fixed rule :data:`RULE`.
+the Holm-Bonferroni adjustment of those p-values across each table's comparisons, and the
+verdict each comparison gets by the fixed rule :data:`RULE`.
 
 Inputs are the per-seed results dicts of a study (:mod:`rcfd.report.results` describes them), one
 per seed, each a full run with its own classifiers; a cell is ``(row key, steps)``, and a
@@ -24,9 +25,13 @@ MIN_SEEDS_WILCOXON = 6  # the smallest n at which the exact two-sided Wilcoxon p
 RULE = ("A method is called **better** (or **worse**) than its baseline at a number of steps, "
         "under one extractor and reference, only when the 95% t-interval of its per-seed paired "
         "difference lies entirely on the better (worse) side of 0 *and* both the paired t-test and "
-        "the Wilcoxon signed-rank test give p < 0.05 (two-sided); otherwise the verdict is **no "
-        "difference shown**. With fewer than 6 seeds the Wilcoxon test cannot reach p < 0.05, so no "
-        "difference can be shown. The tests are not corrected for the number of comparisons made.")
+        "the Wilcoxon signed-rank test give p < 0.05 (two-sided) after the Holm-Bonferroni "
+        "correction; otherwise the verdict is **no difference shown**. Holm is applied across every "
+        "(comparison, extractor, steps) cell of one table (one metric against one reference; the "
+        "conclusions read the FID table against the primary reference), to the t-test p-values and "
+        "to the Wilcoxon p-values separately; the tables print both the raw and the Holm-adjusted p. "
+        "With fewer than 6 seeds the Wilcoxon test cannot reach p < 0.05, so no difference can be "
+        "shown.")
 
 
 # --------------------------------------------------------------------------- reading values
@@ -102,12 +107,15 @@ def paired_test(diffs: Sequence[float], confidence: float = CONFIDENCE) -> dict:
     return out
 
 
-def verdict(test: Mapping, lower_is_better: bool = True, alpha: float = ALPHA) -> str:
+def verdict(test: Mapping, lower_is_better: bool = True, alpha: float = ALPHA,
+            p_keys: tuple[str, str] = ("p_t", "p_wilcoxon")) -> str:
     """:data:`BETTER`, :data:`WORSE` or :data:`NO_DIFFERENCE` for a :func:`paired_test` of
-    ``method - baseline`` by :data:`RULE`."""
-    if test.get("ci_low") is None or test.get("p_t") is None or test.get("p_wilcoxon") is None:
+    ``method - baseline`` by :data:`RULE`, reading the two p-values under ``p_keys`` (the raw
+    ones by default; :data:`HOLM_KEYS` for the adjusted ones)."""
+    p = [test.get(k) for k in p_keys]
+    if test.get("ci_low") is None or None in p:
         return NO_DIFFERENCE
-    if test["p_t"] >= alpha or test["p_wilcoxon"] >= alpha:
+    if p[0] >= alpha or p[1] >= alpha:
         return NO_DIFFERENCE
     below, above = test["ci_high"] < 0, test["ci_low"] > 0
     if below or above:
@@ -115,12 +123,59 @@ def verdict(test: Mapping, lower_is_better: bool = True, alpha: float = ALPHA) -
     return NO_DIFFERENCE
 
 
+# --------------------------------------------------------------------------- multiple comparisons
+
+HOLM_KEYS = ("p_t_holm", "p_wilcoxon_holm")
+
+
+def holm(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm-Bonferroni adjusted p-values (Holm, 1979), in the input's order: with the ``m``
+    given p sorted ``p_(1) <= ... <= p_(m)``, ``p~_(i) = min(1, max_{j <= i} (m - j + 1) p_(j))``.
+    A hypothesis is rejected at level ``alpha`` exactly when ``p~ < alpha``, the step-down test
+    that controls the family-wise error rate. ``None`` (no test) stays ``None`` and is not counted
+    in ``m``."""
+    given = [(i, float(p)) for i, p in enumerate(pvalues) if p is not None]
+    if any(not 0 <= p <= 1 for _, p in given):
+        raise ValueError(f"p-values must lie in [0, 1], got {list(pvalues)!r}")
+    m, out, running = len(given), [None] * len(pvalues), 0.0
+    for rank, (i, p) in enumerate(sorted(given, key=lambda ip: ip[1])):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
+def family_key(row: Mapping) -> tuple[str, str]:
+    """The Holm family a comparison row belongs to: its table, ``(metric, reference)``; the
+    family holds every (comparison, extractor, steps) row of that table."""
+    return row["metric"], row["reference"]
+
+
+def adjust_rows(rows: Sequence[dict]) -> list[dict]:
+    """``rows`` of :func:`paired_comparisons` with Holm-adjusted p-values per family
+    (:func:`family_key`): ``p_t_holm`` and ``p_wilcoxon_holm`` (the raw ``p_t`` and ``p_wilcoxon``
+    kept), ``holm_family`` (how many rows the family has), ``verdict`` on the adjusted p and
+    ``verdict_unadjusted`` on the raw p (new dicts, in the same order)."""
+    out = [dict(r) for r in rows]
+    for family in dict.fromkeys(family_key(r) for r in out):
+        mine = [r for r in out if family_key(r) == family]
+        for raw, adjusted in zip(("p_t", "p_wilcoxon"), HOLM_KEYS):
+            for r, p in zip(mine, holm([r[raw] for r in mine])):
+                r[adjusted] = p
+        for r in mine:
+            lower = LOWER_IS_BETTER[r["metric"]]
+            r["holm_family"] = len(mine)
+            r["verdict_unadjusted"] = verdict(r, lower)
+            r["verdict"] = verdict(r, lower, p_keys=HOLM_KEYS)
+    return out
+
+
 def paired_comparisons(per_seed: Sequence[Mapping], comparisons: Sequence[tuple[str, str]], *,
                        metrics: Sequence[str] = ("fid", "kid"), extractors: Sequence[str] | None = None,
                        references: Sequence[str] = ("test", "train")) -> list[dict]:
     """One row per (comparison, extractor, reference, metric, steps both rows have): the
     per-seed differences ``method - baseline`` (seeds where either is missing are dropped),
-    :func:`paired_test`, how many seeds the method is better in, and the :func:`verdict`.
+    :func:`paired_test`, how many seeds the method is better in, the Holm-adjusted p-values
+    and the :func:`verdict` on them (:func:`adjust_rows`).
     ``comparisons``: ``(method key, baseline key)`` pairs of row keys."""
     if not per_seed:
         raise ValueError("a study needs the results of at least one seed")
@@ -143,7 +198,7 @@ def paired_comparisons(per_seed: Sequence[Mapping], comparisons: Sequence[tuple[
                     for s in sorted(steps_of[method] & steps_of[baseline]):
                         rows.append(_comparison_row(per_seed, seeds, method, baseline, s, metric, extractor,
                                                     reference, labels))
-    return [r for r in rows if r is not None]
+    return adjust_rows([r for r in rows if r is not None])
 
 
 def _comparison_row(per_seed, seeds, method, baseline, steps, metric, extractor, reference, labels):
@@ -159,7 +214,7 @@ def _comparison_row(per_seed, seeds, method, baseline, steps, metric, extractor,
     return {"method": method, "baseline": baseline, "method_label": labels[method],
             "baseline_label": labels[baseline], "steps": steps, "metric": metric, "extractor": extractor,
             "reference": reference, "seeds": [s for s, _ in pairs], "diffs": diffs, **test,
-            "method_better_in": int(better), "verdict": verdict(test, lower)}
+            "method_better_in": int(better)}
 
 
 # --------------------------------------------------------------------------- conclusions
@@ -171,10 +226,59 @@ def _steps_text(steps: Sequence[int]) -> str:
     return f"{text} step{'s' if len(s) > 1 or s[0] != '1' else ''}"
 
 
+# --------------------------------------------------------------------------- extractor families
+
+CLASSIFIER_FREE = ("random-conv", "pixels", "pca")
+CLASSIFIER_FEATURES, CLASSIFIER_FREE_FEATURES = "classifier features", "classifier-free features"
+MIXED = "mixed"
+FAMILIES_TEXT = ("Extractor families: *classifier-free features* are `random-conv`, `pixels` and `pca` (no "
+                 "trained classifier in them); every other extractor (`classifier`, any other trained "
+                 "classifier, `inception`) gives *classifier features*. A family is **mixed** at a number "
+                 "of steps where its extractors' verdicts differ.")
+
+
+def extractor_family(name: str) -> str:
+    """:data:`CLASSIFIER_FREE_FEATURES` for the extractors no trained classifier is in
+    (:data:`CLASSIFIER_FREE`: a random conv net, raw pixels, PCA of pixels);
+    :data:`CLASSIFIER_FEATURES` for every other (the evaluation classifier, any other trained
+    classifier, Inception). The two families can rank methods differently: a classifier is
+    taught which pixel changes not to see."""
+    return CLASSIFIER_FREE_FEATURES if name in CLASSIFIER_FREE else CLASSIFIER_FEATURES
+
+
+def _family_verdict(verdicts: Mapping[str, str]) -> str:
+    """The family's verdict at one step count: the one its extractors share, else ``mixed
+    (... under `a`, ... under `b`)``."""
+    if len(set(verdicts.values())) == 1:
+        return next(iter(verdicts.values()))
+    return f"{MIXED} (" + ", ".join(f"{v} under `{e}`" for e, v in verdicts.items()) + ")"
+
+
+def family_line(rows: Sequence[Mapping]) -> str:
+    """One conclusion line for the rows of one comparison (one metric and reference): the
+    verdict per extractor family, ``under classifier features (...) worse at 1 step, ...; under
+    classifier-free features (...) ...``; a family whose extractors disagree is ``mixed``."""
+    r0 = rows[0]
+    n = max(r["n"] for r in rows)
+    parts = []
+    for family in (CLASSIFIER_FEATURES, CLASSIFIER_FREE_FEATURES):
+        mine = [r for r in rows if extractor_family(r["extractor"]) == family]
+        if not mine:
+            continue
+        names = list(dict.fromkeys(r["extractor"] for r in mine))
+        at = {s: _family_verdict({r["extractor"]: r["verdict"] for r in mine if r["steps"] == s})
+              for s in sorted({r["steps"] for r in mine})}
+        said = ", ".join(f"{v} at {_steps_text([s for s in at if at[s] == v])}" for v in dict.fromkeys(at.values()))
+        parts.append(f"under {family} (" + ", ".join(f"`{e}`" for e in names) + f") {said}")
+    return (f"{r0['method_label']} vs {r0['baseline_label']} by extractor family ({r0['metric'].upper()} "
+            f"against {r0['reference']}, {n} seeds): " + "; ".join(parts) + ".")
+
+
 def conclusions(rows: Sequence[Mapping], *, metric: str = "fid", reference: str = "test") -> list[str]:
     """The conclusion lines, generated from the verdicts of :func:`paired_comparisons` by
-    :data:`RULE`: one per (comparison, extractor) for ``metric`` against ``reference``, then
-    one per (comparison, steps) where the extractors disagree, or one saying they agree."""
+    :data:`RULE`, for ``metric`` against ``reference``: per comparison, its verdict per
+    extractor family (:func:`family_line`), one line per extractor, then one per steps where
+    the extractors disagree, or one saying they all agree."""
     rows = [r for r in rows if r["metric"] == metric and r["reference"] == reference]
     lines = []
     comparisons = list(dict.fromkeys((r["method"], r["baseline"]) for r in rows))
@@ -182,6 +286,7 @@ def conclusions(rows: Sequence[Mapping], *, metric: str = "fid", reference: str 
     for m, b in comparisons:
         mine = [r for r in rows if (r["method"], r["baseline"]) == (m, b)]
         ml, bl = mine[0]["method_label"], mine[0]["baseline_label"]
+        lines.append(family_line(mine))
         for ext in extractors:
             by = {r["steps"]: r["verdict"] for r in mine if r["extractor"] == ext}
             parts = [f"{v} at {_steps_text([s for s in by if by[s] == v])}"

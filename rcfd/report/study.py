@@ -4,9 +4,9 @@ figures, from the per-seed results dicts (:mod:`rcfd.report.results`) and the co
 ``study.md`` holds, in this order: the setting (commit, platform, seeds, measurement), the
 conclusion lines generated from the numbers by the fixed rule :data:`rcfd.report.stats.RULE` (one
 per extractor, and a line wherever the extractors disagree), the paired tables (mean
-difference, 95% interval, paired t and Wilcoxon p, seeds in which the method is better,
-verdict), the mean ± std of every cell per extractor with the teacher labelled as the upper
-bound, the noise floors over seeds and the raw per-seed numbers of the primary extractor.
+difference, 95% interval, paired t and Wilcoxon p, raw and Holm-adjusted, seeds in which the
+method is better, verdict), the mean ± std of every cell per extractor with the teacher labelled as the upper
+bound, the classifiers' test accuracies over seeds, the noise floors over seeds and the raw per-seed numbers of the primary extractor.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from rcfd.report import stats
 from rcfd.io.files import write_text
 from rcfd.report.plots import plot_metric_vs_steps, plot_paired_differences
-from rcfd.report.results import check_results, fmt_fixed, fmt_sig, steps_label
+from rcfd.report.results import check_results, fmt_accuracy, fmt_fixed, fmt_sig, steps_label
 
 STUDY_JSON, STUDY_MD, PER_SEED_CSV = "study.json", "study.md", "per_seed.csv"
 PAIRED_PLOT, FID_PLOT = "paired_differences.png", "fid_vs_steps.png"
@@ -77,19 +77,59 @@ def aggregate_table(per_seed: Sequence[Mapping], extractor: str, reference: str,
 
 def paired_table(rows: Sequence[Mapping], metric: str, reference: str) -> str:
     """The paired comparisons of one metric and reference, one line per (comparison,
-    extractor, steps)."""
+    extractor, steps): raw and Holm-adjusted p of both tests, the verdict (on the adjusted p)."""
     rows = [r for r in rows if r["metric"] == metric and r["reference"] == reference]
     if not rows:
         return ""
     fmt = fmt_sig if metric == "kid" else (lambda v: fmt_fixed(v, 3))
-    lines = [(f"| comparison | extractor | steps | mean Δ{metric.upper()} | 95% interval | p (t) | p (Wilcoxon) "
-              "| method better in | verdict |"), "|---|---|---|---|---|---|---|---|---|"]
+    lines = [(f"| comparison | extractor | steps | mean Δ{metric.upper()} | 95% interval | p (t) | p (t, Holm) "
+              "| p (Wilcoxon) | p (Wilcoxon, Holm) | method better in | verdict |"), "|---" * 11 + "|"]
     for r in rows:
         ci = "n/a" if r["ci_low"] is None else f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]"
-        p = [("n/a" if r[k] is None else f"{r[k]:.3g}") for k in ("p_t", "p_wilcoxon")]
+        p = [_p(r.get(k)) for k in ("p_t", "p_t_holm", "p_wilcoxon", "p_wilcoxon_holm")]
         lines.append(f"| {r['method_label']} − {r['baseline_label']} | `{r['extractor']}` | {r['steps']} | "
-                     f"{fmt(r['mean'])} | {ci} | {p[0]} | {p[1]} | {r['method_better_in']} of {r['n']} | "
-                     f"{r['verdict']} |")
+                     f"{fmt(r['mean'])} | {ci} | {' | '.join(p)} | {r['method_better_in']} of {r['n']} | "
+                     f"{r['verdict']}{_flip(r)} |")
+    return "\n".join(lines)
+
+
+def _p(value) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def _flip(row: Mapping) -> str:
+    """`` (unadjusted: worse)`` where the Holm correction changed the verdict."""
+    raw = row.get("verdict_unadjusted")
+    return "" if raw is None or raw == row["verdict"] else f" (unadjusted: {raw})"
+
+
+def classifier_accuracies(per_seed: Sequence[Mapping]) -> list[dict]:
+    """Per classifier (``classifiers`` of the seeds' results, in order of appearance): its role,
+    architecture, and the test accuracy over the seeds that recorded it (``values``, mean, min,
+    max, ``n`` of ``seeds``); ``[]`` when no seed recorded any classifier."""
+    typed = [check_results(r) for r in per_seed]
+    names = list(dict.fromkeys(n for r in typed for n in r.classifiers))
+    out = []
+    for name in names:
+        mine = [r.classifiers[name] for r in typed if name in r.classifiers]
+        values = [c.test_accuracy for c in mine if c.test_accuracy is not None]
+        out.append({"name": name, "role": mine[0].role, "arch": mine[0].arch, "values": values, "n": len(values),
+                    "seeds": len(per_seed), "mean": sum(values) / len(values) if values else None,
+                    "min": min(values, default=None), "max": max(values, default=None)})
+    return out
+
+
+def classifiers_summary(accuracies: Sequence[Mapping]) -> str:
+    """The test accuracy of every classifier over seeds: mean and range, and how many seeds
+    recorded it; "not recorded" where none did."""
+    if not accuracies:
+        return "Classifier test accuracies: not recorded (these results predate them)."
+    lines = ["| classifier | role | architecture | test accuracy, mean | range over seeds | seeds recorded |",
+             "|---" * 6 + "|"]
+    for c in accuracies:
+        rng = "not recorded" if not c["n"] else f"{fmt_accuracy(c['min'])} – {fmt_accuracy(c['max'])}"
+        lines.append(f"| {c['name']} | {c['role'] or '?'} | {c['arch'] or '?'} | {fmt_accuracy(c['mean'])} | {rng} | "
+                     f"{c['n']} of {c['seeds']} |")
     return "\n".join(lines)
 
 
@@ -153,7 +193,8 @@ def study_summary(per_seed: Sequence[Mapping], comparisons: Sequence[tuple[str, 
             "extractors": names, "extractor_details": [r.get("extractor_details") for r in per_seed],
             "primary": first["primary"], "teacher": first.get("teacher"), "measurement": first.get("measurement"),
             "comparisons": [list(c) for c in comparisons], "rule": stats.RULE, "conclusions": conclusions,
-            "paired": paired, "cells": summaries, "runs": _run_names(per_seed, out_dir)}
+            "paired": paired, "cells": summaries, "classifiers": classifier_accuracies(per_seed),
+            "runs": _run_names(per_seed, out_dir)}
 
 
 def study_markdown(summary: Mapping, per_seed: Sequence[Mapping], *, side_by_side: str | None = None,
@@ -168,7 +209,7 @@ def study_markdown(summary: Mapping, per_seed: Sequence[Mapping], *, side_by_sid
              f"references {_references_text(summary.get('num_reference'))}. Extractors: "
              + ", ".join(f"`{n}`" for n in names) + " (the `classifier` extractor is each seed's own "
              "evaluation classifier, never the distillation one; differences are paired by seed).", "",
-             "## Conclusions", "", stats.RULE, ""]
+             "## Conclusions", "", stats.RULE, "", stats.FAMILIES_TEXT, ""]
     parts += [f"- {line}" for line in summary["conclusions"]] + [""]
     parts += [f"![paired differences]({PAIRED_PLOT})", ""]
     for reference in ("test", "train"):
@@ -180,6 +221,7 @@ def study_markdown(summary: Mapping, per_seed: Sequence[Mapping], *, side_by_sid
     parts += [f"## Mean ± std over seeds (FID against {ref})", "", f"![FID against steps]({FID_PLOT})", ""]
     for n in names:
         parts += [f"### `{n}`", "", aggregate_table(per_seed, n, ref), ""]
+    parts += ["## Classifiers over seeds", "", classifiers_summary(summary.get("classifiers") or []), ""]
     parts += ["## Noise floors over seeds", "", floors_summary(per_seed), ""]
     if side_by_side:
         parts += ["## Samples (first seed)", "", f"![samples]({side_by_side})", ""]

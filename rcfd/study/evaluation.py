@@ -15,6 +15,7 @@ from rcfd.evaluation import (
     panel_names,
 )
 from rcfd.methods import registry
+from rcfd.methods.classifier import run_classifiers
 from rcfd.report.plots import plot_loss_curves
 from rcfd.report.results import LOSS_PLOT, results_table, write_results
 from rcfd.samplers import sampling_dtype
@@ -62,7 +63,7 @@ def check_evaluation(cfg) -> str:
 def evaluate_run(cfg, rows, run_dir: Path, device, dist, progress: bool = True) -> dict | None:
     """Sample and measure every row with the run's panel; on rank 0 write the grids and
     return the results dict (``None`` on the other ranks)."""
-    references, panel = None, ()
+    references, panel, classifiers = None, (), {}
     if dist.is_main:
         references = References(load_references(cfg.data), device=device,
                                 batch_size=cfg.eval.batch_size, cache_dir=run_dir / FEATURES_DIR)
@@ -72,6 +73,7 @@ def evaluate_run(cfg, rows, run_dir: Path, device, dist, progress: bool = True) 
                             classifier=eval_ckpt, distillation_classifier=distill,
                             distillation_arch=arch, inception_weights=cfg.eval.inception_weights,
                             device=device)
+        classifiers = run_classifiers(distill=distill, evaluation=eval_ckpt)
 
     def load_model(row):
         return load_diffusion_checkpoint(checkpoint_path(run_dir, row.stage, row.unit), device)
@@ -80,7 +82,7 @@ def evaluate_run(cfg, rows, run_dir: Path, device, dist, progress: bool = True) 
                             extractors=panel, device=device, dist=dist, seed=cfg.seed,
                             progress=progress, out_dir=run_dir, teacher=("base", cfg.base.T))
     if results is not None:
-        results.update(preset=cfg.name, run_dir=str(run_dir), seeds=[cfg.seed],
+        results.update(preset=cfg.name, run_dir=str(run_dir), seeds=[cfg.seed], classifiers=classifiers,
                        dtype=sampling_dtype(cfg.eval.dtype, device))
     return results
 

@@ -31,7 +31,8 @@ def _cifar10_paper(arch: str = "resnet18") -> dict:
             dict(tau=0.9, alpha=0.0))
     return {"name": f"cifar10-paper{'' if arch == 'resnet18' else '-' + arch}",
             "data": {"name": "cifar10", "path": "data/cifar-10-batches-py"},
-            "distill_classifier": {"arch": arch}, "eval_classifier": None,
+            "distill_classifier": {"arch": arch, "pad_fill": 0.0, "cutout_fraction": 0.5},  # the reference's
+            "eval_classifier": None,
             "rcfd": {"loss": loss},
             "eval": {"extractors": ["inception", "random-conv"], "inception": "always",
                      "primary": "inception", "reference": "train", "base_steps": [8, 1024]}}
