@@ -44,9 +44,8 @@ def test_no_module_imports_the_extension_or_our_triton_kernels():
     assert [m for m in heavy_imports(ALL) if m.startswith("rcfd.")] == []
 
 
-@pytest.mark.xfail(strict=True, reason="rcfd.core.imagenet imports torchvision, which imports "
-                   "torch._dynamo and with it Triton; rcfd.evaluation.fidelity imports "
-                   "torch_fidelity at import")
+@pytest.mark.xfail(strict=True, reason="rcfd.evaluation.fidelity imports torch_fidelity (and "
+                   "through it torchvision, torch._dynamo and Triton) at import")
 def test_importing_the_methods_and_the_pipeline_imports_no_triton_or_fidelity():
     assert heavy_imports(ALL) == []
 
