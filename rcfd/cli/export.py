@@ -7,9 +7,9 @@ the TF/OpenAI FID evaluators.
 
 ``--to diffusers DIR`` writes ``unet/`` (``UNet2DModel``, safetensors weights), ``scheduler/``
 (a ``DDIMScheduler`` that samples in the student's own steps) and ``model_index.json``
-(:func:`rcfd.interop.diffusers_export.export_diffusers`); ``DIR`` must be new or empty. It
-needs ``pip install "rcfd[diffusers]"`` (safetensors); diffusers itself is needed only to
-load the folder.
+(:func:`rcfd.interop.diffusers_export.export_diffusers`); ``DIR`` must be new or empty. The
+weights are written by rcfd's own safetensors writer; diffusers (``pip install
+"rcfd[diffusers]"``) is needed only to load the folder.
 
 ``--to npz FILE --num N`` writes ``arr_0``: uint8 ``[N, H, W, C]``, the images
 ``python -m rcfd.sample --out FILE.npz`` writes for the same ``--num``, ``--seed``,
