@@ -126,7 +126,7 @@ def test_export_needs_no_safetensors_package(ckpts, tmp_path, monkeypatch):
 def test_help_shows_examples_and_the_channel_rule(capsys):
     assert export.main(["--help"]) == 0
     text = capsys.readouterr().out
-    assert "python -m rcfd.export runs/digits/rcfd/T1.pt --to diffusers" in text
+    assert "python -m rcfd.export runs/digits/rcfd/T1.safetensors --to diffusers" in text
     assert "--to npz" in text and "C = 1" in text and "--rgb" in text
 
 

@@ -140,7 +140,7 @@ def test_base_trains_and_its_loss_decreases(trained):
 def test_pd_rounds_halve_and_their_loss_decreases(trained):
     run, base, _ = trained
     paths = train_pd(distill_cfg(final_T=2), base, DATA, run)
-    assert [p.name for p in paths] == ["T4.pt", "T2.pt"]
+    assert [p.name for p in paths] == ["T4.safetensors", "T2.safetensors"]
     infos = [load_diffusion_checkpoint(p)[1] for p in paths]
     assert [(i.T, i.time_scale) for i in infos] == [(4, 2), (2, 4)]
     assert infos[1].extra["teacher"] == str(paths[0])
@@ -315,7 +315,7 @@ def test_loop_runs_a_plain_job(tmp_path):
               finalize=lambda m, e, x, p: saved.setdefault("path", p))
     run_job(job, RunContext(tmp_path, device="cpu", progress=False))
     rows = read_jsonl(metrics_path(tmp_path, "toy", "lin"))
-    assert rows[-1]["loss"] < 1e-3 * rows[0]["loss"] and saved["path"].name == "lin.pt"
+    assert rows[-1]["loss"] < 1e-3 * rows[0]["loss"] and saved["path"].name == "lin.safetensors"
     assert all(math.isfinite(r["grad_norm"]) for r in rows)
 
 
