@@ -28,6 +28,7 @@ from rcfd.methods.pd import PDStageConfig, train_pd
 from rcfd.methods.rcfd import RCFDStageConfig, check_classifier_fits, train_rcfd
 from rcfd.training import threads
 from rcfd.io.files import read_jsonl
+from rcfd.io.modelfile import load_model_file
 from rcfd.training.loop import Job, StepInfo, run_job
 from rcfd.training.optim import EMA, OptimSpec, lr_at
 from rcfd.training.rundir import RunContext, metrics_path
@@ -165,7 +166,7 @@ def test_classifier_beats_chance_and_rebuilds(tmp_path):
     model = load_classifier(path)
     acc = accuracy(model, test, torch.device("cpu"))
     assert acc > 3 / test.num_classes  # well above chance
-    ckpt = torch.load(path, weights_only=True)
+    ckpt = load_model_file(path)
     assert ckpt["extra"]["test_accuracy"] == acc and ckpt["extra"]["role"] == "distill"
     assert any("val_acc" in r for r in read_jsonl(metrics_path(tmp_path, "classifier", "distill")))
     assert 0 <= ckpt["extra"]["accuracy"] <= 1  # validation accuracy: what chose the weights
