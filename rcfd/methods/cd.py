@@ -59,7 +59,7 @@ class CDStageConfig(Section):
     ``lr``; ``schedule``: ``"fixed"`` (``N`` and ``mu`` throughout) or ``"adaptive"``
     (the paper's ``N(k)``, ``mu(k)`` from ``s0``, ``s1``, ``mu0``: see
     :func:`rcfd.core.consistency.adaptive_N`; ``s1=None`` is ``N - 1``, so the grid ends at
-    ``N`` points; ``mu`` is then unused); ``teacher``: a diffusion checkpoint (``None``: the run's ``base/model.pt``);
+    ``N`` points; ``mu`` is then unused); ``teacher``: a diffusion checkpoint (``None``: the run's base model);
     ``eval_steps``: the step counts the ``CD`` rows may take (those in ``eval.steps``);
     ``num_sample_images`` one-step consistency samples every ``sample_interval`` steps and
     at the end, as a grid ``cd/model_step<N>.png`` (0: none)."""
@@ -168,7 +168,8 @@ def make_cd_job(cfg: CDStageConfig, source: Path, data, run: RunContext) -> Job:
 
 
 def train_cd(cfg: CDStageConfig, data, run: RunContext) -> list[Path]:
-    """Train (or reuse, when finished) ``<run_dir>/cd/model.pt``; returns ``[its path]``."""
+    """Train (or reuse, when finished) ``<run_dir>/cd/model.safetensors``; returns
+    ``[its path]``."""
     source = Path(cfg.teacher) if cfg.teacher else require(run.run_dir, "base", "model")
     return [train_unit(run, STAGE, UNIT, lambda: make_cd_job(cfg, source, data, run))]
 
