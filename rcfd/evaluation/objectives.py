@@ -11,7 +11,8 @@ PD loss ``pd`` and the CFD loss ``cfd`` of each; lower is better for both, and a
 below its teacher lowered that objective.
 
 The draws (:func:`held_out_draws`) are fixed by the run's seed: ``x0`` a seeded subset of
-:data:`DIAGNOSTIC_SAMPLES` images of the held-out split (all of it when smaller), and per
+``num`` images of the held-out split (the study's ``eval.diagnostics``, default
+:data:`DIAGNOSTIC_SAMPLES`; all of the split when it is smaller), and per
 image a uniform ``u`` and the noise ``eps ~ N(0, I)``, all drawn on the CPU. A round with
 teacher ``T`` uses the teacher steps ``t = 2 (1 + floor(u T / 2))``, which is distributed
 as the training draw ``t = 2 U{1..T/2}`` (:meth:`rcfd.losses.PDLoss.draw`) and is the same
