@@ -2,8 +2,8 @@
 ``rcfd.evaluation.sample_images`` (what ``rcfd.evaluate`` and the pipeline's evaluation run:
 noise drawn on the device per image in chunks of 64, bf16 on CUDA by default, the model
 compiled inside our CUDA graph, images kept on the device until the last batch), timed as a
-whole - not extrapolated from one batch. The first call (capture and compilation) is timed separately and
-reported as ``first_call_s``.
+whole - not extrapolated from one batch. The first call (capture and compilation) is timed
+separately and reported as ``first_call_s``.
 
     pytest benchmarks/bench_eval_sampling.py --benchmark-only
 
