@@ -53,8 +53,8 @@ def chunk_seed(seed: int, c: int, stream: str = X_T_STREAM) -> int:
 class NoiseStream:
     """Per-image noise of one stream (module docstring): ``stream(start, stop)`` is the
     float32 ``[stop - start, *per_image]`` noise of images ``start..stop-1`` on ``device``,
-    equal row for row whatever ranges it is asked for. It keeps the last chunk it drew, so
-    consecutive batches draw each chunk once."""
+    equal row for row whatever ranges it is asked for, a tensor of its own. It keeps the last
+    chunk it drew, so consecutive batches draw each chunk once."""
 
     def __init__(self, per_image: Sequence[int], seed: int, device: torch.device | str = "cpu",
                  stream: str = X_T_STREAM):
@@ -76,8 +76,10 @@ class NoiseStream:
             raise ValueError(f"need 0 <= start < stop, got {start}, {stop}")
         first, last = start // NOISE_CHUNK, (stop - 1) // NOISE_CHUNK
         parts = [self.chunk(c) for c in range(first, last + 1)]
-        rows = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return rows[start - first * NOISE_CHUNK: stop - first * NOISE_CHUNK]
+        lo, hi = start - first * NOISE_CHUNK, stop - first * NOISE_CHUNK
+        if len(parts) == 1:  # a copy: a sampler writing into x_T must not change the cache
+            return parts[0][lo:hi].clone()
+        return torch.cat(parts)[lo:hi]
 
 
 def shard_samples(n: int, rank: int = 0, world_size: int = 1) -> range:
