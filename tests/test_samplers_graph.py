@@ -148,6 +148,14 @@ def test_noise_stream_draws_each_chunk_once_for_consecutive_batches(monkeypatch)
     assert len(calls) == 4  # chunks 0..3, not one draw per batch
 
 
+def test_noise_rows_are_tensors_of_their_own():
+    stream = samplers.NoiseStream((1, 2, 2), seed=0)
+    first = stream(0, 3)
+    want = first.clone()
+    first.mul_(0)  # a sampler writing into its x_T
+    assert torch.equal(stream(0, 3), want) and torch.equal(stream(2, 70)[0], want[2])
+
+
 def test_noise_blocks_must_be_contiguous_and_inside():
     for bad in (range(0, 10, 2), range(4, 11), range(-4, 4)):
         with pytest.raises(ValueError, match="contiguous block"):
