@@ -161,16 +161,18 @@ def objective_diagnostics(cfg, rows, run_dir: Path, references, device) -> dict 
     """The ``diagnostics`` of ``results.json``: every distilled student's PD and CFD losses
     and its teacher's, on one fixed set of held-out draws (:mod:`rcfd.evaluation.objectives`),
     with what they were computed with and how long it took. ``None`` when
-    ``eval.diagnostics`` is 0, the run has no distillation classifier (no CFD loss to
-    compute) or no distilled student."""
+    ``eval.diagnostics`` is 0, the run has no distillation classifier (none configured, or
+    not trained: no CFD loss to compute) or no distilled student."""
     section = distillation_objective(cfg)
     if section is None or not cfg.eval.diagnostics:
+        return None
+    source = resolve_classifier(section, run_dir)
+    if isinstance(source, Path) and not source.is_file():
         return None
     t0 = time.perf_counter()
     split = "test" if "test" in references.datasets else "train"
     images = references.datasets[split]
     draws = held_out_draws(images, cfg.seed, cfg.eval.diagnostics)
-    source = resolve_classifier(section, run_dir)
     classifier = frozen(load_classifier(source, device, section.classifier_arch,
                                         in_channels=images.channels))
     diagnose = _Diagnose(run_dir, device, classifier, section.loss, draws)
