@@ -1,9 +1,9 @@
 """The shipped FID sampling path end to end: 50,000 one-step 32x32 images through
 ``rcfd.evaluation.sample_images`` (what ``rcfd.evaluate`` and the pipeline's evaluation run:
-noise drawn on the device per batch, bf16 on CUDA by default, the model compiled inside our
-CUDA graph, images kept on the device until the last batch), timed as a whole - not
-extrapolated from one batch. The first call (capture and compilation) is timed separately and
-reported as ``first_call_s``.
+noise drawn on the device per image in chunks of 64, bf16 on CUDA by default, the model
+compiled inside our CUDA graph, images kept on the device until the last batch), timed as a
+whole - not extrapolated from one batch. The first call (capture and compilation) is timed
+separately and reported as ``first_call_s``.
 
     pytest benchmarks/bench_eval_sampling.py --benchmark-only
 

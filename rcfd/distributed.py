@@ -6,9 +6,10 @@ CUDA, gloo on the CPU) and returns a :class:`DistInfo`. Without those variables 
 ``WORLD_SIZE=1``) everything here is a no-op on a single process, so the same code runs
 either way. Rank 0 is the "main" process: it alone writes logs, images and checkpoints.
 
-Evaluation is sharded by :func:`rcfd.samplers.shard_batches` (each rank makes a contiguous
-block of whole batches, so the union is the same set whatever the world size) and collected
-with :func:`gather_cat` (rank order, unequal block sizes allowed).
+Evaluation is sharded by :func:`rcfd.samplers.shard_samples` (each rank makes a contiguous
+block of the images; an image's noise depends on its index alone, so the union is the same
+set whatever the world size) and collected with :func:`gather_cat` (rank order, unequal block
+sizes allowed).
 """
 
 from __future__ import annotations

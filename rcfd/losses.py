@@ -191,6 +191,18 @@ class PDOutput(NamedTuple):
         return {}
 
 
+class PDTarget(NamedTuple):
+    """What :meth:`PDLoss.target` computes of a batch before any student is called."""
+
+    z_t: torch.Tensor
+    t: torch.Tensor           # teacher steps [B]
+    index: torch.Tensor       # their schedule indices t * teacher_time_scale
+    alpha_t: torch.Tensor
+    sigma_t: torch.Tensor
+    x_target: torch.Tensor    # teacher target (no grad)
+    eps_target: torch.Tensor
+
+
 class PDLoss:
     """Progressive-distillation loss (METHOD.md) for a teacher ``(T, time_scale)`` and its
     student ``(T/2, 2 time_scale)``: ``z_t = alpha_t x0 + sigma_t eps`` at the teacher step
@@ -214,15 +226,25 @@ class PDLoss:
         half, eps = draw_noise(generator, x0, 1, self.T // 2, global_batch, rows)
         return 2 * half, eps
 
-    def __call__(self, student: Callable, x0: torch.Tensor, t: torch.Tensor,
-                 noise: torch.Tensor) -> PDOutput:
+    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> PDTarget:
+        """The teacher's side of a batch: ``z_t`` and its :func:`pd_target` (no grad)."""
         index = t * self.time_scale
         z_t, alpha_t, sigma_t = diffuse(x0, noise, index, self.schedule)
         x_target, eps_target = pd_target(self.teacher, z_t, t, self.schedule, self.time_scale,
                                          self.prediction)
-        x0_hat, eps_hat = predict(student, z_t, index, alpha_t, sigma_t, self.prediction)
-        loss = denoising_loss(x0_hat, eps_hat, x_target, eps_target, self.kind)
-        return PDOutput(loss, x0_hat, eps_hat, x_target, eps_target, z_t, t)
+        return PDTarget(z_t, t, index, alpha_t, sigma_t, x_target, eps_target)
+
+    def score(self, student: Callable, target: PDTarget) -> PDOutput:
+        """The student's side: its prediction at ``target.z_t`` and the loss against it (so
+        one target can score several students, as :func:`__call__` does one)."""
+        x0_hat, eps_hat = predict(student, target.z_t, target.index, target.alpha_t, target.sigma_t,
+                                  self.prediction)
+        loss = denoising_loss(x0_hat, eps_hat, target.x_target, target.eps_target, self.kind)
+        return PDOutput(loss, x0_hat, eps_hat, target.x_target, target.eps_target, target.z_t, target.t)
+
+    def __call__(self, student: Callable, x0: torch.Tensor, t: torch.Tensor,
+                 noise: torch.Tensor) -> PDOutput:
+        return self.score(student, self.target(x0, t, noise))
 
 
 # --------------------------------------------------------------------------- RCFD
@@ -330,7 +352,11 @@ class RCFDLoss:
 
     def __call__(self, student: Callable, x0: torch.Tensor, t: torch.Tensor,
                  noise: torch.Tensor) -> LossOutput:
-        pd = self.pd(student, x0, t, noise)
+        return self.score(student, self.pd.target(x0, t, noise))
+
+    def score(self, student: Callable, target: PDTarget) -> LossOutput:
+        """The loss of ``student`` against a :meth:`PDLoss.target` (:meth:`PDLoss.score`)."""
+        pd = self.pd.score(student, target)
         total, terms = rcfd_terms(self.classifier, pd.x0_hat, pd.x_target, self.config)
         terms.pop("total")
         terms["pd"] = pd.loss.detach()

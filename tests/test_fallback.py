@@ -117,7 +117,7 @@ def sampler_case():
     return model, plan
 
 
-def capture_raises(self, x_T, plan):
+def capture_raises(self, x_T, plan, extra):
     raise RuntimeError("capture failed (test)\nsecond line of the report")
 
 
@@ -148,9 +148,9 @@ def test_generate_with_a_failing_capture_gives_the_eager_batches(monkeypatch, ca
     monkeypatch.setattr(graph_module, "capture_unavailable", lambda device: None)
     captures = []
 
-    def capture(self, x_T, plan):
+    def capture(self, x_T, plan, extra):
         captures.append(x_T.shape)
-        capture_raises(self, x_T, plan)
+        capture_raises(self, x_T, plan, extra)
 
     monkeypatch.setattr(GraphSampler, "_capture", capture)
     with caplog.at_level(logging.WARNING, logger="rcfd"):

@@ -12,11 +12,16 @@ from PIL import Image
 
 from rcfd.io import grids
 from rcfd.report import results as report
+from rcfd.report.results import check_results
 from rcfd.io.safetensors import is_safetensors_file
 from rcfd.io.checkpoint import load_classifier_checkpoint, load_diffusion_checkpoint, load_model_file
 from rcfd.cli import sample, train
-from rcfd.evaluation import sample_images
+from rcfd.methods.classifier import load_classifier
+from rcfd.core.classifiers import frozen
+from rcfd.evaluation import load_references, sample_images
+from rcfd.evaluation.objectives import held_out_draws, objective_losses
 from rcfd.evaluation.features import module_fingerprint
+from rcfd.study.evaluation import objective_diagnostics
 from rcfd.study.pipeline import evaluation_rows
 from rcfd.study.config import pipeline_config_class
 from rcfd.study.presets import get_preset
@@ -87,6 +92,34 @@ def check_run_dir(out: Path, cfg) -> dict:
 def test_tiny_smoke_run_artifacts(tiny_run, capsys):
     cfg = get_preset("smoke").with_overrides(train.parse_overrides(TINY[1::2]) | {"device": "cpu"})
     check_run_dir(tiny_run, cfg)
+
+
+def test_diagnostics_of_every_student_share_one_set_of_draws(tiny_run):
+    """results.json holds, for every evaluated PD and RCFD student, its PD and CFD losses and
+    its teacher's; every row names the same draws (the run's), and one row recomputed from
+    the checkpoints and the held-out split gives the recorded values."""
+    results = json.loads((tiny_run / report.RESULTS_JSON).read_text())
+    d = results["diagnostics"]
+    got = {(r["checkpoint"], r["teacher_checkpoint"]) for r in d["rows"]}
+    pairs = {("pd/T8", "base/model"), ("pd/T2", "pd/T4"), ("pd/T1", "pd/T2"), ("rcfd/T2", "rcfd/T4"),
+             ("rcfd/T1", "rcfd/T2")}  # eval.steps 1, 2, 8; not CD
+    assert got == {(f"{a}.safetensors", f"{b}.safetensors") for a, b in pairs}
+    assert {r["draws"] for r in d["rows"]} == {d["draws"]} and d["split"] == "test"
+    assert d["classifier"] == "classifier/distill.safetensors" and d["loss"]["tau"] == 0.95
+    cfg = get_preset("smoke").with_overrides(train.parse_overrides(TINY[1::2]) | {"device": "cpu"})
+    draws = held_out_draws(load_references(cfg.data)["test"], cfg.seed, cfg.eval.diagnostics)
+    assert draws.fingerprint == d["draws"] and d["num_samples"] == draws.x0.shape[0] == 64  # the smoke preset's
+    student, _ = load_diffusion_checkpoint(tiny_run / "rcfd" / "T1.safetensors")
+    teacher, teacher_info = load_diffusion_checkpoint(tiny_run / "rcfd" / "T2.safetensors")
+    clf = frozen(load_classifier(tiny_run / "classifier" / "distill.safetensors", in_channels=1))
+    want = objective_losses(student, teacher, teacher_info, clf, cfg.rcfd.loss, draws)
+    row = next(r for r in d["rows"] if r["checkpoint"] == "rcfd/T1.safetensors")
+    for side in ("student", "teacher"):
+        assert row[side] == pytest.approx(want[side], rel=1e-6), side
+    off = cfg.with_overrides({"eval.diagnostics": 0})
+    assert objective_diagnostics(off, evaluation_rows(off), tiny_run, None, "cpu") is None
+    md = (tiny_run / report.RESULTS_MD).read_text()
+    assert "## Objective diagnostics" in md and report.diagnostics_table(check_results(results).diagnostics) in md
 
 
 def test_finished_stage_needs_resume_or_overwrite(tiny_run, capsys):

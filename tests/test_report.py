@@ -154,6 +154,34 @@ def test_results_markdown_names_everything(tmp_path):
         assert im.format == "PNG"
 
 
+def _diagnostics():
+    row = {"key": "rcfd", "label": "RCFD-resnet18", "checkpoint": "rcfd/T4.pt", "teacher_checkpoint": "pd/T8.pt",
+           "T": 4, "teacher_T": 8, "draws": "0123456789abcdef", "student": {"pd": 0.0019, "cfd": 0.0045},
+           "teacher": {"pd": 0.0043, "cfd": 0.0204}}
+    return {"num_samples": 300, "split": "test", "seed": 0, "draws": "0123456789abcdef",
+            "classifier": "classifier/distill.pt", "loss": {"tau": 0.95, "kl_on": "features", "pd_kind": "both"},
+            "rows": [row, dict(row, key="pd", label="PD", student={"pd": 0.0006, "cfd": 0.0049})], "seconds": 4.2}
+
+
+def test_objective_diagnostics_section(tmp_path):
+    """Each student's PD and CFD losses next to its teacher's, with the draws and the
+    classifier named; results without diagnostics (older runs) have no section."""
+    r = {**_results(), "diagnostics": _diagnostics()}
+    md = report.write_results(tmp_path, r)["md"].read_text()
+    table = report.diagnostics_table(report.check_results(r).diagnostics)
+    assert "## Objective diagnostics" in md and table in md
+    lines = [line for line in table.splitlines() if line.startswith("| RCFD") or line.startswith("| PD")]
+    assert lines == ["| RCFD-resnet18 | 4 | pd/T8.pt | 0.0019 | 0.0043 | 0.0045 | 0.0204 |",
+                     "| PD | 4 | pd/T8.pt | 0.0006 | 0.0043 | 0.0049 | 0.0204 |"]
+    for piece in ("300 held-out draws", "`0123456789abcdef`", "`classifier/distill.pt`", "tau 0.95"):
+        assert piece in table, piece
+    assert "Objective diagnostics" not in report.results_markdown(_results())
+    assert report.diagnostics_table(None) == ""
+    bad = {**r, "diagnostics": {**_diagnostics(), "rows": [{"key": "pd"}]}}
+    with pytest.raises(ValueError, match=r"diagnostics\.rows\[0\]"):
+        report.check_results(bad)
+
+
 def test_results_validated():
     with pytest.raises(ValueError, match="entries"):
         report.results_table({})

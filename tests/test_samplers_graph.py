@@ -1,15 +1,25 @@
 """The CUDA-graph capture of any sampler (equal to the eager one on CUDA, the eager one with
-one warning on the CPU) and batched generation (reproducible, the same images for any
-number of processes)."""
+one warning on the CPU) and batched generation (reproducible; image i's noise the same for
+any batch size, number of samples and number of processes)."""
 
+import importlib
+import os
+import socket
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
 from standins import TinyNet
 
 from rcfd import samplers
+from rcfd.distributed import DistInfo
+from rcfd.evaluation.measure import sample_images
 from rcfd.samplers import graph as graph_module
+
+generate_module = importlib.import_module("rcfd.samplers.generate")  # the name is the function's
 
 NAMES = tuple(samplers.SAMPLERS)
 
@@ -67,10 +77,23 @@ def test_generate_yields_n_reproducible_images(name):
     assert all(x.shape[1:] == (3, 4, 5) and x.abs().max() <= 1 for x in a)
     torch.testing.assert_close(torch.cat(a), torch.cat(b))
     assert not torch.allclose(torch.cat(a), torch.cat(c))
-    first_noise = torch.randn(3, 3, 4, 5, generator=torch.Generator().manual_seed(
-        samplers.batch_seed(5, 0)))  # batch 0 starts from its own seeded noise
-    first = samplers.get_sampler(name)(model, first_noise, plan)
-    torch.testing.assert_close(a[0], first)
+    first = samplers.get_sampler(name)(model, chunk_rows(0, 5, 3, (3, 4, 5)), plan,
+                                       **fresh_inputs(name, plan, 0, 5, 3, (3, 4, 5)))
+    torch.testing.assert_close(a[0], first)  # image i: row i of chunk 0 of each stream
+
+
+def chunk_rows(c, seed, rows, per_image, stream=generate_module.X_T_STREAM):
+    """The first ``rows`` rows of chunk ``c`` of a noise stream, drawn here by hand."""
+    g = torch.Generator().manual_seed(samplers.chunk_seed(seed, c, stream))
+    return torch.randn((samplers.NOISE_CHUNK, *per_image), generator=g)[:rows]
+
+
+def fresh_inputs(name, plan, c, seed, rows, shape):
+    """The consistency sampler's per-image re-noising noise of those rows (else nothing)."""
+    if name != "consistency" or plan.num_steps < 2:
+        return {}
+    rows = chunk_rows(c, seed, rows, (plan.num_steps - 1, *shape), generate_module.RENOISE_STREAM)
+    return {"noise": list(rows.unbind(1))}
 
 
 def test_generate_labels_its_progress_bar_with_the_sampler(capsys):
@@ -97,26 +120,64 @@ def test_sampling_dtype_is_bf16_on_cuda_by_default():
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 5), (1, 16, 16)], ids=str)
-def test_noise_blocks_equal_one_process_noise_for_any_world_size(shape):
-    """Each rank's block of whole batches holds the noise one process draws for those
-    batches, so the union over ranks is the same sample set for 1, 2, 3 or 4 processes (and
-    a rank draws only its own noise)."""
-    n, batch = 23, 5
-    whole = list(samplers.noise_batches(n, batch, shape, seed=11))
-    assert [x.shape[0] for x in whole] == [5, 5, 5, 5, 3]
+def test_image_noise_is_the_same_for_any_batch_size_block_and_n(shape):
+    """Image i's noise is row i % 64 of chunk i // 64 whatever the batch size, the number of
+    samples and the block asked for, so each rank's block holds one process's noise for
+    those images for any world size (and a rank draws only the chunks it overlaps)."""
+    n = 150  # three chunks, the last one partial
+    whole = torch.cat([chunk_rows(c, 11, samplers.NOISE_CHUNK, shape) for c in range(3)])[:n]
+    for batch in (1, 7, 64, 150, 500):
+        got = list(samplers.noise_batches(n, batch, shape, seed=11))
+        assert [x.shape[0] for x in got[:-1]] == [batch] * (len(got) - 1)
+        assert torch.equal(torch.cat(got), whole), f"batch size {batch}"
+    assert torch.equal(torch.cat(list(samplers.noise_batches(10, 4, shape, 11))), whole[:10])
     for world in (1, 2, 3, 4, 6):
-        blocks = [samplers.shard_batches(n, batch, rank, world) for rank in range(world)]
+        blocks = [samplers.shard_samples(n, rank, world) for rank in range(world)]
         assert [i for b in blocks for i in b] == list(range(n))  # they tile the samples
-        got = [x for b in blocks for x in samplers.noise_batches(n, batch, shape, 11, "cpu", b)]
-        assert torch.equal(torch.cat(got), torch.cat(whole)), f"world size {world}"
+        assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+        got = [x for b in blocks for x in samplers.noise_batches(n, 7, shape, 11, "cpu", b)]
+        assert torch.equal(torch.cat(got), whole), f"world size {world}"
+    assert not torch.equal(next(samplers.noise_batches(n, 64, shape, 12)), whole[:64])
 
 
-def test_noise_blocks_must_be_whole_batches_inside():
-    for bad in (range(0, 10, 2), range(5, 10), range(4, 11), range(-4, 4), range(0, 6)):
-        with pytest.raises(ValueError, match="block of whole batches"):
+def test_noise_stream_draws_each_chunk_once_for_consecutive_batches(monkeypatch):
+    calls = []
+    real = torch.randn
+    monkeypatch.setattr(generate_module.torch, "randn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert sum(x.shape[0] for x in samplers.noise_batches(200, 3, (1, 2, 2), 0)) == 200
+    assert len(calls) == 4  # chunks 0..3, not one draw per batch
+
+
+def test_noise_rows_are_tensors_of_their_own():
+    stream = samplers.NoiseStream((1, 2, 2), seed=0)
+    first = stream(0, 3)
+    want = first.clone()
+    first.mul_(0)  # a sampler writing into its x_T
+    assert torch.equal(stream(0, 3), want) and torch.equal(stream(2, 70)[0], want[2])
+
+
+def test_noise_blocks_must_be_contiguous_and_inside():
+    for bad in (range(0, 10, 2), range(4, 11), range(-4, 4)):
+        with pytest.raises(ValueError, match="contiguous block"):
             next(samplers.noise_batches(10, 4, (1, 2, 2), 0, "cpu", bad))
     assert list(samplers.noise_batches(10, 4, (1, 2, 2), 0, "cpu", range(8, 8))) == []
-    assert [x.shape[0] for x in samplers.noise_batches(10, 4, (1, 2, 2), 0, "cpu", range(4, 10))] == [4, 2]
+    assert [x.shape[0] for x in samplers.noise_batches(10, 4, (1, 2, 2), 0, "cpu", range(5, 10))] == [4, 1]
+
+
+@pytest.mark.parametrize("name, steps", [("ddim", 2), ("consistency", 4), ("consistency", 1)])
+def test_generate_gives_image_i_the_same_pixels_for_any_batch_size_and_n(name, steps):
+    """The same seed gives the same images for batch sizes 1, 7 and 64 and for a number of
+    samples no batch divides (the consistency sampler's re-noising included)."""
+    model = TinyNet(ch=3, width=8).eval()
+    kw = dict(shape=(3, 4, 5), plan=plan_of(8, 1, steps), sampler=name, progress=False, seed=2)
+    want = torch.cat(list(samplers.generate(model, 150, 150, **kw)))
+    for n, batch in ((150, 1), (150, 7), (150, 64), (71, 7), (71, 64)):
+        got = torch.cat(list(samplers.generate(model, n, batch, **kw)))
+        torch.testing.assert_close(got, want[:n], rtol=0, atol=1e-6, msg=f"n={n}, batch {batch}")
+    assert not torch.allclose(want[:64], want[64:128])  # chunks differ
+    if name == "consistency" and steps > 1:  # the re-noising is per image too: another stream, the same x_T
+        x_T = torch.cat(list(samplers.noise_batches(150, 64, (3, 4, 5), 2)))
+        assert not torch.allclose(want, samplers.get_sampler(name)(model, x_T, kw["plan"]), atol=1e-3)
 
 
 def test_generate_block_equals_its_slice_of_all():
@@ -236,3 +297,71 @@ def test_multistep_consistency_is_captured_with_its_eager_noise(steps):
         torch.testing.assert_close(outs[-1], fn(model, x_T, plan), rtol=1e-5, atol=1e-5)
     assert sampler.fell_back is None and sampler.num_graphs == 2  # batch 5 replayed
     assert not torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.cuda
+def test_captured_consistency_reads_the_noise_it_is_given_and_generate_is_batch_free_on_cuda():
+    """GraphSampler copies passed-in re-noising noise into its graph (the eager images on
+    that noise), and on CUDA too image i is the same for batch sizes 1, 7 and 64."""
+    model = TinyNet(ch=3).cuda().eval()
+    plan = plan_of(16, 2, 4, "cuda")
+    sampler = samplers.GraphSampler(model, plan, "consistency")
+    fn = samplers.get_sampler("consistency")
+    for _ in range(2):
+        x_T = torch.randn(5, 3, 8, 8, device="cuda")
+        noise = [torch.randn_like(x_T) for _ in range(3)]
+        torch.testing.assert_close(sampler(x_T, noise=noise), fn(model, x_T, plan, noise=noise),
+                                   rtol=1e-5, atol=1e-5)
+    assert sampler.fell_back is None and sampler.num_graphs == 1
+    kw = dict(shape=(3, 8, 8), plan=plan, sampler="consistency", progress=False, seed=1,
+              device="cuda", dtype="fp32")
+    want = torch.cat(list(samplers.generate(model, 100, 100, **kw)))
+    for batch in (1, 7, 64):
+        got = torch.cat(list(samplers.generate(model, 100, batch, **kw)))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=f"batch {batch}")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _info(T=8, time_scale=1):
+    """What sample_images reads of a checkpoint's DiffusionInfo, for a TinyNet."""
+    cfg = SimpleNamespace(in_channels=3, image_size=5)
+    return SimpleNamespace(config=cfg, T=T, time_scale=time_scale, prediction="x0")
+
+
+CASES = (("ddim", 2), ("consistency", 4))
+
+
+def _sample_on_rank(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = TinyNet(ch=3, width=8).eval()
+        got = {f"{name}{steps}": sample_images(model, _info(), num_samples=71, num_steps=steps,
+                                               batch_size=16, sampler=name, seed=4, progress=False,
+                                               dist=DistInfo(rank, world, rank, "gloo"))
+               for name, steps in CASES}
+        torch.save(got, f"{out}/rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_two_gloo_processes_make_the_images_of_one(tmp_path):
+    """71 images over 2 gloo ranks (36 + 35, batches of 16: no rank's block is whole
+    batches or whole chunks) are the images one process makes in batches of 7, for DDIM and
+    the 4-step consistency sampler; rank 1 gets None."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sample_on_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    gathered, other = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    torch.manual_seed(0)
+    model = TinyNet(ch=3, width=8).eval()
+    for name, steps in CASES:
+        alone = sample_images(model, _info(), num_samples=71, num_steps=steps, batch_size=7,
+                              sampler=name, seed=4, progress=False)
+        assert gathered[f"{name}{steps}"].shape == (71, 3, 5, 5) and other[f"{name}{steps}"] is None
+        torch.testing.assert_close(gathered[f"{name}{steps}"], alone, rtol=0, atol=1)  # uint8 rounding

@@ -10,8 +10,8 @@ re-passes them::
 
 Sampling goes through :func:`rcfd.samplers.generate`, the path ``python -m rcfd.sample`` and
 the evaluation take (one captured CUDA graph per batch shape on a GPU), so
-``to_uint8(model.sample(n, seed=s, batch_size=b))`` are the images ``rcfd.sample --num n
---seed s --batch-size b`` writes.
+``to_uint8(model.sample(n, seed=s))`` are the images ``rcfd.sample --num n --seed s`` writes,
+whatever either's batch size (image ``i``'s noise depends on the seed and ``i`` alone).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from rcfd.samplers import DTYPES, Plan, generate, get_sampler, make_plan, sample
 
 __all__ = ["Model", "load", "schedule_of"]
 
-DEFAULT_BATCH_SIZE = 256  # rcfd.sample's --batch-size: the same default gives the same noise
+DEFAULT_BATCH_SIZE = 256  # rcfd.sample's --batch-size (memory only: the images do not depend on it)
 
 
 def schedule_of(info: DiffusionInfo) -> Schedule:
@@ -82,11 +82,14 @@ class Model:
                seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE, noise: torch.Tensor | None = None,
                progress: bool = False, dtype: str = "auto", use_cuda_graph: bool = True) -> torch.Tensor:
         """``n`` images, float ``[n, C, H, W]`` in ``[-1, 1]`` on the model's device, from the
-        ``steps``-step ``sampler`` (a name of :data:`rcfd.samplers.SAMPLERS`). The noise of
-        batch ``k`` (of ``min(batch_size, n)``) is seeded from ``(seed, k)``
-        (:func:`rcfd.samplers.noise_batches`); ``noise`` (``[n, C, H, W]``) is used instead
-        when given, sampled eagerly in one batch. ``dtype``: the network's while sampling
-        (``"auto"``: bf16 on CUDA, fp32 elsewhere); ``progress``: a progress bar."""
+        ``steps``-step ``sampler`` (a name of :data:`rcfd.samplers.SAMPLERS`). Image ``i``'s
+        noise (its ``x_T`` and the consistency sampler's re-noising) depends on ``seed``,
+        ``i`` and the device type only (:func:`rcfd.samplers.generate`): ``batch_size`` sets
+        the memory used, not the images, and ``sample(m)[:k]`` equals ``sample(k)``.
+        ``noise`` (``[n, C, H, W]``) is used as ``x_T`` instead when given, sampled eagerly in
+        one batch (a consistency sampler then re-noises from that batch's default noise).
+        ``dtype``: the network's while sampling (``"auto"``: bf16 on CUDA, fp32 elsewhere);
+        ``progress``: a progress bar."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

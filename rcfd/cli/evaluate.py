@@ -53,7 +53,7 @@ from rcfd.samplers import sampling_dtype
 
 
 # This command's overrides of the shared evaluation defaults (rcfd.evaluation.EvalSettings): a
-# quick check of one checkpoint, not a 50,000-sample FID; the batch keeps this command's noise.
+# quick check of one checkpoint, not a 50,000-sample FID (the batch size sets memory only).
 QUICK = {"num_samples": 1000, "batch_size": 250}
 
 
@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"the evaluation's own default, the standard FID count, is "
                         f"{EvalSettings().num_samples})")
     p.add_argument("--batch-size", type=int, default=QUICK["batch_size"],
-                   help=f"sampling batch (default {QUICK['batch_size']}, this command's before the "
-                        f"shared default {EvalSettings().batch_size}: a batch's noise depends on it)")
+                   help=f"sampling batch (default {QUICK['batch_size']}; memory only: image i's "
+                        f"noise depends on --seed and i alone)")
     add_seed_arg(p, default=0)
     p.add_argument("--data", choices=("digits", "cifar10", "folder"), default=None,
                    help="reference data; default: what the checkpoint records, or digits")

@@ -11,10 +11,11 @@ A run writes its checkpoints as ``runs/<name>/<stage>/<unit>.safetensors``
 (``base/model.safetensors``, ``pd/T4.safetensors``, ``rcfd/T1.safetensors``, ...; an earlier
 version's ``.pt`` checkpoints load as well). The ``.npz`` holds ``arr_0``: uint8
 ``[N, H, W, C]`` (the layout common evaluation scripts read), and ``steps``, ``seed``, ``T``,
-``time_scale``. Each batch's noise is drawn on the sampling device from its own generator, seeded from ``--seed``
-and the batch's index, so a seed and ``--batch-size`` give the same images on every run on
-one kind of device (CPU and CUDA generators draw different numbers); on a GPU the steps run as
-one captured CUDA graph per batch shape (``--no-cuda-graph`` for the eager loop).
+``time_scale``. The noise is drawn on the sampling device per image (in fixed chunks of 64
+images, each from its own generator seeded from ``--seed`` and the chunk's index), so image
+``i`` of a seed is the same on every run on one kind of device whatever ``--batch-size`` and
+``--num`` (CPU and CUDA generators draw different numbers); on a GPU the steps run as one
+captured CUDA graph per batch shape (``--no-cuda-graph`` for the eager loop).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def add_sampling_args(p: argparse.ArgumentParser, num_default: int | None) -> No
     shown = "required" if num_default is None else f"default {num_default}"
     p.add_argument("--num", type=int, default=num_default, help=f"number of images ({shown})")
     add_seed_arg(p, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="images per sampler call (memory only: the images do not depend on it)")
 
 
 def checked_steps(info, steps: int | None) -> int:

@@ -14,7 +14,7 @@ from rcfd import distributed
 from rcfd.core.schedule import cosine_schedule
 from rcfd.data import DatasetSpec, ImageDataset, load_dataset, to_uint8
 from rcfd.errors import CheckpointError, DataError, UsageError
-from rcfd.samplers import generate, make_plan, shard_batches
+from rcfd.samplers import generate, make_plan, shard_samples
 
 # --------------------------------------------------------------------------- sampling
 
@@ -25,18 +25,19 @@ def sample_images(model: nn.Module, info, *, num_samples: int, num_steps: int, b
     """``num_samples`` images (uint8 ``[N, C, H, W]`` on the CPU) from a diffusion model
     (``info``: its :class:`rcfd.io.checkpoint.DiffusionInfo`) with the ``num_steps``-step
     ``sampler``, through :func:`rcfd.samplers.generate`. Under ``torchrun`` (``dist``: a
-    :class:`rcfd.distributed.DistInfo`) each rank makes its block of whole batches
-    (:func:`rcfd.samplers.shard_batches`) and rank 0 gets them all, in rank order (the other
-    ranks get ``None``). A batch's noise depends only on ``seed``, its index, ``batch_size``
-    and the device type, so the set is the same for any number of processes, and rows
-    sampled with the same ``seed`` and ``batch_size`` start from the same noise.
+    :class:`rcfd.distributed.DistInfo`) each rank makes a contiguous block of the images
+    (:func:`rcfd.samplers.shard_samples`) and rank 0 gets them all, in rank order (the other
+    ranks get ``None``). Image ``i``'s noise (its ``x_T`` and any re-noising) depends only on
+    ``seed``, ``i`` and the device type, not on ``num_samples``, ``batch_size`` or the number
+    of processes, so rank ``r`` makes exactly the images one process makes at those
+    indices, and rows sampled with the same ``seed`` start from the same noise.
     ``dtype``: the model's (:func:`rcfd.samplers.sampling_dtype`; ``"auto"``: bf16 on CUDA).
     The images stay on the device until the last batch (one copy to the host, no sync per
     batch); on CUDA the model is compiled inside the sampler's graph."""
     dist = dist or distributed.SINGLE
     device = torch.device(device)
     batch_size = min(batch_size, num_samples)
-    block = shard_batches(num_samples, batch_size, dist.rank, dist.world_size)
+    block = shard_samples(num_samples, dist.rank, dist.world_size)
     n = len(block)
     cfg = info.config
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from rcfd.config import describe
 from rcfd.io.files import write_text
 from rcfd.report.plots import plot_metric_vs_steps
-from rcfd.report.schema import Entry, FloorMetrics, Results, SplitMetrics
+from rcfd.report.schema import Diagnostics, Entry, FloorMetrics, Results, SplitMetrics
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 FID_PLOT, LOSS_PLOT = "fid_vs_steps.png", "loss_curves.png"
@@ -171,6 +171,28 @@ def classifiers_table(results: Mapping | Results) -> str:
     return "\n".join(lines)
 
 
+def diagnostics_table(diagnostics: Diagnostics | None) -> str:
+    """The objective diagnostics: per distilled student, its PD and CFD losses next to its
+    teacher's (the student at initialisation) on the same draws. "" without them."""
+    if diagnostics is None or not diagnostics.rows:
+        return ""
+    d = diagnostics
+    loss = d.loss
+    lines = [f"Every distilled student's objectives on one fixed set of {d.num_samples} held-out draws "
+             f"(x0 from {SPLIT_NAMES.get(d.split, d.split)}, seed {_or(d.seed)}, t drawn as in training, "
+             f"draws `{d.draws}`), next to its teacher's in its place (the student at initialisation): "
+             f"the PD loss (`{loss.get('pd_kind', '?')}`) and the CFD loss (feature KL through "
+             f"`{_or(d.classifier)}`, tau {_or(loss.get('tau'))}, on {_or(loss.get('kl_on'))}). "
+             "Lower is better; a student below its teacher lowered that objective.", "",
+             "| student | T | teacher | PD loss | PD loss (teacher) | CFD loss | CFD loss (teacher) |",
+             "|---" * 7 + "|"]
+    for row in d.rows:
+        s, t = row.student, row.teacher
+        lines.append(f"| {row.label} | {row.T} | {row.teacher_checkpoint} | {fmt_sig(s.pd)} | {fmt_sig(t.pd)} | "
+                     f"{fmt_sig(s.cfd)} | {fmt_sig(t.cfd)} |")
+    return "\n".join(lines)
+
+
 def _or(value, missing: str = "?"):
     return missing if value is None else value
 
@@ -219,6 +241,9 @@ def results_markdown(results: Mapping | Results, *, title: str | None = None) ->
         parts += [f"## Extractor `{name}`", "", extractor_table(r, name), ""]
     classifiers = classifiers_table(r)
     parts += ["## Classifiers", "", classifiers or "Classifier accuracies: not recorded in these results.", ""]
+    diagnostics = diagnostics_table(r.diagnostics)
+    if diagnostics:
+        parts += ["## Objective diagnostics", "", diagnostics, ""]
     floors = floors_table(r)
     if floors:
         parts += ["## Noise floors", "",

@@ -116,6 +116,43 @@ class ClassifierRecord(_Model):
     test_accuracy: Number = Field(None, description="top-1 on the held-out test split")
 
 
+class ObjectiveLosses(_Model):
+    """One model's objectives on the diagnostic draws: the PD loss and the CFD loss."""
+
+    pd: Number = None
+    cfd: Number = None
+
+
+class DiagnosticRow(_Model):
+    """A distilled student's objectives (``student``) next to its teacher's in its place
+    (``teacher``: the student at initialisation), computed on the draws ``draws`` names."""
+
+    key: str
+    label: str
+    checkpoint: str
+    teacher_checkpoint: str
+    T: int
+    teacher_T: int
+    draws: str
+    student: ObjectiveLosses
+    teacher: ObjectiveLosses
+
+
+class Diagnostics(_Model):
+    """``diagnostics`` in ``results.json`` (:mod:`rcfd.evaluation.objectives`): the draws
+    (``num_samples`` images of ``split``, ``seed``, their fingerprint ``draws``), the
+    classifier and loss settings of the CFD loss, and one row per distilled student."""
+
+    num_samples: int
+    split: str
+    seed: int | None = None
+    draws: str
+    classifier: str | None = None
+    loss: dict = Field(default_factory=dict)
+    rows: list[DiagnosticRow] = Field(default_factory=list)
+    seconds: float | None = None
+
+
 class Results(_Model):
     """A run's results (the keys ``results.json`` holds; see :mod:`rcfd.report.results`)."""
 
@@ -139,6 +176,7 @@ class Results(_Model):
     loss_curves: str | None = None
     timings: dict[str, float] = Field(default_factory=dict)
     classifiers: dict[str, ClassifierRecord] = Field(default_factory=dict)  # absent before they were recorded
+    diagnostics: Diagnostics | None = None  # absent before they were computed
 
     def is_teacher(self, entry: Entry) -> bool:
         """Whether ``entry`` is the distillation teacher's cell (the students' upper bound)."""

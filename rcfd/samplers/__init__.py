@@ -8,7 +8,8 @@
   (DPM-Solver++(2M)), :func:`pndm` (PLMS), by name in :data:`SAMPLERS`; every state update
   is the fused :func:`rcfd.core.ops.ddim_update`;
 * :class:`GraphSampler`: any sampler captured as one CUDA graph;
-* :func:`generate` / :func:`noise_batches`: reproducible batched generation for metrics.
+* :func:`generate` / :func:`noise_batches`: reproducible batched generation for metrics,
+  image ``i``'s noise fixed by the seed and ``i`` alone (any batch size, any process count).
 
     plan = make_plan(cosine_schedule(T, time_scale), T, time_scale, 4, device="cuda")
     images = get_sampler("dpm-solver")(model, x_T, plan)
@@ -16,7 +17,16 @@
 
 from rcfd.samplers.ddim import ddim, ddim_transfer
 from rcfd.samplers.dpm_solver import dpm_solver_2m
-from rcfd.samplers.generate import DTYPES, batch_seed, generate, noise_batches, sampling_dtype, shard_batches
+from rcfd.samplers.generate import (
+    DTYPES,
+    NOISE_CHUNK,
+    NoiseStream,
+    chunk_seed,
+    generate,
+    noise_batches,
+    sampling_dtype,
+    shard_samples,
+)
 from rcfd.samplers.graph import GraphSampler
 from rcfd.samplers.plan import Plan, finish, make_plan, predict_x0, resolve_steps
 from rcfd.samplers.pndm import pndm
@@ -26,6 +36,6 @@ __all__ = [
     "Plan", "make_plan", "resolve_steps", "predict_x0", "finish",
     "ddim", "ddim_transfer", "dpm_solver_2m", "pndm",
     "SAMPLERS", "Sampler", "get_sampler", "sampler_name", "sample",
-    "GraphSampler", "generate", "noise_batches", "shard_batches", "batch_seed", "sampling_dtype",
-    "DTYPES",
+    "GraphSampler", "generate", "noise_batches", "shard_samples", "chunk_seed", "NoiseStream",
+    "NOISE_CHUNK", "sampling_dtype", "DTYPES",
 ]

@@ -11,14 +11,17 @@ through ``plan.prediction`` and is clipped to ``[-1, 1]`` when ``plan.clip`` (be
 re-noising too, as the paper's sampler clips its denoised images). The fresh noise
 ``eps_k`` comes from ``noise`` (a sequence of ``K - 1`` tensors of ``x_T``'s shape, from the
 caller), or is drawn from ``generator``, or by default from a generator on ``x_T``'s device
-seeded from ``x_T`` itself (:func:`noise_seed`): so a batch's images depend only on its
-``x_T``, as the evaluation's reproducible noise wants, and two batches get different noise.
-Reading that seed syncs the host once per batch, so that default noise is drawn before the
-loop (:func:`renoising_noise`), all ``K - 1`` tensors in the order the loop uses them, and
+seeded from ``x_T`` itself (:func:`noise_seed`). :func:`rcfd.samplers.generate` (the
+evaluation, ``rcfd.sample``, ``Model.sample``) always passes ``noise``: per-image noise
+from its own stream (``fresh_noise(plan) = K - 1`` tensors an image), so image ``i``'s
+re-noising, like its ``x_T``, is the same whatever the batch size. The default is for a
+direct call on one batch: it depends on the whole batch's ``x_T`` (a hash of its first
+values), so it is reproducible for a given batch but NOT batch-size independent. Reading
+that seed syncs the host once per batch, so the default noise is drawn before the loop
+(:func:`renoising_noise`), all ``K - 1`` tensors in the order the loop uses them, and
 :func:`graph_inputs` lets :class:`~rcfd.samplers.graph.GraphSampler` draw it eagerly per
-batch outside the captured region and pass it in as a static input: the multistep sampler is
-captured like the others, with the eager sampler's noise (the same images, bit for bit on
-the CPU as before). The one-step sampler draws nothing.
+batch outside the captured region when no ``noise`` is passed. The one-step sampler draws
+nothing.
 """
 
 from __future__ import annotations
@@ -92,4 +95,10 @@ def consistency(model: Callable, x_T: torch.Tensor, plan: Plan, *,
     return x0
 
 
+def fresh_noise(plan: Plan) -> int:
+    """How many noise tensors of ``x_T``'s shape a run over ``plan`` reads: ``K - 1``."""
+    return max(plan.num_steps - 1, 0)
+
+
 consistency.graph_inputs = graph_inputs  # what GraphSampler draws outside its capture
+consistency.fresh_noise = fresh_noise  # what rcfd.samplers.generate draws per image

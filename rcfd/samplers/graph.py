@@ -5,10 +5,12 @@ The whole K-step loop (K model forwards and K fused updates) is captured once pe
 input, ``replay()``, clone the static output (PyTorch's "CUDA Graphs" notes). This works for
 every sampler of :data:`rcfd.samplers.SAMPLERS` because they read their per-step
 coefficients from the plan's device tensors, never sync the host, and never branch on
-tensor values. A sampler that needs inputs drawn on the host per batch (the consistency
-sampler's re-noising noise, seeded from ``x_T``) names them in its ``graph_inputs(x_T, plan)
--> {keyword: tensor or list of tensors}``: they are computed eagerly before each replay,
-outside the captured region, and copied into static buffers the graph reads.
+tensor values. A sampler's other inputs (the consistency sampler's re-noising noise) are
+passed as keywords, ``graph_sampler(x_T, noise=[...])`` (what :func:`rcfd.samplers.generate`
+does, with per-image noise), or, when not passed, computed by the sampler's
+``graph_inputs(x_T, plan) -> {keyword: tensor or list of tensors}``; either way they are made
+eagerly before each replay, outside the captured region, and copied into static buffers the
+graph reads.
 
 Capture degrades, never crashes: when capturing (or compiling the model inside the capture,
 or the first replay) raises, the sampler logs one line naming the error and the switch
@@ -120,14 +122,15 @@ class GraphSampler:
         with torch.no_grad(), autocast(z.device, self.autocast_dtype, cache=False):
             return self.sampler(self._net, z, plan, **extra)
 
-    def _extra_inputs(self, x_T: torch.Tensor, plan: Plan) -> dict:
-        """The sampler's ``graph_inputs`` for this batch (module docstring), eagerly."""
+    def _extra_inputs(self, x_T: torch.Tensor, plan: Plan, inputs: dict) -> dict:
+        """This batch's other inputs: ``inputs`` when given, else the sampler's
+        ``graph_inputs`` (module docstring), eagerly."""
         make = getattr(self.sampler, "graph_inputs", None)
-        return {} if make is None else make(x_T, plan)
+        return inputs if inputs or make is None else make(x_T, plan)
 
-    def _capture(self, x_T: torch.Tensor, plan: Plan) -> _Captured:
+    def _capture(self, x_T: torch.Tensor, plan: Plan, extra: dict) -> _Captured:
         static_in = x_T.detach().clone()
-        static_extra = _clone_inputs(self._extra_inputs(x_T, plan))
+        static_extra = _clone_inputs(extra)
         plan = plan.to(x_T.device, copy=True)
         side = torch.cuda.Stream(device=x_T.device)
         side.wait_stream(torch.cuda.current_stream(x_T.device))
@@ -144,27 +147,28 @@ class GraphSampler:
                  sampler_name(self.sampler), tuple(x_T.shape), x_T.dtype)
         return _Captured(graph, static_in, static_out, plan, self._ptrs(), static_extra)
 
-    def __call__(self, x_T: torch.Tensor, plan: Plan | None = None) -> torch.Tensor:
+    def __call__(self, x_T: torch.Tensor, plan: Plan | None = None, **inputs) -> torch.Tensor:
         """Images from noise ``x_T`` (the result of the sampler); ``plan`` overrides the
-        sampler's plan for this call (a graph per plan)."""
+        sampler's plan for this call (a graph per plan); ``inputs``: the sampler's other
+        keyword inputs (module docstring), copied into the graph's buffers."""
         plan = self.plan if plan is None else plan
         self._check_eval()
         why = capture_unavailable(x_T.device)
         if why is not None:
             _warn_eager(why)
         if why is not None or self.fell_back is not None:
-            return self._eager(x_T, plan)
+            return self._eager(x_T, plan, inputs)
         try:
-            return self._replay(x_T, plan)
+            return self._replay(x_T, plan, inputs)
         except Exception as exc:  # a fast path that fails degrades (module docstring)
             self._fall_back(exc, plan)
-            return self._eager(x_T, plan)
+            return self._eager(x_T, plan, inputs)
 
-    def _eager(self, x_T: torch.Tensor, plan: Plan) -> torch.Tensor:
+    def _eager(self, x_T: torch.Tensor, plan: Plan, inputs: dict) -> torch.Tensor:
         """The eager, uncompiled sampler: what a capture stands for."""
-        return sample(self.model, x_T, plan, self.sampler, autocast_dtype=self.autocast_dtype)
+        return sample(self.model, x_T, plan, self.sampler, autocast_dtype=self.autocast_dtype, **inputs)
 
-    def _replay(self, x_T: torch.Tensor, plan: Plan) -> torch.Tensor:
+    def _replay(self, x_T: torch.Tensor, plan: Plan, inputs: dict) -> torch.Tensor:
         """The captured graph's images for ``x_T`` (captured first when there is none)."""
         key = (tuple(x_T.shape), x_T.dtype, x_T.device, plan.key, self.autocast_dtype)
         entry = self._graphs.get(key)
@@ -172,9 +176,9 @@ class GraphSampler:
             log.warning("rcfd: model parameters were reallocated since capture; capturing again")
             self.reset()
             entry = None
+        extra = self._extra_inputs(x_T, plan, inputs)
         if entry is None:
-            entry = self._graphs[key] = self._capture(x_T, plan)
-        extra = self._extra_inputs(x_T, plan) if entry.static_extra else {}
+            entry = self._graphs[key] = self._capture(x_T, plan, extra)
         entry.static_in.copy_(x_T)
         _copy_inputs(entry.static_extra, extra)
         entry.graph.replay()

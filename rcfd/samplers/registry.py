@@ -2,7 +2,10 @@
 
 A sampler is a pure function ``sampler(model, x_T, plan) -> images``: no host syncs and no
 branching on tensor values, so that :class:`rcfd.samplers.graph.GraphSampler` can capture
-any of them in a CUDA graph.
+any of them in a CUDA graph. A sampler that draws fresh noise while it runs (the multistep
+consistency sampler) takes it as a ``noise`` keyword (a list of tensors of ``x_T``'s shape)
+and says how many it reads in ``sampler.fresh_noise(plan)``, so that
+:func:`rcfd.samplers.generate` can draw them per image, like ``x_T``.
 """
 
 from __future__ import annotations
@@ -45,9 +48,10 @@ def sampler_name(sampler: SamplerLike) -> str:
 
 
 def sample(model: Callable, x_T: torch.Tensor, plan: Plan, sampler: SamplerLike = "ddim", *,
-           autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+           autocast_dtype: torch.dtype | None = None, **inputs) -> torch.Tensor:
     """Run ``sampler`` eagerly from ``x_T`` over ``plan`` (moved to ``x_T``'s device), the
-    model under autocast to ``autocast_dtype`` when given (``z`` stays in ``x_T``'s dtype)."""
+    model under autocast to ``autocast_dtype`` when given (``z`` stays in ``x_T``'s dtype);
+    ``inputs`` go to the sampler as keywords (the consistency sampler's ``noise``)."""
     fn = get_sampler(sampler)
     with autocast(x_T.device, autocast_dtype):
-        return fn(model, x_T, plan.to(x_T.device))
+        return fn(model, x_T, plan.to(x_T.device), **inputs)

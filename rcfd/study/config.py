@@ -24,6 +24,7 @@ from rcfd.data import DatasetSpec
 from rcfd.errors import ConfigError
 from rcfd.evaluation import EvalSettings
 from rcfd.evaluation.extractors import EXTRACTOR_NAMES
+from rcfd.evaluation.objectives import DIAGNOSTIC_SAMPLES
 from rcfd.methods import registry
 from rcfd.methods.base import BaseStageConfig
 from rcfd.methods.cd import CDStageConfig
@@ -46,7 +47,9 @@ class EvalConfig(Section):
     Table-1-shaped table; ``floor``: the row sampled twice for the two-seed noise floor (a
     row key such as ``pd`` takes its cheapest row; or ``first``, ``all``, ``none``);
     ``methods``: which methods' rows to measure (``None``: all). ``dtype``: the model's while
-    sampling (``auto``: bf16 on CUDA, fp32 elsewhere); recorded with the results. The
+    sampling (``auto``: bf16 on CUDA, fp32 elsewhere); recorded with the results.
+    ``diagnostics``: how many held-out draws the objective diagnostics of the distilled
+    students use (:mod:`rcfd.evaluation.objectives`; at most the held-out split; 0: none). The
     defaults of the fields the evaluation stage reads are :class:`rcfd.evaluation.EvalSettings`'
     (here validated); only ``floor`` differs: a study's floor row is PD's cheapest (the
     library, which knows no methods, takes the first row)."""
@@ -65,6 +68,7 @@ class EvalConfig(Section):
     floor: str = "pd"
     grid_images: NonNegInt = EVAL_DEFAULTS.grid_images
     dtype: Literal["auto", "fp32", "bf16"] = EVAL_DEFAULTS.dtype
+    diagnostics: NonNegInt = DIAGNOSTIC_SAMPLES
 
     @model_validator(mode="after")
     def _primary_measured(self):

@@ -92,7 +92,7 @@ def _smoke() -> dict:
         "pd": dict(final_T=1, **distill),
         "rcfd": dict(start_T=8, final_T=1, **distill),
         "eval": dict(steps=[1, 2, 4, 8], base_steps=[16], num_samples=64, batch_size=64,
-                     extractors=["classifier", "pixels"]),
+                     extractors=["classifier", "pixels"], diagnostics=64),
     }
 
 
