@@ -24,7 +24,7 @@ from pydantic import Field
 
 from rcfd.config import Decay, Int, NonNegInt, PosFloat, PosInt, Section
 from rcfd.core.consistency import DISTANCES, SIGMA_DATA, adaptive_mu, adaptive_N
-from rcfd.core.schedule import cosine_schedule
+from rcfd.core.schedule import schedule_of
 from rcfd.io.checkpoint import save_diffusion_checkpoint
 from rcfd.methods import common
 from rcfd.methods.cd_loss import SOLVERS, CDLoss, CDStep
@@ -130,7 +130,7 @@ def make_cd_job(cfg: CDStageConfig, source: Path, data, run: RunContext) -> Job:
     if o.channels_last and device.type == "cuda":
         teacher = teacher.to(memory_format=torch.channels_last)
         target = target.to(memory_format=torch.channels_last)
-    schedule = cosine_schedule(info.T, info.time_scale)
+    schedule = schedule_of(info)
     objective = CDLoss(teacher, target, schedule, info.T, info.time_scale, N_max(cfg),
                        cfg.distance, info.prediction, solver=cfg.solver)
     step = ObjectiveStep(objective)

@@ -16,7 +16,7 @@ from torch import nn
 
 from rcfd.io.checkpoint import DiffusionInfo, load_diffusion_checkpoint, save_diffusion_checkpoint
 from rcfd.config import Decay, NonNegInt, PosFloat, PosInt, Pow2, Section, is_pow2
-from rcfd.core.schedule import cosine_schedule
+from rcfd.core.schedule import schedule_of
 from rcfd.core.unet import UNet
 from rcfd.errors import CheckpointError, UsageError
 from rcfd.methods.common import (
@@ -115,7 +115,7 @@ def distill_rounds(cfg: DistillConfig, stage: str, teacher_path: Path | str, dat
     teacher, info = load_teacher(teacher_path, device)
     check_images_fit(info.config, dataset, f"the teacher {teacher_path}")
     rounds = check_halving(info, cfg.final_T, teacher_path)
-    schedule = cosine_schedule(info.T, info.time_scale)  # T * time_scale is the same every round
+    schedule = schedule_of(info)  # T * time_scale is the same every round
     time_scale, source, paths = info.time_scale, str(teacher_path), []
     shape = (dataset.channels, dataset.image_size, dataset.image_size)
     o = cfg.options
