@@ -294,3 +294,12 @@ def schedule_of(info: Any) -> Schedule:
     (``T``, ``time_scale`` and ``noise_schedule``, the spec; cosine when it has none): the
     one function every sampler, loss and evaluation of a loaded model gets it from."""
     return schedule_from_spec(getattr(info, "noise_schedule", None), info.T, info.time_scale)
+
+
+def describe_schedule(spec: Mapping[str, Any] | None) -> str:
+    """A schedule spec in words, e.g. ``cosine`` or ``diffusers DDPMScheduler linear, 1000
+    timesteps on a grid of 1024``."""
+    if spec is None or spec.get("kind") == "cosine":
+        return "cosine"
+    return (f"diffusers {spec.get('scheduler', '')} {spec.get('beta_schedule', '')}, "
+            f"{len(spec['alphas_cumprod'])} timesteps on a grid of {spec['grid']}")
