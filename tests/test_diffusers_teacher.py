@@ -301,6 +301,16 @@ def test_dry_run_says_what_the_teacher_resolved_to(tmp_path, capsys):
     assert "DDPMScheduler linear, 1000 timesteps on a grid of 1024" in err
 
 
+def test_rcfd_and_cd_take_a_diffusers_teacher_too(tmp_path, capsys):
+    folder = save_teacher(tmp_path / "t", size=16, prediction_type="v_prediction")
+    assert train.main(["--preset", "smoke", "--set", f"rcfd.teacher={folder}",
+                       "--set", f"cd.teacher={folder}", "--set", "cd.student_prediction=x0",
+                       "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "rcfd: 8 -> 1: 3 rounds" in err and "T=8 (time_scale 128), prediction v -> students v" in err
+    assert "T=1024 (time_scale 1), prediction v -> students x0" in err
+
+
 # --------------------------------------------------------------------------- end to end
 
 

@@ -32,7 +32,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -213,7 +213,7 @@ class DiffusionInfo:
     source: str  # "rcfd", "reference" or "diffusers"
     weights: str  # which state dict was loaded: "state_dict", "ema_state_dict", "net_model", ...
     extra: dict = field(default_factory=dict)
-    noise_schedule: dict | None = None  # the schedule's spec; None: cosine (schedule_of reads it)
+    noise_schedule: dict | None = field(default=None, repr=False)  # the spec; None: cosine
 
 
 def import_reference_diffusion(ckpt: Mapping[str, Any], *, image_size: int = 32,
