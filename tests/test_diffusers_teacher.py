@@ -126,6 +126,15 @@ def test_cosine_stays_the_default_schedule():
 # --------------------------------------------------------------------------- the network and DDIM
 
 
+def test_loading_a_folder_needs_no_diffusers(tmp_path):
+    folder = save_teacher(tmp_path / "t")
+    code = ("import sys; sys.modules['diffusers'] = None; import rcfd; "
+            f"m = rcfd.load({str(folder)!r}, 'cpu'); print(m.info.T, m.info.prediction)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert r.returncode == 0 and r.stdout.split() == ["1024", "eps"], r.stderr
+
+
 def test_the_network_is_unet2dmodel_at_the_grids_timesteps(tmp_path):
     folder = save_teacher(tmp_path / "t")
     model = api.load(folder, "cpu")
