@@ -6,7 +6,7 @@ and the public API below is imported on first access (no Triton, torch-fidelity,
 extension or YAML until something needs them)::
 
     import rcfd
-    model = rcfd.load("runs/digits/pd/T1.pt")               # an rcfd.Model
+    model = rcfd.load("runs/digits/pd/T1.safetensors")               # an rcfd.Model
     x = model.sample(64, steps=1, sampler="ddim", seed=0)   # float [64, C, H, W] in [-1, 1]
     m = rcfd.measure(x, "digits", extractors=["random-conv"])
 

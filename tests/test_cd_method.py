@@ -15,7 +15,7 @@ from rcfd.core.schedule import cosine_schedule
 from rcfd.core.unet import UNet, UNetConfig
 from rcfd.data import DatasetSpec
 from rcfd.errors import Interrupted
-from rcfd.io.checkpoint import load_checkpoint, load_diffusion_checkpoint, save_diffusion_checkpoint
+from rcfd.io.checkpoint import load_diffusion_checkpoint, load_model_file, save_diffusion_checkpoint
 from rcfd.methods import registry
 from rcfd.methods.cd import CDStageConfig, make_cd_job, step_schedule
 from rcfd.methods.cd_loss import CDLoss, CDStep
@@ -78,7 +78,7 @@ def test_cd_resumes_bit_exactly_with_its_target_network(tmp_path, cfg):
     held = torch.load(state_path(b, "cd", "model"), weights_only=True)
     target_8 = held["method_state"]["target"]
     path_b, target_b = train_cd_unit(b, cfg, resume=True)
-    ca, cb = load_checkpoint(path_a), load_checkpoint(path_b)
+    ca, cb = load_model_file(path_a), load_model_file(path_b)
     assert all(torch.equal(ca["state_dict"][k], cb["state_dict"][k]) for k in ca["state_dict"])
     sa, sb = target_a.state_dict(), target_b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from rcfd.io import grids
 from rcfd.report import results as report
-from rcfd.io.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, save_diffusion_checkpoint
+from rcfd.io.checkpoint import load_model_file, make_checkpoint, save_checkpoint, save_diffusion_checkpoint
 from rcfd.cli import evaluate, sample, train
 from rcfd.core.classifiers import ClassifierConfig, build
 from rcfd.core.unet import UNet, UNetConfig
@@ -162,7 +162,7 @@ def test_sample_npz_count_shape_and_seed(ckpts, tmp_path):
 
 def test_sample_reference_format_checkpoint(ckpts, tmp_path):
     """A checkpoint in the reference implementation's layout samples like ours."""
-    ours = load_checkpoint(ckpts / "model.pt")
+    ours = load_model_file(ckpts / "model.pt")
     ref = tmp_path / "reference.pt"
     torch.save({"ema_model": ours["state_dict"], "T": T, "time_scale": 1, "x_T": torch.randn(2, 1, 16, 16)}, ref)
     for path, name in ((ckpts / "model.pt", "ours.npz"), (ref, "ref.npz")):

@@ -85,7 +85,7 @@ def test_a_run_may_change_only_what_trains_nothing(classifier_run):
 def test_a_stage_without_its_inputs_writes_nothing(tmp_path, capsys):
     out = tmp_path / "empty"
     code = train.main(["pd", "--preset", "smoke", "--out", str(out), *TINY])
-    one_line_error(capsys, code, 2, "base", "model.pt", "run the base stage first")
+    one_line_error(capsys, code, 2, "base", "model.safetensors", "run the base stage first")
     code = train.main(["evaluate", "--preset", "smoke", "--out", str(out), *TINY])
     one_line_error(capsys, code, 2, "does not exist", "run the")
     assert not out.exists()

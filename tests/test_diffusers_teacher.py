@@ -31,6 +31,7 @@ from rcfd.io.checkpoint import load_diffusion_checkpoint
 from rcfd.losses import PDLoss, pd_target
 from rcfd.methods.distill import student_from, student_prediction
 from rcfd.samplers import ddim, make_plan
+from rcfd.training.rundir import checkpoint_path
 from standins import GaussianDenoiser
 from test_cli_errors import one_line_error
 
@@ -295,7 +296,7 @@ def test_a_teacher_for_other_images_is_refused(tmp_path, capsys):
     one_line_error(capsys, train.main(["pd", "--preset", "smoke", "--set", f"pd.teacher={folder}",
                                        "--set", "pd.teacher_T=4", "--out", str(run), "--threads",
                                        "1", "--no-progress"]), 2, "8x8", "16x16")
-    assert not (run / "pd" / "T2.pt").exists()
+    assert not (run / "pd").exists() or not any((run / "pd").iterdir())
     one_line_error(capsys, train.main(["pd", "--preset", "smoke", "--set", "pd.teacher_T=5",
                                        "--dry-run"]), 2, "teacher_T")
 
@@ -341,17 +342,17 @@ def test_a_diffusers_ddpm_teacher_distills_to_one_step_end_to_end(tmp_path):
              "--set", "pd.teacher_T=4", "--out", str(run), "--threads", "1", "--no-progress",
              "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    student = run / "pd" / "T1.pt"
+    student = checkpoint_path(run, "pd", "T1")
     _, info = load_diffusion_checkpoint(student)
     assert (info.T, info.time_scale, info.prediction) == (1, 1024, "v")
     assert info.noise_schedule["alphas_cumprod"] == pytest.approx(their_abar(folder).tolist(), abs=0)
-    assert info.extra["teacher"] == str(run / "pd" / "T2.pt")
+    assert info.extra["teacher"] == str(checkpoint_path(run, "pd", "T2"))
     npz = tmp_path / "s.npz"
     r = _cli("rcfd.sample", str(student), "--steps", "1", "--num", "4", "--out", str(npz),
              "--device", "cpu", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "prediction v, schedule diffusers DDPMScheduler linear" in r.stdout
-    r = _cli("rcfd.evaluate", str(run / "pd" / "T2.pt"), "--steps", "2", "--num-samples", "32",
+    r = _cli("rcfd.evaluate", str(checkpoint_path(run, "pd", "T2")), "--steps", "2", "--num-samples", "32",
              "--extractor", "pixels", "--device", "cpu", "--no-progress")
     assert r.returncode == 0, r.stderr
     out = tmp_path / "exported"

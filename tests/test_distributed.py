@@ -116,5 +116,5 @@ def test_cli_under_torchrun_exits_cleanly(tmp_path):
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
           "-m", "rcfd.train", "base", "--preset", "smoke", "--set", "base.steps=4",
           "--no-progress", "--out", str(out)], tmp_path)
-    assert (out / "base" / "model.pt").is_file()
+    assert (out / "base" / "model.safetensors").is_file()
     assert len(read_jsonl(metrics_path(out, "base", "model"))) >= 1

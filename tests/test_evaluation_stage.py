@@ -68,7 +68,7 @@ def test_evaluate_rows_results_floors_and_grids(checkpoint, references, panel, t
     e = r["entries"][1]
     assert e["fid"] == e["metrics"]["pixels"]["test"]["fid"] and e["is"] is None
     assert set(e["metrics"]["random-conv"]) == {"test", "train", "is", "is_std"}
-    assert e["checkpoint"] == "base/model.pt" and (tmp_path / e["grid"]).is_file()
+    assert e["checkpoint"] == "base/model.safetensors" and (tmp_path / e["grid"]).is_file()
     # the same model, steps and noise under two labels: the same numbers
     assert r["entries"][3]["metrics"] == e["metrics"]
     assert (tmp_path / r["side_by_side"]).is_file()

@@ -15,6 +15,7 @@ import torch
 from rcfd.core.schedule import cosine_schedule
 from rcfd.core.unet import UNet, UNetConfig
 from rcfd.data import DatasetSpec
+from rcfd.io.modelfile import load_model_file
 from rcfd.methods.base import BaseStageConfig, train_base
 from rcfd.methods.common import TrainOptions
 from rcfd.samplers import GraphSampler, generate, make_plan, sample
@@ -38,7 +39,7 @@ def train(tmp_path, name: str, compiled: bool) -> dict:
                           ema_decay=0.9, num_sample_images=0, log_interval=1, options=opts)
     path = train_base(cfg, DatasetSpec(name="digits", image_size=8),
                       RunContext(tmp_path / name, device="cpu", progress=False))
-    return torch.load(path, weights_only=True)
+    return load_model_file(path)
 
 
 def assert_same_weights(a: dict, b: dict) -> None:

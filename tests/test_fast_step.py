@@ -28,6 +28,7 @@ from rcfd.core.classifiers import ClassifierConfig, build, frozen
 from rcfd.core.schedule import cosine_schedule
 from rcfd.core.unet import UNet, UNetConfig
 from rcfd.data import DatasetSpec
+from rcfd.io.modelfile import load_model_file
 from rcfd.losses import DenoisingLoss, PDLoss, RCFDLoss, RCFDLossConfig
 from rcfd.methods.base import BaseStageConfig, train_base
 from rcfd.methods.common import TrainOptions
@@ -204,7 +205,7 @@ def test_the_cpu_loop_ignores_compile_and_stays_exact(tmp_path):
         cfg = BaseStageConfig(unet=UNET, T=8, lr=2e-3, warmup=2, batch_size=16, steps=4,
                               ema_decay=0.9, num_sample_images=0, log_interval=1, options=opts)
         path = train_base(cfg, data, RunContext(tmp_path / str(i), device="cpu", progress=False))
-        states.append(torch.load(path, weights_only=True))
+        states.append(load_model_file(path))
     for key in ("state_dict", "ema_state_dict"):
         a, b = states[0][key], states[1][key]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), key
@@ -322,5 +323,5 @@ def test_compiled_loop_on_cuda_logs_its_compile_time(tmp_path, capfd):
     path = train_base(cfg, DatasetSpec(name="digits", image_size=8),
                       RunContext(tmp_path, device="cuda", progress=False))
     assert "compiled the base step (model) in" in capfd.readouterr().err
-    state = torch.load(path, weights_only=True)["state_dict"]
+    state = load_model_file(path)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values())

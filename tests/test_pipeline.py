@@ -12,7 +12,8 @@ from PIL import Image
 
 from rcfd.io import grids
 from rcfd.report import results as report
-from rcfd.io.checkpoint import load_checkpoint, load_classifier_checkpoint, load_diffusion_checkpoint
+from rcfd.io.safetensors import is_safetensors_file
+from rcfd.io.checkpoint import load_classifier_checkpoint, load_diffusion_checkpoint, load_model_file
 from rcfd.cli import sample, train
 from rcfd.evaluation import sample_images
 from rcfd.evaluation.features import module_fingerprint
@@ -44,10 +45,10 @@ def check_run_dir(out: Path, cfg) -> dict:
     PipelineConfig = pipeline_config_class()
     saved = json.loads((out / "config.json").read_text())
     assert PipelineConfig.from_dict(saved) == cfg and PipelineConfig.from_dict(saved).to_dict() == saved
-    ckpts = [out / "classifier" / "distill.pt", out / "classifier" / "eval.pt", out / "base" / "model.pt"]
-    ckpts += [out / "pd" / f"T{t}.pt" for t in (8, 4, 2, 1)] + [out / "rcfd" / f"T{t}.pt" for t in (4, 2, 1)]
+    ckpts = [out / "classifier" / "distill.safetensors", out / "classifier" / "eval.safetensors", out / "base" / "model.safetensors"]
+    ckpts += [out / "pd" / f"T{t}.safetensors" for t in (8, 4, 2, 1)] + [out / "rcfd" / f"T{t}.safetensors" for t in (4, 2, 1)]
     for p in ckpts:
-        assert isinstance(load_checkpoint(p), dict), p  # weights_only load
+        assert is_safetensors_file(p) and isinstance(load_model_file(p), dict), p
     for p in ckpts[2:]:
         model, info = load_diffusion_checkpoint(p)
         assert info.T == int(p.stem[1:]) if p.stem.startswith("T") else info.T == cfg.base.T
@@ -67,13 +68,13 @@ def check_run_dir(out: Path, cfg) -> dict:
     assert results["extractors"] == list(cfg.eval.extractors) and results["dtype"] == "fp32"
     assert results["floors"]["test_vs_train"] and results["floors"]["two_seeds"]
     # honest evaluation: the evaluation classifier, never the distillation one
-    fp = {r: module_fingerprint(load_classifier_checkpoint(out / "classifier" / f"{r}.pt")) for r in ("eval", "distill")}
+    fp = {r: module_fingerprint(load_classifier_checkpoint(out / "classifier" / f"{r}.safetensors")) for r in ("eval", "distill")}
     detail = results["extractor_details"]["classifier"]
     assert fp["eval"][:12] in detail and fp["distill"][:12] not in detail
     md = (out / report.RESULTS_MD).read_text()
     assert report.results_table(results) in md
     for role in ("distill", "eval"):  # every classifier's held-out test accuracy, as its checkpoint has it
-        extra = load_checkpoint(out / "classifier" / f"{role}.pt")["extra"]
+        extra = load_model_file(out / "classifier" / f"{role}.safetensors")["extra"]
         assert results["classifiers"][role]["test_accuracy"] == extra["test_accuracy"]
     assert report.classifiers_table(results) in md
     for name in (report.FID_PLOT, report.LOSS_PLOT, results["side_by_side"]):
@@ -96,10 +97,10 @@ def test_finished_stage_needs_resume_or_overwrite(tiny_run, capsys):
 
 
 def test_resume_keeps_finished_stages_and_reevaluates(tiny_run, capsys):
-    before = (tiny_run / "pd" / "T1.pt").stat().st_mtime_ns
+    before = (tiny_run / "pd" / "T1.safetensors").stat().st_mtime_ns
     timings = json.loads((tiny_run / "timings.json").read_text())
     assert run_train("--preset", "smoke", "--out", str(tiny_run), "--resume", *TINY) == 0
-    assert (tiny_run / "pd" / "T1.pt").stat().st_mtime_ns == before
+    assert (tiny_run / "pd" / "T1.safetensors").stat().st_mtime_ns == before
     after = json.loads((tiny_run / "timings.json").read_text())
     for stage in ("classifier", "base", "pd", "rcfd"):  # skipping a finished stage keeps its time
         assert timings[stage] <= after[stage] < timings[stage] + 5, stage
@@ -126,7 +127,7 @@ def test_single_stage_reuses_the_run_config(tiny_run, capsys):
 
 def test_sample_cli_on_a_distilled_checkpoint(tiny_run, tmp_path):
     out = tmp_path / "one_step.npz"
-    assert sample.main([str(tiny_run / "rcfd" / "T1.pt"), "--num", "5", "--out", str(out), "--device", "cpu",
+    assert sample.main([str(tiny_run / "rcfd" / "T1.safetensors"), "--num", "5", "--out", str(out), "--device", "cpu",
                         "--no-progress"]) == 0
     import numpy as np
 
@@ -189,7 +190,7 @@ def test_multi_seed_study(tmp_path, capsys):
     md = (out / "study.md").read_text()
     assert "no difference shown" in md or "better" in md or "worse" in md
     assert (out / "per_seed.csv").is_file()
-    assert torch.is_tensor(load_checkpoint(out / "seed1" / "base" / "model.pt")["state_dict"]["head.weight"])
+    assert torch.is_tensor(load_model_file(out / "seed1" / "base" / "model.safetensors")["state_dict"]["head.weight"])
 
 
 def _sharded_sampling(rank, world, ckpt, port, out):
@@ -221,11 +222,11 @@ def test_evaluation_sampling_is_sharded_over_ranks(tiny_run, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_sharded_sampling, args=(2, str(tiny_run / "pd" / "T1.pt"), port, str(tmp_path)), nprocs=2)
+    mp.spawn(_sharded_sampling, args=(2, str(tiny_run / "pd" / "T1.safetensors"), port, str(tmp_path)), nprocs=2)
     gathered, other = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert gathered.shape == (7, 1, 16, 16) and gathered.dtype == torch.uint8 and other is None
     assert not torch.equal(gathered[:3], gathered[4:])  # the ranks drew different noise
-    model, info = load_diffusion_checkpoint(str(tiny_run / "pd" / "T1.pt"))
+    model, info = load_diffusion_checkpoint(str(tiny_run / "pd" / "T1.safetensors"))
     alone = sample_images(model, info, num_samples=7, num_steps=1, batch_size=2, seed=3,
                           progress=False)
     torch.testing.assert_close(gathered, alone, rtol=0, atol=1)  # uint8: one level of rounding

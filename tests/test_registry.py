@@ -83,7 +83,7 @@ def test_a_method_registered_in_a_test_runs_through_the_pipeline(toy, tmp_path, 
     assert code == 0, capsys.readouterr().err
     stdout = capsys.readouterr().out
     assert "toy        fine-tune the base model for 3 steps" in stdout  # the stage plan
-    model, info = load_diffusion_checkpoint(out / "toy" / "model.pt")
+    model, info = load_diffusion_checkpoint(out / "toy" / "model.safetensors")
     assert info.extra["stage"] == "toy"
     results = json.loads((out / report.RESULTS_JSON).read_text())
     toy_rows = [e for e in results["entries"] if e["method"] == "toy"]

@@ -28,6 +28,7 @@ from rcfd.methods.pd import PDStageConfig, train_pd
 from rcfd.methods.rcfd import RCFDStageConfig, check_classifier_fits, train_rcfd
 from rcfd.training import threads
 from rcfd.io.files import read_jsonl
+from rcfd.io.modelfile import load_model_file
 from rcfd.training.loop import Job, StepInfo, run_job
 from rcfd.training.optim import EMA, OptimSpec, lr_at
 from rcfd.training.rundir import RunContext, metrics_path
@@ -140,7 +141,7 @@ def test_base_trains_and_its_loss_decreases(trained):
 def test_pd_rounds_halve_and_their_loss_decreases(trained):
     run, base, _ = trained
     paths = train_pd(distill_cfg(final_T=2), base, DATA, run)
-    assert [p.name for p in paths] == ["T4.pt", "T2.pt"]
+    assert [p.name for p in paths] == ["T4.safetensors", "T2.safetensors"]
     infos = [load_diffusion_checkpoint(p)[1] for p in paths]
     assert [(i.T, i.time_scale) for i in infos] == [(4, 2), (2, 4)]
     assert infos[1].extra["teacher"] == str(paths[0])
@@ -165,7 +166,7 @@ def test_classifier_beats_chance_and_rebuilds(tmp_path):
     model = load_classifier(path)
     acc = accuracy(model, test, torch.device("cpu"))
     assert acc > 3 / test.num_classes  # well above chance
-    ckpt = torch.load(path, weights_only=True)
+    ckpt = load_model_file(path)
     assert ckpt["extra"]["test_accuracy"] == acc and ckpt["extra"]["role"] == "distill"
     assert any("val_acc" in r for r in read_jsonl(metrics_path(tmp_path, "classifier", "distill")))
     assert 0 <= ckpt["extra"]["accuracy"] <= 1  # validation accuracy: what chose the weights
@@ -315,7 +316,7 @@ def test_loop_runs_a_plain_job(tmp_path):
               finalize=lambda m, e, x, p: saved.setdefault("path", p))
     run_job(job, RunContext(tmp_path, device="cpu", progress=False))
     rows = read_jsonl(metrics_path(tmp_path, "toy", "lin"))
-    assert rows[-1]["loss"] < 1e-3 * rows[0]["loss"] and saved["path"].name == "lin.pt"
+    assert rows[-1]["loss"] < 1e-3 * rows[0]["loss"] and saved["path"].name == "lin.safetensors"
     assert all(math.isfinite(r["grad_norm"]) for r in rows)
 
 

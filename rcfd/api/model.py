@@ -4,7 +4,7 @@ network, what its checkpoint says about it (:class:`~rcfd.io.checkpoint.Diffusio
 ``time_scale``, ``prediction``, the U-Net config) and its noise schedule, so no caller
 re-passes them::
 
-    model = rcfd.load("runs/digits/pd/T1.pt")
+    model = rcfd.load("runs/digits/pd/T1.safetensors")
     x = model.sample(64, steps=1, sampler="ddim", seed=0)   # float [64, C, H, W] in [-1, 1]
     plan = model.plan(steps=1)                              # for a loop of one's own
 

@@ -2,9 +2,10 @@
 one) with the evaluation panel, against the held-out test split and the training split
 (METHOD.md, "Evaluation"; docs/results-digits.md, "How samples are measured").
 
-    python -m rcfd.evaluate runs/digits/pd/T1.pt --steps 1
-    python -m rcfd.evaluate runs/digits/base/model.pt --steps 1 2 4 8 --sampler dpm-solver \\
-        --classifier runs/digits/classifier/eval.pt --floor --json base.json
+    python -m rcfd.evaluate runs/digits/pd/T1.safetensors --steps 1
+    python -m rcfd.evaluate runs/digits/base/model.safetensors --steps 1 2 4 8 \\
+        --sampler dpm-solver --classifier runs/digits/classifier/eval.safetensors \\
+        --floor --json base.json
     python -m rcfd.evaluate ckpt.pt --data cifar10 --data-path ~/data/cifar-10-batches-py \\
         --extractor inception --inception-weights ~/weights-inception-2015-12-05-6726825d.pth
 

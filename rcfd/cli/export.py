@@ -1,15 +1,16 @@
 """A diffusion checkpoint out of rcfd: a diffusers model folder, or an ``.npz`` of samples for
 the TF/OpenAI FID evaluators.
 
-    python -m rcfd.export runs/digits/rcfd/T1.pt --to diffusers students/rcfd-T1
-    python -m rcfd.export runs/cifar10/pd/T4.pt --to npz samples.npz --num 50000 --batch-size 500
-    python -m rcfd.export runs/digits/pd/T1.pt --to npz digits.npz --num 10000 --rgb
+    python -m rcfd.export runs/digits/rcfd/T1.safetensors --to diffusers students/rcfd-T1
+    python -m rcfd.export runs/cifar10/pd/T4.safetensors --to npz samples.npz --num 50000 \\
+        --batch-size 500
+    python -m rcfd.export runs/digits/pd/T1.safetensors --to npz digits.npz --num 10000 --rgb
 
 ``--to diffusers DIR`` writes ``unet/`` (``UNet2DModel``, safetensors weights), ``scheduler/``
 (a ``DDIMScheduler`` that samples in the student's own steps) and ``model_index.json``
-(:func:`rcfd.interop.diffusers_export.export_diffusers`); ``DIR`` must be new or empty. It
-needs ``pip install "rcfd[diffusers]"`` (safetensors); diffusers itself is needed only to
-load the folder.
+(:func:`rcfd.interop.diffusers_export.export_diffusers`); ``DIR`` must be new or empty. The
+weights are written by rcfd's own safetensors writer; diffusers (``pip install
+"rcfd[diffusers]"``) is needed only to load the folder.
 
 ``--to npz FILE --num N`` writes ``arr_0``: uint8 ``[N, H, W, C]``, the images
 ``python -m rcfd.sample --out FILE.npz`` writes for the same ``--num``, ``--seed``,

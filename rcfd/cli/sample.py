@@ -1,14 +1,17 @@
 """Images from any diffusion checkpoint (ours or a reference-format one) with an N-step sampler
 (DDIM, DPM-Solver++(2M) or PNDM), written as a PNG grid or an ``.npz``.
 
-    python -m rcfd.sample runs/digits/rcfd/T1.pt --steps 1 --num 64 --out grid.png
-    python -m rcfd.sample runs/digits/base/model.pt --steps 8 --num 10000 --batch-size 500 --out samples.npz
-    python -m rcfd.sample runs/digits/base/model.pt --steps 8 --sampler dpm-solver --out dpm8.png
+    python -m rcfd.sample runs/digits/rcfd/T1.safetensors --steps 1 --num 64 --out grid.png
+    python -m rcfd.sample runs/digits/base/model.safetensors --steps 8 --num 10000 \\
+        --batch-size 500 --out samples.npz
+    python -m rcfd.sample runs/digits/base/model.safetensors --steps 8 --sampler dpm-solver \\
+        --out dpm8.png
 
-A run writes its checkpoints as ``runs/<name>/<stage>/<unit>.pt`` (``base/model.pt``,
-``pd/T4.pt``, ``rcfd/T1.pt``, ...). The ``.npz`` holds ``arr_0``: uint8 ``[N, H, W, C]`` (the
-layout common evaluation scripts read), and ``steps``, ``seed``, ``T``, ``time_scale``. Each
-batch's noise is drawn on the sampling device from its own generator, seeded from ``--seed``
+A run writes its checkpoints as ``runs/<name>/<stage>/<unit>.safetensors``
+(``base/model.safetensors``, ``pd/T4.safetensors``, ``rcfd/T1.safetensors``, ...; an earlier
+version's ``.pt`` checkpoints load as well). The ``.npz`` holds ``arr_0``: uint8
+``[N, H, W, C]`` (the layout common evaluation scripts read), and ``steps``, ``seed``, ``T``,
+``time_scale``. Each batch's noise is drawn on the sampling device from its own generator, seeded from ``--seed``
 and the batch's index, so a seed and ``--batch-size`` give the same images on every run on
 one kind of device (CPU and CUDA generators draw different numbers); on a GPU the steps run as
 one captured CUDA graph per batch shape (``--no-cuda-graph`` for the eager loop).

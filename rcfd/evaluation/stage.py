@@ -35,6 +35,7 @@ from rcfd.evaluation.panel import (
     two_seed_floor,
 )
 from rcfd.io.grids import display_scale, save_grid
+from rcfd.io.modelfile import MODEL_SUFFIX
 from rcfd.report.plots import save_sample_table
 
 FLOOR_SEED_OFFSET = 1_000_003
@@ -102,12 +103,15 @@ def _grid_name(row, steps: int) -> str:
     return f"{GRID_DIR}/{row.key.replace('/', '-')}_{steps}steps.png"
 
 
-def _entry(row, metrics: Mapping, primary: str, reference: str) -> dict:
+def _entry(row, metrics: Mapping, primary: str, reference: str,
+           checkpoint_name: Callable[[Any], str] | None) -> dict:
     p = metrics[primary]
+    checkpoint = (checkpoint_name(row) if checkpoint_name is not None
+                  else f"{row.stage}/{row.unit}{MODEL_SUFFIX}")
     return {"method": row.method, "label": row.label, "sampler": row.sampler, "steps": row.steps,
             "key": row.key, "metrics": metrics, "fid": p[reference]["fid"], "kid": p[reference]["kid"],
             "is": p["is"], "precision": p[reference]["precision"], "recall": p[reference]["recall"],
-            "checkpoint": f"{row.stage}/{row.unit}.pt"}
+            "checkpoint": checkpoint}
 
 
 class _ModelCache:
@@ -126,13 +130,15 @@ class _ModelCache:
 def evaluate_rows(rows: Sequence, load_model: Callable, *, eval_cfg: Any, references: References,
                   extractors: Sequence[FeatureExtractor], device: Any = "cpu", dist=None, seed: int = 0,
                   progress: bool = True, use_cuda_graph: bool = True, out_dir: str | Path | None = None,
-                  teacher: tuple[str, int] | None = None, say: Callable[[str], None] = print) -> dict | None:
+                  teacher: tuple[str, int] | None = None, say: Callable[[str], None] = print,
+                  checkpoint_name: Callable[[Any], str] | None = None) -> dict | None:
     """Sample and measure every row (``rows``: :class:`rcfd.methods.registry.Row` in table
     order; ``load_model(row) -> (model, info)`` of its checkpoint), then the floors. Under
     torchrun every rank samples its share and rank 0 measures; the other ranks get ``None``
     (and may pass ``references=None, extractors=()``: only rank 0 uses them).
     ``out_dir``: where the sample grids go (``samples/``); ``teacher``: ``(key, steps)`` of
-    the row that is the distillation teacher (labelled as the upper bound in reports).
+    the row that is the distillation teacher (labelled as the upper bound in reports);
+    ``checkpoint_name(row)``: the entry's ``checkpoint`` (default ``<stage>/<unit>.safetensors``).
     Returns the results dict (module docstring of :mod:`rcfd.report.results`)."""
     cfg = EvalSettings.from_config(eval_cfg)
     dist = dist or distributed.SINGLE
@@ -159,7 +165,7 @@ def evaluate_rows(rows: Sequence, load_model: Callable, *, eval_cfg: Any, refere
             continue
         feats = panel_features(images, extractors, device=device, batch_size=cfg.batch_size)
         metrics = measure_panel(feats, extractors, references, seed=seed)
-        entry = _entry(row, metrics, cfg.primary, cfg.reference)
+        entry = _entry(row, metrics, cfg.primary, cfg.reference, checkpoint_name)
         if second is not None:
             floors["two_seeds"].append({
                 "key": row.key, "label": row.label, "steps": row.steps, "num_samples": cfg.num_samples,

@@ -40,6 +40,7 @@ from rcfd.core.schedule import Schedule, check_sampler, check_sampler_fits, sche
 from rcfd.core.unet import UNetConfig
 from rcfd.errors import ConfigError, EnvironmentFailure, UsageError
 from rcfd.io.files import _umask
+from rcfd.io.safetensors import safetensors_bytes
 from rcfd.interop.diffusers_unet import diffusers_config_from_unet, state_dict_to_diffusers
 
 DIFFUSERS_VERSION = "0.21.0"  # the oldest release whose UNet2DModel/DDIMScheduler read these
@@ -81,15 +82,6 @@ def scheduler_config(schedule: Schedule, T: int, time_scale: int, prediction: st
         "thresholding": False, "timestep_spacing": "leading",
         "rescale_betas_zero_snr": False,
     }
-
-
-def _safetensors_bytes(state_dict: dict[str, torch.Tensor]) -> bytes:
-    try:
-        from safetensors.torch import save
-    except ImportError:
-        raise UsageError("the diffusers export writes safetensors: "
-                         'pip install "rcfd[diffusers]"') from None
-    return save({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()})
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -137,7 +129,7 @@ def export_diffusers(model: nn.Module, info: Any, out_dir: str | os.PathLike, *,
         "scheduler/scheduler_config.json": _json(scheduler_config(
             schedule, info.T, info.time_scale, info.prediction, clip)),
         "unet/config.json": _json(unet_cfg),
-        f"unet/{WEIGHTS_NAME}": _safetensors_bytes(
+        f"unet/{WEIGHTS_NAME}": safetensors_bytes(
             state_dict_to_diffusers(model.state_dict(), config)),
     }
     _write_folder(out_dir, files)

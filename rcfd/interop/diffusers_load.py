@@ -1,5 +1,6 @@
-"""A diffusers model folder read as one of our diffusion checkpoints, as data: diffusers need
-not be installed (the configs are JSON, the weights safetensors).
+"""A diffusers model folder read as one of our diffusion checkpoints, as data: neither diffusers
+nor the safetensors package need be installed (the configs are JSON, the weights are read by
+:mod:`rcfd.io.safetensors`).
 
 Layouts: a pipeline folder (``model_index.json``, or just ``unet/`` and ``scheduler/``) with
 ``unet/config.json`` + ``unet/diffusion_pytorch_model.safetensors`` (a ``UNet2DModel``) and
@@ -35,6 +36,7 @@ import torch
 from rcfd.core.schedule import MAX_GRID, MAX_TRAIN_TIMESTEPS, check_schedule_spec
 from rcfd.errors import CheckpointError, ConfigError, UsageError
 from rcfd.interop.diffusers_unet import state_dict_from_diffusers, unet_config_from_diffusers
+from rcfd.io.safetensors import read_safetensors
 
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -172,20 +174,14 @@ def sampler_of(grid: int, T: int | None, source: str) -> tuple[int, int]:
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file (no code runs; sizes come from its checked header).
-    The one place the reader is called."""
-    try:
-        from safetensors.torch import load_file  # optional dependency
-    except ImportError:
-        raise UsageError('reading a diffusers folder needs safetensors: pip install '
-                         '"rcfd[diffusers]"') from None
+    """The tensors of a safetensors file, by our checked reader
+    (:func:`rcfd.io.safetensors.read_safetensors`: no code runs, the header is checked in
+    full before any tensor is allocated). Only safetensors weights are read (``.bin``
+    weights are pickles)."""
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the diffusers folder has no safetensors "
-                              "weights (bin weights are pickles and are not read)")
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+                              "weights (.bin weights are pickles and are not read)")
+    return read_safetensors(path)[0]
 
 
 def read_diffusers_config(path: str | os.PathLike, *, T: int | None = None,

@@ -1,6 +1,6 @@
 """Checkpoint formats: ours, the reference implementation's, and models built from them. The
-file IO (atomic save, safe load, stale temporary files) is :mod:`rcfd.io.safeload`, whose
-names are re-exported here.
+file IO is :mod:`rcfd.io.modelfile` (our checkpoints as safetensors; either format read by
+content) and :mod:`rcfd.io.safeload` (the guarded ``torch.load``), re-exported here.
 
 Our format (``kind`` is ``"diffusion"`` or ``"classifier"``)::
 
@@ -39,6 +39,7 @@ from torch import nn
 
 from rcfd.io.files import json_problem, short_repr
 from rcfd.io.files import remove_stale_temp_files, temp_file_pattern  # re-exported
+from rcfd.io.modelfile import load_model_file, save_model_checkpoint  # re-exported
 from rcfd.io.safeload import (  # re-exported: the package imports them from here
     check_weights_only,
     load_checkpoint,
@@ -64,8 +65,9 @@ __all__ = [
     "build_checked", "check_rcfd_checkpoint", "check_state_dict", "check_weights_only",
     "import_reference_diffusion", "is_rcfd_checkpoint", "load_checkpoint",
     "load_classifier_checkpoint", "load_classifier_state_dict", "load_diffusion_checkpoint",
-    "load_state_dict_strict", "make_checkpoint", "remove_stale_temp_files", "save_checkpoint",
-    "save_diffusion_checkpoint", "strip_wrapper_prefixes", "temp_file_pattern", "torch_reason",
+    "load_model_file", "load_state_dict_strict", "make_checkpoint", "remove_stale_temp_files",
+    "save_checkpoint", "save_diffusion_checkpoint", "save_model_checkpoint",
+    "strip_wrapper_prefixes", "temp_file_pattern", "torch_reason",
     "unwrap_model",
 ]
 
@@ -111,10 +113,11 @@ def save_diffusion_checkpoint(path: str | os.PathLike, model: nn.Module, *, T: i
                               extra: Mapping[str, Any] | None = None,
                               noise_schedule: Mapping[str, Any] | None = None) -> Path:
     """Save a :class:`~rcfd.core.unet.UNet` (wrappers removed) and its EMA copy atomically,
-    with its noise schedule's spec when it is not cosine (a diffusers teacher's students)."""
+    as safetensors (:func:`rcfd.io.modelfile.save_model_checkpoint`), with its noise
+    schedule's spec when it is not cosine (a diffusers teacher's students)."""
     model = unwrap_model(model)
     ema = None if ema_model is None else unwrap_model(ema_model).state_dict()
-    return save_checkpoint(make_checkpoint(
+    return save_model_checkpoint(make_checkpoint(
         "diffusion", model.config.to_dict(), model.state_dict(), ema_state_dict=ema, T=T,
         time_scale=time_scale, prediction=prediction, extra=extra,
         schedule=noise_schedule), path)
@@ -275,7 +278,7 @@ def load_diffusion_checkpoint(path: str | os.PathLike, device: Any = "cpu", *,
                                prediction=parts["prediction"], extra=parts["extra"],
                                schedule=parts["schedule"])
         return _build_diffusion(ckpt, path, "diffusers", "unet", device)
-    ckpt = load_checkpoint(path)
+    ckpt = load_model_file(path)
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     if is_rcfd_checkpoint(ckpt):
@@ -323,7 +326,7 @@ def load_classifier_state_dict(path: str | os.PathLike) -> tuple[dict[str, Any],
     ours (``kind="classifier"``): ``(state_dict, model_config)``, the config being ``{}``
     for a reference file. For ours, the config is validated and the weights checked
     against it on the ``meta`` device, so building ``model_config`` afterwards is safe."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_model_file(path)
     if is_rcfd_checkpoint(ckpt):
         check_rcfd_checkpoint(ckpt, "classifier", str(path))
         sd, cfg = dict(ckpt["state_dict"]), dict(ckpt["model_config"])

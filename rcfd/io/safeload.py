@@ -1,12 +1,23 @@
-"""Checkpoint files on disk: the atomic save and the safe load (the formats inside them are
-:mod:`rcfd.io.checkpoint`'s).
+"""``torch.save`` files on disk: the atomic save and the guarded load (the formats inside
+them are :mod:`rcfd.io.checkpoint`'s).
 
-**Loading.** Every file is read with ``torch.load(weights_only=True)``: tensors, dicts, lists,
-tuples, str, int, float, bool and None only. A file that needs pickled code to load is
-refused and never executed, and no error message repeats torch's advice to switch that
-protection off. Before torch reads a zip-format file its members are checked: their CRCs
-(flipped bytes) and their sizes (torch allocates each member's declared size, so a small
-compressed or crafted archive could otherwise ask for gigabytes).
+**What is still a torch file.** Our models are written as safetensors
+(:mod:`rcfd.io.modelfile`, read by :mod:`rcfd.io.safetensors`' checked reader, which runs no
+code by construction). ``torch.save`` files remain for: the resumable training state
+(``<unit>.train.pt``, written by :func:`save_checkpoint`), our checkpoints of earlier
+versions (``<unit>.pt``), the reference code's checkpoints, and weight files from elsewhere
+(Inception, torchvision's ImageNet classifiers). The guards below are for those.
+
+**Loading.** Every torch file is read with ``torch.load(weights_only=True)``: tensors,
+dicts, lists, tuples, str, int, float, bool and None only. A file that needs pickled code to
+load is refused and never executed, and no error message repeats torch's advice to switch
+that protection off. Before torch reads a zip-format file its members are checked: their
+CRCs (flipped bytes) and their sizes (torch allocates each member's declared size, so a
+small compressed or crafted archive could otherwise ask for gigabytes). A safetensors file
+given here (by content, whatever its name) is read with our checked reader as
+``{name: tensor}``, never by ``torch.load`` (which hands files named ``*.safetensors`` to
+the safetensors package, with its own errors); to decode one of our model checkpoints use
+:func:`rcfd.io.modelfile.load_model_file`.
 
 **Saving** goes through :func:`rcfd.io.files.atomic_write` (atomic, stale temporary
 files removed, refused writes raised as :class:`~rcfd.errors.EnvironmentFailure`).
@@ -27,6 +38,7 @@ from typing import Any, Mapping
 import torch
 
 from rcfd.io.files import atomic_write
+from rcfd.io.safetensors import is_safetensors_file, read_safetensors
 from rcfd.errors import CheckpointError, UnsafeCheckpointError
 
 _PLAIN_LEAVES = (torch.Tensor, str, int, float, bool, type(None))
@@ -69,7 +81,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *,
     """``torch.load(path, weights_only=True)`` with clear errors, each naming ``path``, for
     a missing, unreadable, empty, truncated, corrupt, oversized or unsafe file. ``verify``
     checks the CRC of every member of a zip-format checkpoint first (one extra read), which
-    catches flipped bytes that ``torch.load`` would load silently."""
+    catches flipped bytes that ``torch.load`` would load silently. A safetensors file
+    (module docstring) gives its ``{name: tensor}`` (on ``map_location`` when that is a
+    device or its name, else on the CPU)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -86,6 +100,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *,
     if size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): it was never written "
                               "completely; use an earlier checkpoint")
+    if is_safetensors_file(path):
+        tensors = read_safetensors(path)[0]
+        if isinstance(map_location, (str, torch.device)) and str(map_location) != "cpu":
+            tensors = {k: v.to(map_location) for k, v in tensors.items()}
+        return tensors
     if magic == b"PK\x03\x04":
         _check_zip(path, size, verify)
     try:

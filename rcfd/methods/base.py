@@ -82,7 +82,7 @@ class BaseStageConfig(Section):
 def train_base(cfg: BaseStageConfig, data, run: RunContext) -> Path:
     """Train the base model ``(T, 1)``: ``t ~ U{0..T}``, the ``cfg.loss`` denoising loss,
     Adam with linear warmup, EMA, grad-norm clipping, a sample grid every
-    ``sample_interval`` steps. Returns ``run_dir/base/model.pt`` (weights and EMA weights;
+    ``sample_interval`` steps. Returns ``run_dir/base/model.safetensors`` (weights and EMA weights;
     :func:`rcfd.io.checkpoint.load_diffusion_checkpoint` picks the EMA)."""
     return train_unit(run, STAGE, UNIT, lambda: _base_job(cfg, data, run))
 

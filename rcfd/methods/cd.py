@@ -60,7 +60,7 @@ class CDStageConfig(Section):
     (the paper's ``N(k)``, ``mu(k)`` from ``s0``, ``s1``, ``mu0``: see
     :func:`rcfd.core.consistency.adaptive_N`; ``s1=None`` is ``N - 1``, so the grid ends at
     ``N`` points; ``mu`` is then unused); ``teacher``: a diffusion checkpoint or a diffusers
-    model folder (``None``: the run's ``base/model.pt``); ``student_prediction``: what the
+    model folder (``None``: the run's base model); ``student_prediction``: what the
     student predicts (``None``: the teacher's, v for an eps teacher);
     ``eval_steps``: the step counts the ``CD`` rows may take (those in ``eval.steps``);
     ``num_sample_images`` one-step consistency samples every ``sample_interval`` steps and
@@ -173,7 +173,8 @@ def make_cd_job(cfg: CDStageConfig, source: Path, data, run: RunContext) -> Job:
 
 
 def train_cd(cfg: CDStageConfig, data, run: RunContext) -> list[Path]:
-    """Train (or reuse, when finished) ``<run_dir>/cd/model.pt``; returns ``[its path]``."""
+    """Train (or reuse, when finished) ``<run_dir>/cd/model.safetensors``; returns
+    ``[its path]``."""
     source = Path(cfg.teacher) if cfg.teacher else require(run.run_dir, "base", "model")
     return [train_unit(run, STAGE, UNIT, lambda: make_cd_job(cfg, source, data, run))]
 

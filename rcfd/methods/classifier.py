@@ -3,7 +3,7 @@ distills into, and the evaluation classifier that measures samples where the Inc
 weights cannot be had. SGD with momentum and weight decay, the learning rate divided by 10
 at 1/2 and 3/4 of training, crop + flip + AutoAugment + Cutout on every batch
 (:func:`rcfd.data.augment.classifier_augment`), test accuracy logged at every epoch (or
-``eval_interval``) and the best weights kept. Writes ``run_dir/classifier/<role>.pt``
+``eval_interval``) and the best weights kept. Writes ``run_dir/classifier/<role>.safetensors``
 (``kind="classifier"``, with its :class:`~rcfd.core.classifiers.ClassifierConfig`, so
 :func:`load_classifier` rebuilds it).
 """
@@ -20,10 +20,10 @@ from torch import nn
 
 from rcfd.io.checkpoint import (
     is_rcfd_checkpoint,
-    load_checkpoint,
     load_classifier_checkpoint,
+    load_model_file,
     make_checkpoint,
-    save_checkpoint,
+    save_model_checkpoint,
 )
 from rcfd.config import Decay, Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Section
 from rcfd.core.classifiers import CLASSIFIER_NAMES, ClassifierConfig, build
@@ -116,7 +116,7 @@ def train_classifier(cfg: ClassifierStageConfig, data: DatasetSpec | ImageDatase
     """Train the ``cfg.role`` classifier on ``data``'s training split less a validation part
     (``cfg.val_fraction``, seeded), keeping the weights of the best validation accuracy; the
     test split is never seen, so it stays held out for the evaluation. Returns
-    ``run_dir/classifier/<role>.pt`` (``extra``: ``accuracy`` (validation), ``best_step``,
+    ``run_dir/classifier/<role>.safetensors`` (``extra``: ``accuracy`` (validation), ``best_step``,
     ``final_accuracy``, ``test_accuracy`` of the kept weights, ``image_size``)."""
     return train_unit(run, STAGE, cfg.role, lambda: _classifier_job(cfg, data, run))
 
@@ -166,7 +166,7 @@ def _classifier_job(cfg: ClassifierStageConfig, data: DatasetSpec | ImageDataset
             kept = build(config)
             kept.load_state_dict(state)
             info["test_accuracy"] = accuracy(kept.to(device), test, device)
-        return save_checkpoint(make_checkpoint(
+        return save_model_checkpoint(make_checkpoint(
             "classifier", config.to_dict(), state,
             extra={"stage": STAGE, "role": cfg.role, "finished": True, **info,
                    "image_size": train.image_size, "steps": extra["steps"],
@@ -205,7 +205,7 @@ def _our_checkpoint(source) -> dict | None:
     """The checkpoint dict at ``source`` if it is a file of our format, else ``None``."""
     if isinstance(source, nn.Module) or not Path(str(source)).is_file():
         return None
-    ckpt = load_checkpoint(source)
+    ckpt = load_model_file(source)
     return ckpt if is_rcfd_checkpoint(ckpt) else None
 
 

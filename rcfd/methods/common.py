@@ -101,7 +101,7 @@ def grid_sampler(schedule: Schedule, T: int, time_scale: int, num_steps: int, n:
 
 
 def require(run_dir: Path, stage: str, unit: str) -> Path:
-    """The checkpoint ``<stage>/<unit>.pt`` of an earlier stage, or a usage error saying
+    """The checkpoint ``<stage>/<unit>.safetensors`` of an earlier stage, or a usage error saying
     which stage to run first."""
     path = checkpoint_path(run_dir, stage, unit)
     if not path.is_file():
@@ -111,7 +111,7 @@ def require(run_dir: Path, stage: str, unit: str) -> Path:
 
 
 def train_unit(run: RunContext, stage: str, unit: str, make_job: Callable[[], Job]) -> Path:
-    """The checkpoint ``<stage>/<unit>.pt`` of one unit of training: when it is finished
+    """The checkpoint ``<stage>/<unit>.safetensors`` of one unit of training: when it is finished
     (:func:`rcfd.training.rundir.unit_done`: a ``--resume`` of a run that has it) it is
     used as it is, with one line saying so; otherwise ``make_job()`` builds the unit's
     :class:`~rcfd.training.loop.Job` (only then: building loads data and networks) and

@@ -1,7 +1,7 @@
 """Halving rounds, the skeleton every distillation method shares (METHOD.md, "Progressive
 distillation target"): teacher ``(T, time_scale)`` -> student ``(T/2, 2 time_scale)``, each
 student initialised from its teacher, round ``k``'s student round ``k+1``'s teacher, every
-round writing ``run_dir/<stage>/T<student T>.pt``. A method supplies its objective (a loss
+round writing ``run_dir/<stage>/T<student T>.safetensors``. A method supplies its objective (a loss
 object of :mod:`rcfd.losses`) and :func:`distill_rounds` does the rest.
 
 Teachers. ``teacher`` (any method's) names a diffusion checkpoint or a diffusers model

@@ -41,9 +41,9 @@ class PDStageConfig(DistillConfig):
 
 
 def train_pd(cfg: PDStageConfig, teacher: Path, data, run: RunContext) -> list[Path]:
-    """Progressive distillation from ``teacher`` (``base/model.pt``, or any diffusion
+    """Progressive distillation from ``teacher`` (``base/model.safetensors``, or any diffusion
     checkpoint of ours or the reference's) down to ``cfg.final_T`` steps. Returns
-    ``[run_dir/pd/T<T/2>.pt, ..., run_dir/pd/T<final_T>.pt]``."""
+    ``[run_dir/pd/T<T/2>.safetensors, ..., run_dir/pd/T<final_T>.safetensors]``."""
 
     def objective(teacher_net, schedule, teacher_T, time_scale, prediction, student):
         return PDLoss(teacher_net, schedule, teacher_T, time_scale, cfg.loss, prediction, student)

@@ -7,7 +7,7 @@ Rounds halve ``T`` from the PD student at ``start_T`` (8 in the paper) down to `
 on the student's unclipped ``x0_hat`` and the two-step teacher target. The classifier is
 frozen (eval mode, no parameter gradients) and gradients flow through it into the student.
 Every term (``cfd``, ``ent``, ``div``, ``reg``, and the PD loss ``pd`` for reference) is
-logged. The ``rcfd`` method writes ``run_dir/rcfd/T<k>.pt``; the ``cfd`` method (off unless
+logged. The ``rcfd`` method writes ``run_dir/rcfd/T<k>.safetensors``; the ``cfd`` method (off unless
 its section is set, e.g. ``--set cfd.start_T=8``) trains the same rounds with ``alpha = 0``
 into ``run_dir/cfd/``, for the ablation rows of a study.
 """
@@ -43,7 +43,7 @@ from rcfd.training.rundir import RunContext, checkpoint_path
 class RCFDStageConfig(DistillConfig):
     """RCFD (METHOD.md): rounds from the PD student at ``start_T`` down to ``final_T``,
     ``L = L_CFD + alpha (beta L_ent + (1 - beta) L_div)`` with ``loss``. ``classifier``:
-    ``"distill"`` (the classifier stage's ``classifier/distill.pt``), ``"eval"``, an
+    ``"distill"`` (the classifier stage's ``classifier/distill.safetensors``), ``"eval"``, an
     ``imagenet_*`` architecture name, or a checkpoint path (ours, or a reference
     ``{'model': ...}`` file whose architecture ``classifier_arch`` names)."""
 
@@ -70,8 +70,8 @@ class CFDStageConfig(RCFDStageConfig):
 
 
 def resolve_classifier(cfg: RCFDStageConfig, run_dir: Path | str) -> Path | str:
-    """What ``cfg.classifier`` names: ``run_dir/classifier/distill.pt`` for ``"distill"``,
-    ``run_dir/classifier/eval.pt`` for ``"eval"``, an ``imagenet_*`` name as it is,
+    """What ``cfg.classifier`` names: ``run_dir/classifier/distill.safetensors`` for ``"distill"``,
+    ``run_dir/classifier/eval.safetensors`` for ``"eval"``, an ``imagenet_*`` name as it is,
     otherwise a checkpoint path."""
     if cfg.classifier in ("distill", "eval"):
         return checkpoint_path(run_dir, "classifier", cfg.classifier)
@@ -120,17 +120,17 @@ def check_classifier_fits(classifier: nn.Module, dataset: ImageDataset, cfg: RCF
 
 def train_rcfd(cfg: RCFDStageConfig, teacher: Path, classifier: Path | str | nn.Module,
                data, run: RunContext, stage: str = "rcfd") -> list[Path]:
-    """RCFD rounds from the PD student at ``cfg.start_T`` (``teacher``, e.g. ``pd/T8.pt``)
+    """RCFD rounds from the PD student at ``cfg.start_T`` (``teacher``, e.g. ``pd/T8.safetensors``)
     down to ``cfg.final_T``, with the frozen ``classifier`` (a checkpoint path, an
     ``imagenet_*`` name or a module; see :func:`resolve_classifier`). Returns
-    ``[run_dir/<stage>/T<start/2>.pt, ..., run_dir/<stage>/T<final_T>.pt]``."""
+    ``[run_dir/<stage>/T<start/2>.safetensors, ..., run_dir/<stage>/T<final_T>.safetensors]``."""
     device = run.torch_device
     dataset = load_train(data)
     _, info = load_teacher(teacher, "cpu", cfg.start_T if is_diffusers_folder(teacher) else None)
     if info.T != cfg.start_T:
         raise UsageError(f"{stage} starts from the PD student at T={cfg.start_T} "
                          f"({stage}.start_T), but {teacher} is a T={info.T} sampler; pass "
-                         f"pd/T{cfg.start_T}.pt")
+                         f"pd/T{cfg.start_T}.safetensors")
     net = load_classifier(classifier, device, cfg.classifier_arch, in_channels=dataset.channels)
     trained_size = classifier_info(classifier).get("image_size")
     net = frozen(net)

@@ -56,7 +56,7 @@ _NAME = re.compile(r"[a-z][a-z0-9_-]*")
 
 @dataclass(frozen=True)
 class Row:
-    """One sampler to evaluate: the checkpoint ``<stage>/<unit>.pt`` sampled with ``sampler``
+    """One sampler to evaluate: the checkpoint of ``<stage>/<unit>`` sampled with ``sampler``
     in ``steps`` steps, shown in the results table as row ``label``, column ``steps``."""
 
     method: str

@@ -80,7 +80,9 @@ def evaluate_run(cfg, rows, run_dir: Path, device, dist, progress: bool = True) 
 
     results = evaluate_rows(rows, load_model, eval_cfg=cfg.eval, references=references,
                             extractors=panel, device=device, dist=dist, seed=cfg.seed,
-                            progress=progress, out_dir=run_dir, teacher=("base", cfg.base.T))
+                            progress=progress, out_dir=run_dir, teacher=("base", cfg.base.T),
+                            checkpoint_name=lambda row: checkpoint_path(
+                                run_dir, row.stage, row.unit).relative_to(run_dir).as_posix())
     if results is not None:
         results.update(preset=cfg.name, run_dir=str(run_dir), seeds=[cfg.seed], classifiers=classifiers,
                        dtype=sampling_dtype(cfg.eval.dtype, device))

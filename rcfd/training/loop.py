@@ -36,8 +36,8 @@ from rcfd.training.logger import MetricsLogger
 from rcfd.training.optim import EMA, OptimSpec, grad_norm, lr_at, make_optimizer
 from rcfd.training.rundir import (
     RunContext,
-    checkpoint_path,
     metrics_path,
+    new_checkpoint_path,
     state_path,
     tensorboard_dir,
 )
@@ -64,10 +64,11 @@ class StepInfo:
 class Job:
     """One unit of training. ``loss_fn(model, x, y, info) -> (loss, terms)`` gets this
     rank's share ``x`` of the global batch; ``terms`` are 0-dim tensors to log.
-    ``finalize(model, ema_model, extra, path) -> Path`` writes the unit's ``<unit>.pt``
-    (rank 0). ``sample_fn(model, path)`` writes a sample grid; ``eval_fn(model, extra,
-    step) -> dict`` logs metrics (e.g. test accuracy) and may keep a best state in
-    ``extra``. ``data`` identifies the training data (a resume on other data is refused).
+    ``finalize(model, ema_model, extra, path) -> Path`` writes the unit's checkpoint
+    ``<unit>.safetensors`` (rank 0). ``sample_fn(model, path)`` writes a sample grid;
+    ``eval_fn(model, extra, step) -> dict`` logs metrics (e.g. test accuracy) and may keep
+    a best state in ``extra``. ``data`` identifies the training data (a resume on other
+    data is refused).
 
     ``state``: modules the method keeps besides the student (target networks, buffers),
     saved in ``<unit>.train.pt`` at every checkpoint and loaded back into the same modules
@@ -153,7 +154,7 @@ class _Trainer:
         self.compiled = compile_step(job.compile, self.device)
         self.amp_dtype = training_dtype(job.bf16, self.device)
         d, stage, unit = run.run_dir, job.stage, job.unit
-        self.final, self.state = checkpoint_path(d, stage, unit), state_path(d, stage, unit)
+        self.final, self.state = new_checkpoint_path(d, stage, unit), state_path(d, stage, unit)
         self.logger = MetricsLogger(metrics_path(d, stage, unit), tensorboard_dir(d, stage, unit))
         model = job.model.to(self.device)
         if job.channels_last and self.cuda:

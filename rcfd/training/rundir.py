@@ -2,17 +2,20 @@
 
 Run directory layout (``run_dir``; ``<unit>`` is one resumable training job)::
 
-    classifier/distill.pt  classifier/eval.pt      classifiers (role of the stage config)
-    base/model.pt                                  base model: weights + EMA
-    pd/T<k>.pt  (T512.pt ... T1.pt)                PD students, one per round
-    rcfd/T<k>.pt (T4.pt, T2.pt, T1.pt)             RCFD students, one per round
-    <stage>/<unit>.train.pt                        resumable training state (while unfinished)
-    <stage>/<unit>.jsonl                           metrics: one line per logged step
-    tensorboard/<stage>/<unit>/                    the same metrics as TensorBoard events
-    <stage>/<unit>_step<N>.png                     sample grids (diffusion stages)
+    classifier/distill.safetensors  classifier/eval.safetensors    classifiers (by role)
+    base/model.safetensors                          base model: weights + EMA
+    pd/T<k>.safetensors  (T512 ... T1)              PD students, one per round
+    rcfd/T<k>.safetensors (T4, T2, T1)              RCFD students, one per round
+    <stage>/<unit>.train.pt                         resumable training state (while unfinished)
+    <stage>/<unit>.jsonl                            metrics: one line per logged step
+    tensorboard/<stage>/<unit>/                     the same metrics as TensorBoard events
+    <stage>/<unit>_step<N>.png                      sample grids (diffusion stages)
 
-A ``<unit>.pt`` file is written once, when its training finished; it is what later stages
-and the report read (:func:`checkpoint_path`); the ``.train.pt`` state is what
+A finished unit's checkpoint is written once, when its training finished, as safetensors
+(:func:`rcfd.io.modelfile.save_model_checkpoint`); it is what later stages and the report
+read (:func:`checkpoint_path`). Run directories of earlier versions hold ``<unit>.pt``
+instead: :func:`checkpoint_path` finds it, so they resume and evaluate as they are. The
+``.train.pt`` state (``torch.save``, loaded with ``weights_only=True``) is what
 :func:`rcfd.training.loop.run_job` resumes from.
 
 Only rank 0 writes. :class:`RunContext` says where and how a stage runs; :func:`unit_done`
@@ -29,6 +32,7 @@ import torch
 
 from rcfd import distributed as dist
 from rcfd.io.files import temp_file_pattern
+from rcfd.io.modelfile import MODEL_SUFFIX
 from rcfd.errors import StageExistsError
 
 
@@ -69,10 +73,27 @@ class RunContext:
         return self.dist.is_main
 
 
+CHECKPOINT_SUFFIX = MODEL_SUFFIX  # ".safetensors"
+LEGACY_SUFFIX = ".pt"  # finished checkpoints of earlier versions (torch.save)
+
+
+def new_checkpoint_path(run_dir: Path | str, stage: str, unit: str) -> Path:
+    """``run_dir/<stage>/<unit>.safetensors``, where a unit's checkpoint is written: e.g.
+    ``("base", "model")``, ``("pd", "T8")``, ``("rcfd", "T1")``, ``("classifier", "distill")``."""
+    return Path(run_dir) / stage / f"{unit}{CHECKPOINT_SUFFIX}"
+
+
+def legacy_checkpoint_path(run_dir: Path | str, stage: str, unit: str) -> Path:
+    """``run_dir/<stage>/<unit>.pt``: where earlier versions wrote a finished unit."""
+    return Path(run_dir) / stage / f"{unit}{LEGACY_SUFFIX}"
+
+
 def checkpoint_path(run_dir: Path | str, stage: str, unit: str) -> Path:
-    """``run_dir/<stage>/<unit>.pt``: e.g. ``("base", "model")``, ``("pd", "T8")``,
-    ``("rcfd", "T1")``, ``("classifier", "distill")``."""
-    return Path(run_dir) / stage / f"{unit}.pt"
+    """The checkpoint of ``stage/unit``: :func:`new_checkpoint_path` unless only an
+    earlier version's ``<unit>.pt`` exists, which is then returned (it loads as it is)."""
+    new = new_checkpoint_path(run_dir, stage, unit)
+    legacy = legacy_checkpoint_path(run_dir, stage, unit)
+    return legacy if not new.exists() and legacy.exists() else new
 
 
 def state_path(run_dir: Path | str, stage: str, unit: str) -> Path:
@@ -91,8 +112,9 @@ def unit_files(run_dir: Path, stage: str, unit: str) -> list[Path]:
     """Every file a unit leaves: its checkpoint, state, metrics, sample grids and the
     temporary files of interrupted writes."""
     d = Path(run_dir) / stage
-    fixed = [checkpoint_path(run_dir, stage, unit), state_path(run_dir, stage, unit),
-             metrics_path(run_dir, stage, unit)]
+    fixed = [new_checkpoint_path(run_dir, stage, unit),
+             legacy_checkpoint_path(run_dir, stage, unit),
+             state_path(run_dir, stage, unit), metrics_path(run_dir, stage, unit)]
     if not d.is_dir():
         return fixed
     temps = [p for f in fixed for p in d.iterdir() if temp_file_pattern(f).fullmatch(p.name)]
