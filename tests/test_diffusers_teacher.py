@@ -127,9 +127,10 @@ def test_cosine_stays_the_default_schedule():
 # --------------------------------------------------------------------------- the network and DDIM
 
 
-def test_loading_a_folder_needs_no_diffusers(tmp_path):
+def test_loading_a_folder_needs_neither_diffusers_nor_the_safetensors_package(tmp_path):
     folder = save_teacher(tmp_path / "t")
-    code = ("import sys; sys.modules['diffusers'] = None; import rcfd; "
+    code = ("import sys; sys.modules['diffusers'] = sys.modules['safetensors'] = None; "
+            "import rcfd; "
             f"m = rcfd.load({str(folder)!r}, 'cpu'); print(m.info.T, m.info.prediction)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
