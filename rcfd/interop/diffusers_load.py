@@ -202,7 +202,7 @@ def read_diffusers_config(path: str | os.PathLike, *, T: int | None = None,
     try:
         config = unet_config_from_diffusers(unet_cfg, num_time_indices=grid + 1,
                                             time_input_scale=(n - 1) / grid)
-    except ConfigError as e:
+    except (ConfigError, TypeError, ValueError, KeyError, IndexError) as e:  # a malformed config
         raise CheckpointError(f"{source} (unet): {e}") from None
     return {"model_config": config, "unet_config": unet_cfg, "T": T, "time_scale": time_scale,
             "prediction": prediction, "schedule": spec, "unet_dir": unet_dir}
