@@ -35,9 +35,9 @@ from rcfd.core.schedule import (
     coef_dtype,
     diffuse,
     eps_from_x0,
+    outputs_to_x0_eps,
     per_sample,
     schedule_at,
-    x0_from_eps,
 )
 
 Coef = Union[float, torch.Tensor]
@@ -63,17 +63,16 @@ class LossOutput(NamedTuple):
 def predict(model: Callable, z_t: torch.Tensor, t_index: torch.Tensor, alpha_t: Coef,
             sigma_t: Coef, prediction: str = "x0") -> tuple[torch.Tensor, torch.Tensor]:
     """``(x0_hat, eps_hat)`` from one network call ``model(z_t, t_index)``, whose output is
-    ``x0_hat`` (``prediction="x0"``) or ``eps_hat`` (``"eps"``); the other one follows from
-    ``z_t = alpha_t * x0 + sigma_t * eps``."""
+    ``x0_hat`` (``prediction="x0"``), ``eps_hat`` (``"eps"``) or ``v_hat`` (``"v"``); the
+    rest follows from ``z_t = alpha_t * x0 + sigma_t * eps``
+    (:func:`~rcfd.core.schedule.outputs_to_x0_eps`)."""
     out = model(z_t, t_index)
     if out.shape != z_t.shape:
         raise ValueError(
             f"the model returned shape {tuple(out.shape)} for input {tuple(z_t.shape)}; "
             "it must predict an image of the input's shape"
         )
-    if prediction == "x0":
-        return out, eps_from_x0(z_t, out, alpha_t, sigma_t)
-    return x0_from_eps(z_t, out, alpha_t, sigma_t), out
+    return outputs_to_x0_eps(out, z_t, alpha_t, sigma_t, prediction)
 
 
 def draw_noise(generator: torch.Generator | None, like: torch.Tensor, low: int, high: int,
@@ -209,18 +208,24 @@ class PDLoss:
     ``t`` (schedule index ``t * time_scale``, where the student predicts too), the
     :func:`pd_target` of two unclipped teacher DDIM steps, and :func:`denoising_loss` of
     ``kind`` between the student and the target. :meth:`draw` gives ``t = 2 * U{1..T/2}``
-    and ``eps ~ N(0, I)``."""
+    and ``eps ~ N(0, I)``. ``prediction`` is the teacher's output, ``student_prediction``
+    the student's (``None``: the teacher's); the target is the same either way, in x0 and
+    eps, so the parameterisation only changes how the student's output is read."""
 
     def __init__(self, teacher: Callable, schedule: Schedule, teacher_T: int,
-                 teacher_time_scale: int, kind: str = "both", prediction: str = "x0"):
+                 teacher_time_scale: int, kind: str = "both", prediction: str = "x0",
+                 student_prediction: str | None = None):
         if teacher_T < 2 or teacher_T % 2:
             raise ValueError(f"teacher_T must be even and >= 2 to halve it, got {teacher_T}")
+        student_prediction = prediction if student_prediction is None else student_prediction
         check_choice("kind", kind, LOSS_KINDS)
         check_choice("prediction", prediction, PREDICTIONS)
+        check_choice("student_prediction", student_prediction, PREDICTIONS)
         check_sampler_fits(schedule, teacher_T, teacher_time_scale)
         self.teacher, self.schedule = teacher, schedule
         self.T, self.time_scale, self.kind, self.prediction = (teacher_T, teacher_time_scale,
                                                                kind, prediction)
+        self.student_prediction = student_prediction
 
     def draw(self, generator, x0, global_batch=None, rows=None):
         half, eps = draw_noise(generator, x0, 1, self.T // 2, global_batch, rows)
@@ -238,7 +243,7 @@ class PDLoss:
         """The student's side: its prediction at ``target.z_t`` and the loss against it (so
         one target can score several students, as :func:`__call__` does one)."""
         x0_hat, eps_hat = predict(student, target.z_t, target.index, target.alpha_t, target.sigma_t,
-                                  self.prediction)
+                                  self.student_prediction)
         loss = denoising_loss(x0_hat, eps_hat, target.x_target, target.eps_target, self.kind)
         return PDOutput(loss, x0_hat, eps_hat, target.x_target, target.eps_target, target.z_t, target.t)
 

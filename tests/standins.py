@@ -7,7 +7,8 @@ import torch
 class GaussianDenoiser:
     """Exact ``E[x0 | z_t]`` for data ``x0 ~ N(mu, var I)``: ``mu + a var / (a^2 var +
     s^2) (z - a mu)``; with ``var = 0`` the data is the single point ``mu``. Predicts x0, or
-    the implied eps with ``prediction="eps"``."""
+    the implied eps with ``prediction="eps"``, or ``v = a eps - s x0`` with ``"v"`` (written
+    out here, independently of the package's conversions)."""
 
     def __init__(self, schedule, mu, var=0.0, prediction="x0"):
         self.schedule, self.mu, self.var, self.prediction = schedule, mu, var, prediction
@@ -17,7 +18,10 @@ class GaussianDenoiser:
         a = self.schedule.alpha.to(z)[t_index.cpu()].view(view)
         s = self.schedule.sigma.to(z)[t_index.cpu()].view(view)
         x0 = self.mu + a * self.var / (a * a * self.var + s * s) * (z - a * self.mu)
-        return x0 if self.prediction == "x0" else (z - a * x0) / s
+        if self.prediction == "x0":
+            return x0
+        eps = (z - a * x0) / s
+        return eps if self.prediction == "eps" else a * eps - s * x0
 
 
 class TinyNet(torch.nn.Module):

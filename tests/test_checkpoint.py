@@ -261,7 +261,9 @@ def test_diffusion_checkpoint_without_ema(tmp_path):
     (dict(kind="classifier"), "'classifier' model, not a 'diffusion'"),
     (dict(model_config={"ch": 33}), "invalid model_config"),
     (dict(T=32), "outside the time table"),
-    (dict(prediction="v"), "prediction"),
+    (dict(prediction="velocity"), "prediction"),
+    (dict(schedule={"kind": "linear"}), "field 'schedule'"),
+    (dict(schedule={"kind": "diffusers", "alphas_cumprod": [0.9, 1.5], "grid": 16}), "schedule"),
     (dict(state_dict=None), "incomplete"),
 ])
 def test_invalid_diffusion_checkpoints(tmp_path, change, match):
@@ -284,7 +286,8 @@ def test_unknown_dicts_and_non_dicts(tmp_path):
 
 @pytest.mark.parametrize("bad, match", [
     (dict(kind="vae"), "kind"), (dict(T=None), "positive integer T"),
-    (dict(prediction="v"), "prediction"),
+    (dict(prediction="velocity"), "prediction"),
+    (dict(schedule={"kind": "linear"}), "invalid noise schedule"),
 ])
 def test_make_checkpoint_validates(bad, match):
     args = dict(kind="diffusion", model_config={}, state_dict={}, T=8, time_scale=1, prediction="x0")

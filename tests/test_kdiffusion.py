@@ -57,7 +57,7 @@ def test_index_of_inverts_the_table_and_takes_the_nearest():
     assert index_of(torch.tensor([0.0, 1e9]), table).tolist() == [0, len(table) - 1]
 
 
-@pytest.mark.parametrize("prediction", ["x0", "eps"])
+@pytest.mark.parametrize("prediction", ["x0", "eps", "v"])
 def test_the_denoiser_is_one_call_of_the_net_in_ve_coordinates(prediction):
     net, info = model(prediction)
     schedule = cosine_schedule(T, SCALE)
@@ -66,14 +66,14 @@ def test_the_denoiser_is_one_call_of_the_net_in_ve_coordinates(prediction):
     z = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         out = net(z, k)
-        x0 = (z - sig * out) / a if prediction == "eps" else out
+        x0 = {"x0": out, "eps": (z - sig * out) / a, "v": a * z - sig * out}[prediction]
         got = KDenoiser(net, info, clip=False)(z / a, (sig / a).flatten())
         clipped = KDenoiser(net, info)(z / a, (sig / a).flatten())
     torch.testing.assert_close(got, x0, rtol=1e-4, atol=1e-4)
     assert torch.equal(clipped, got.clamp(-1, 1)) and (got.abs() > 1).any()
 
 
-@pytest.mark.parametrize("steps, prediction", [(1, "x0"), (2, "x0"), (4, "x0"), (4, "eps")])
+@pytest.mark.parametrize("steps, prediction", [(1, "x0"), (2, "x0"), (4, "x0"), (4, "eps"), (2, "v")])
 def test_euler_over_our_sigmas_is_our_ddim(steps, prediction):
     net, info = model(prediction)
     x_T = torch.randn(3, 1, 8, 8)

@@ -85,10 +85,13 @@ def test_predict_x0_and_eps_models_agree():
     a, s = schedule_at(sched, idx, z)
     x_a, e_a = losses.predict(GaussianDenoiser(sched, mu, 0.3), z, idx, a, s, "x0")
     x_b, e_b = losses.predict(GaussianDenoiser(sched, mu, 0.3, "eps"), z, idx, a, s, "eps")
+    x_c, e_c = losses.predict(GaussianDenoiser(sched, mu, 0.3, "v"), z, idx, a, s, "v")
     torch.testing.assert_close(x_a, x_b)
     torch.testing.assert_close(e_a, e_b)
+    torch.testing.assert_close(x_a, x_c)
+    torch.testing.assert_close(e_a, e_c)
     with pytest.raises(ValueError, match="prediction"):
-        DenoisingLoss(sched, 8, 1, prediction="v")
+        DenoisingLoss(sched, 8, 1, prediction="velocity")
 
 
 # --------------------------------------------------------------------------- denoising

@@ -47,7 +47,7 @@ def reference(name, model, x_T, schedule, steps, time_scale, prediction="x0", cl
     z, x0s, eps = x_T.double(), [], []
     for i in range(len(steps) - 1):
         out = model(z.to(x_T.dtype), torch.full((z.shape[0],), idx[i])).double()
-        x0 = out if prediction == "x0" else (z - s[i] * out) / a[i]
+        x0 = {"x0": out, "eps": (z - s[i] * out) / a[i], "v": a[i] * z - s[i] * out}[prediction]
         x0 = x0.clamp(-1, 1) if clip else x0
         h = lam[i + 1] - lam[i]
         if name == "pndm":
@@ -78,7 +78,7 @@ def run(name, model, x_T, steps_or_n, prediction="x0", clip=True, schedule=None,
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["fp32-op", "f64-ref"])
 @pytest.mark.parametrize("clip", [True, False], ids=["clip", "noclip"])
-@pytest.mark.parametrize("prediction", ["x0", "eps"])
+@pytest.mark.parametrize("prediction", ["x0", "eps", "v"])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: str(c[0]).replace(" ", ""))
 @pytest.mark.parametrize("name", NAMES)
 def test_sampler_matches_float64_formulas(name, config, prediction, clip, dtype):
@@ -203,7 +203,7 @@ def test_bad_step_arguments_are_refused():
 
 def test_bad_plan_arguments_are_refused():
     with pytest.raises(ValueError, match="prediction must be one of 'x0', 'eps'"):
-        samplers.make_plan(None, 8, 1, 2, prediction="v")
+        samplers.make_plan(None, 8, 1, 2, prediction="velocity")
     with pytest.raises(ValueError, match="float32 or torch.float64"):
         samplers.make_plan(None, 8, 1, 2, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="schedule has 9 entries"):

@@ -23,20 +23,13 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from rcfd.core.schedule import Schedule, cosine_schedule
+from rcfd.core.schedule import Schedule, schedule_of
 from rcfd.io.checkpoint import DiffusionInfo, load_diffusion_checkpoint
 from rcfd.samplers import DTYPES, Plan, generate, get_sampler, make_plan, sample, sampling_dtype
 
 __all__ = ["Model", "load", "schedule_of"]
 
 DEFAULT_BATCH_SIZE = 256  # rcfd.sample's --batch-size (memory only: the images do not depend on it)
-
-
-def schedule_of(info: DiffusionInfo) -> Schedule:
-    """The noise schedule a checkpoint's model samples on: today every model of the package
-    is on the cosine schedule of its ``(T, time_scale)`` (the one place to change when
-    checkpoints record another)."""
-    return cosine_schedule(info.T, info.time_scale)
 
 
 def default_device() -> torch.device:
@@ -48,7 +41,7 @@ def default_device() -> torch.device:
 class Model:
     """A diffusion model ready to sample: ``net`` (our :class:`~rcfd.core.unet.UNet`, eval
     mode, on ``device``) maps ``(z_t, schedule index)`` to its prediction (``info.prediction``:
-    ``"x0"`` or ``"eps"``); ``info`` is its checkpoint's
+    ``"x0"``, ``"eps"`` or ``"v"``); ``info`` is its checkpoint's
     :class:`~rcfd.io.checkpoint.DiffusionInfo`; ``schedule`` its ``(alpha, sigma)`` tables."""
 
     net: nn.Module
@@ -115,8 +108,9 @@ class Model:
 
 def load(path: str | os.PathLike, device: Any = None, *, use_ema: bool | None = None,
          image_size: int = 32) -> Model:
-    """The diffusion model of checkpoint ``path`` (ours, or the reference implementation's;
-    whatever :func:`rcfd.io.checkpoint.load_diffusion_checkpoint` reads) as a :class:`Model`
+    """The diffusion model of checkpoint ``path`` (ours, the reference implementation's, or a
+    diffusers model folder; whatever :func:`rcfd.io.checkpoint.load_diffusion_checkpoint`
+    reads) as a :class:`Model`
     on ``device`` (default: CUDA when available, else the CPU). ``use_ema=None`` takes our
     checkpoints' EMA weights when present; ``image_size`` applies to reference checkpoints
     only (they do not record it). A file that is not a diffusion checkpoint raises

@@ -36,6 +36,7 @@ from rcfd.cli.common import (
     run_cli,
 )
 from rcfd.io.files import write_json
+from rcfd.core.schedule import describe_schedule
 from rcfd.errors import UsageError
 from rcfd.evaluation import (
     EXTRACTOR_NAMES,
@@ -135,7 +136,8 @@ def _main(argv: Sequence[str] | None) -> int:
         if s < 1 or s > info.T or info.T % s:
             raise UsageError(f"--steps {s} must divide the checkpoint's T={info.T} (try a power of two <= {info.T})")
     print(f"checkpoint {args.checkpoint}: T={info.T}, time_scale={info.time_scale}, {info.source} format "
-          f"({info.weights}); references {spec.name} {references.counts}; extractors "
+          f"({info.weights}), prediction {info.prediction}, schedule "
+          f"{describe_schedule(info.noise_schedule)}; references {spec.name} {references.counts}; extractors "
           + ", ".join(f"{e.name} = {e.detail}" for e in panel), flush=True)
     label = Path(args.checkpoint).stem
     rows = [Row(method="checkpoint", label=label, steps=s, stage=str(Path(args.checkpoint).parent), unit=label,

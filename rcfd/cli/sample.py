@@ -32,6 +32,7 @@ import torch
 from rcfd.io.files import atomic_write
 from rcfd.cli.common import (add_common_args, add_model_args, add_progress_arg, add_sampler_arg,
                              add_seed_arg, load_model, positive, resolve_device, run_cli)
+from rcfd.core.schedule import describe_schedule
 from rcfd.errors import UsageError
 from rcfd.evaluation.measure import sample_images
 from rcfd.io.grids import display_scale, save_grid
@@ -120,7 +121,8 @@ def _main(argv: Sequence[str] | None) -> int:
     steps = checked_steps(info, args.steps)
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name(
         f"{Path(args.checkpoint).stem}_samples_{steps}steps.png")
-    print(f"{args.checkpoint}: T={info.T}, time_scale={info.time_scale}, {info.source} format ({info.weights}); "
+    print(f"{args.checkpoint}: T={info.T}, time_scale={info.time_scale}, {info.source} format ({info.weights}), "
+          f"prediction {info.prediction}, schedule {describe_schedule(info.noise_schedule)}; "
           f"{args.num} images, {steps}-step {args.sampler}, seed {args.seed}, on {device}", flush=True)
     images = draw(args, model, info, steps, device)
     path = save_samples(images, out, nrow=args.nrow, scale=args.scale, steps=steps, seed=args.seed,

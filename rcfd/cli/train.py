@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None, metavar="N",
                    help="multi-seed study: the pipeline once per seed (seed, seed+1, ...) in "
                         "RUN_DIR/seed<seed>, then the paired comparison in RUN_DIR/study.md")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config (and, on stderr, each stage's plan) and exit")
     p.add_argument("--resume", action="store_true",
                    help="continue unfinished stages from their last checkpoint; finished stages are kept")
     p.add_argument("--overwrite", action="store_true", help="retrain stages that are already finished")
@@ -151,6 +152,8 @@ def _main(argv: Sequence[str] | None) -> int:
     cfg, source, out = resolve_config(args)
     if args.dry_run:
         print(cfg.to_json())
+        for stage, line in pipeline.stage_plan(cfg).items():  # what each stage (and teacher) resolved to
+            print(f"{stage}: {line}", file=sys.stderr)
         return 0
     use_cudnn_benchmark(cfg.device)
     options = pipeline.RunOptions(resume=args.resume, overwrite=args.overwrite,

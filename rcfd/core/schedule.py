@@ -1,4 +1,5 @@
-"""The cosine noise schedule and the ``(T, time_scale)`` indexing of METHOD.md.
+"""The noise schedules and the ``(T, time_scale)`` indexing of METHOD.md: ours (cosine) and
+a diffusers teacher's own (a table of ``alphas_cumprod``, "Teachers with their own schedule").
 
 A sampler is described by ``(T, time_scale)``: its step ``t`` in ``0..T`` is schedule index
 ``t * time_scale``. Every distillation round halves ``T`` and doubles ``time_scale``, so all
@@ -7,17 +8,30 @@ The tables are float64 tensors on the CPU; :meth:`Schedule.on` gives them on a d
 arithmetic dtype of the images (cached, so a training step gathers from resident tables and
 copies nothing from the host). :func:`schedule_at`, :func:`per_sample` and :func:`diffuse` are
 the one copy of the per-sample coefficient helpers every loss and sampler uses.
+
+What a model's schedule is, is recorded as a plain-JSON *spec* (:func:`check_schedule_spec`):
+``{"kind": "cosine"}`` (every model of ours; the default when a checkpoint records none) or
+``{"kind": "diffusers", "alphas_cumprod": [...], "grid": G}``: a teacher trained on
+``K = len(alphas_cumprod)`` integer timesteps, put on our grid of ``G + 1`` indices (``G`` a
+power of two) by ``index i <-> timestep tau = i * (K - 1) / G`` (:func:`grid_timestep`), its
+``abar(tau)`` interpolated log-linearly in log-SNR between integer timesteps and exact at
+them (:func:`interpolated_abar`). Every sampler of such a lineage has ``T * time_scale = G``.
+:func:`schedule_of` gives any model's tables from what its checkpoint says.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import torch
 
 COSINE_OFFSET = 0.008  # "s" of Nichol & Dhariwal's cosine schedule
 MAX_BETA = 0.999
+COSINE_SPEC = {"kind": "cosine"}
+SCHEDULE_KINDS = ("cosine", "diffusers")
+MAX_TRAIN_TIMESTEPS = 100_000  # a diffusers teacher's num_train_timesteps, at most
+MAX_GRID = 1 << 16
 
 
 class Schedule(NamedTuple):
@@ -139,7 +153,7 @@ def diffuse(x0: torch.Tensor, eps: torch.Tensor, index: torch.Tensor, schedule: 
 
 # --------------------------------------------------------------------------- parameterisation
 
-PREDICTIONS = ("x0", "eps")  # what the network outputs (METHOD.md, "The network predicts x0")
+PREDICTIONS = ("x0", "eps", "v")  # what the network outputs (METHOD.md, "The network predicts x0")
 
 
 def check_prediction(prediction: str) -> None:
@@ -163,11 +177,129 @@ def x0_from_eps(z_t: torch.Tensor, eps: torch.Tensor, alpha_t, sigma_t) -> torch
     return (z_t - per_sample(sigma_t, z_t) * eps) / per_sample(alpha_t, z_t)
 
 
+def x0_from_v(z_t: torch.Tensor, v: torch.Tensor, alpha_t, sigma_t) -> torch.Tensor:
+    """``x0_hat = alpha_t z_t - sigma_t v_hat`` for ``v = alpha_t eps - sigma_t x0`` (METHOD.md,
+    "Teachers with their own schedule"; exact when ``alpha^2 + sigma^2 = 1``, as on every
+    schedule here). Never divides: finite wherever its inputs are."""
+    return per_sample(alpha_t, z_t) * z_t - per_sample(sigma_t, z_t) * v
+
+
+def outputs_to_x0_eps(out: torch.Tensor, z_t: torch.Tensor, alpha_t, sigma_t,
+                      prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x0_hat, eps_hat)`` from a network output ``out`` that is ``prediction`` (``"x0"``,
+    ``"eps"`` or ``"v"``) at ``z_t = alpha_t x0 + sigma_t eps``: the one copy of the
+    conversion every loss and sampler uses. ``eps`` of a ``"v"`` output is
+    ``sigma_t z_t + alpha_t v_hat`` (no division)."""
+    if prediction == "x0":
+        return out, eps_from_x0(z_t, out, alpha_t, sigma_t)
+    if prediction == "eps":
+        return x0_from_eps(z_t, out, alpha_t, sigma_t), out
+    check_prediction(prediction)
+    eps = per_sample(sigma_t, z_t) * z_t + per_sample(alpha_t, z_t) * out
+    return x0_from_v(z_t, out, alpha_t, sigma_t), eps
+
+
+def prediction_target(x0: torch.Tensor, eps: torch.Tensor, alpha_t, sigma_t,
+                      prediction: str) -> torch.Tensor:
+    """What a network of ``prediction`` should output for ``(x0, eps)``: ``x0``, ``eps`` or
+    ``v = alpha_t eps - sigma_t x0``; the inverse of :func:`outputs_to_x0_eps`."""
+    check_prediction(prediction)
+    if prediction == "x0":
+        return x0
+    if prediction == "eps":
+        return eps
+    return per_sample(alpha_t, x0) * eps - per_sample(sigma_t, x0) * x0
+
+
 def check_sampler_fits(schedule: Schedule, T: int, time_scale: int) -> None:
     """Raise unless a ``(T, time_scale)`` sampler's indices lie inside ``schedule``."""
     if T * time_scale >= schedule.num_indices:
         raise ValueError(
             f"a (T={T}, time_scale={time_scale}) sampler needs schedule indices up to "
             f"{T * time_scale} but the schedule has {schedule.num_indices} entries; build it "
-            f"with cosine_schedule(T, time_scale) of the base model"
+            f"with schedule_of(info) of the model's checkpoint"
         )
+
+
+# --------------------------------------------------------------------------- a model's own schedule
+
+
+def grid_timestep(index: torch.Tensor, num_train_timesteps: int, grid: int) -> torch.Tensor:
+    """The teacher timestep ``tau = index * (K - 1) / G`` (float64) of our schedule index on
+    a grid of ``G + 1`` indices for a ``K``-timestep teacher: exact for ``G`` a power of two."""
+    return index.to(torch.float64) * (num_train_timesteps - 1) / grid
+
+
+def interpolated_abar(alphas_cumprod: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """``abar(tau)`` for real timesteps ``tau`` in ``[0, K - 1]`` (float64): log-SNR
+    ``log(abar / (1 - abar))`` linear in ``tau`` between integer timesteps (METHOD.md,
+    "Teachers with their own schedule"), and ``alphas_cumprod[k]`` itself, bit for bit, at
+    an integer ``tau = k``."""
+    abar = alphas_cumprod.to(torch.float64)
+    tau = tau.to(torch.float64)
+    if tau.numel() and (tau.min() < 0 or tau.max() > abar.shape[0] - 1):
+        raise ValueError(f"timesteps must lie in [0, {abar.shape[0] - 1}]")
+    lo = tau.floor().long()
+    hi = (lo + 1).clamp(max=abar.shape[0] - 1)
+    w = tau - lo
+    logsnr = torch.log(abar) - torch.log1p(-abar)
+    between = torch.sigmoid((1 - w) * logsnr[lo] + w * logsnr[hi])
+    return torch.where(w == 0, abar[lo], between)
+
+
+def check_schedule_spec(spec: Any) -> str | None:
+    """``None`` when ``spec`` is a schedule spec (module docstring), else what is wrong with
+    it: a kind of :data:`SCHEDULE_KINDS`; for ``"diffusers"`` 2 to :data:`MAX_TRAIN_TIMESTEPS`
+    ``alphas_cumprod`` values strictly inside ``(0, 1)`` and non-increasing, and a power-of-two
+    ``grid`` up to :data:`MAX_GRID`."""
+    if not isinstance(spec, Mapping) or spec.get("kind") not in SCHEDULE_KINDS:
+        return f"a dict with 'kind' one of {SCHEDULE_KINDS}, got {str(spec)[:80]}"
+    if spec["kind"] == "cosine":
+        return None
+    abar, grid = spec.get("alphas_cumprod"), spec.get("grid")
+    if (not isinstance(abar, (list, tuple)) or not 2 <= len(abar) <= MAX_TRAIN_TIMESTEPS
+            or not all(isinstance(a, float) and 0.0 < a < 1.0 for a in abar)):
+        return (f"'alphas_cumprod' must be 2 to {MAX_TRAIN_TIMESTEPS} floats in (0, 1) "
+                "(a zero-terminal-SNR schedule is not supported)")
+    if any(b > a for a, b in zip(abar, abar[1:])):
+        return "'alphas_cumprod' must not increase"
+    if isinstance(grid, bool) or not isinstance(grid, int) or not 1 <= grid <= MAX_GRID or grid & (grid - 1):
+        return f"'grid' must be a power of two up to {MAX_GRID}, got {grid!r}"
+    return None
+
+
+def schedule_from_spec(spec: Mapping[str, Any] | None, T: int, time_scale: int) -> Schedule:
+    """The tables of a ``(T, time_scale)`` sampler on the schedule ``spec`` (``None``: cosine):
+    :func:`cosine_schedule`, or a diffusers teacher's ``alphas_cumprod`` on its grid (module
+    docstring; ``T * time_scale`` must be at most its ``grid``). Raises ``ValueError`` for a
+    malformed spec."""
+    spec = COSINE_SPEC if spec is None else spec
+    problem = check_schedule_spec(spec)
+    if problem is not None:
+        raise ValueError(f"invalid noise schedule: {problem}")
+    if spec["kind"] == "cosine":
+        return cosine_schedule(T, time_scale)
+    check_sampler(T, time_scale)
+    grid, abar = spec["grid"], torch.tensor(spec["alphas_cumprod"], dtype=torch.float64)
+    if T * time_scale > grid:
+        raise ValueError(f"a (T={T}, time_scale={time_scale}) sampler does not fit the "
+                         f"teacher's grid of {grid} + 1 indices")
+    tau = grid_timestep(torch.arange(grid + 1), abar.shape[0], grid)
+    table = interpolated_abar(abar, tau)
+    return Schedule(alpha=table.sqrt(), sigma=(1 - table).sqrt())
+
+
+def schedule_of(info: Any) -> Schedule:
+    """The noise schedule a checkpoint's model samples on, from its ``DiffusionInfo``
+    (``T``, ``time_scale`` and ``noise_schedule``, the spec; cosine when it has none): the
+    one function every sampler, loss and evaluation of a loaded model gets it from."""
+    return schedule_from_spec(getattr(info, "noise_schedule", None), info.T, info.time_scale)
+
+
+def describe_schedule(spec: Mapping[str, Any] | None) -> str:
+    """A schedule spec in words, e.g. ``cosine`` or ``diffusers DDPMScheduler linear, 1000
+    timesteps on a grid of 1024``."""
+    if spec is None or spec.get("kind") == "cosine":
+        return "cosine"
+    return (f"diffusers {spec.get('scheduler', '')} {spec.get('beta_schedule', '')}, "
+            f"{len(spec['alphas_cumprod'])} timesteps on a grid of {spec['grid']}")

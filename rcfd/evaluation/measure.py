@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from rcfd import distributed
-from rcfd.core.schedule import cosine_schedule
+from rcfd.core.schedule import schedule_of
 from rcfd.data import DatasetSpec, ImageDataset, load_dataset, to_uint8
 from rcfd.errors import CheckpointError, DataError, UsageError
 from rcfd.samplers import generate, make_plan, shard_samples
@@ -41,7 +41,7 @@ def sample_images(model: nn.Module, info, *, num_samples: int, num_steps: int, b
     n = len(block)
     cfg = info.config
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
-    plan = make_plan(cosine_schedule(info.T, info.time_scale), info.T, info.time_scale,
+    plan = make_plan(schedule_of(info), info.T, info.time_scale,
                      num_steps, prediction=info.prediction, device=device)
     out, bad = [], torch.zeros((), dtype=torch.int64, device=device)
     if n:

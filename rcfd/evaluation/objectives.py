@@ -22,12 +22,13 @@ tensors it was computed on, so a report can check that all rows share them.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 
 import torch
 
-from rcfd.core.schedule import cosine_schedule
+from rcfd.core.schedule import schedule_of
 from rcfd.core.seeds import derive_seed
 from rcfd.data import ImageDataset
 from rcfd.losses import PDLoss, PDTarget, RCFDLoss, RCFDLossConfig
@@ -89,7 +90,13 @@ class TeacherSide:
     draws: str
 
 
-def _losses(objective: RCFDLoss, model, target: PDTarget) -> dict:
+def _losses(objective: RCFDLoss, model, target: PDTarget, prediction: str | None = None) -> dict:
+    """The reported terms of ``model`` scored against ``target``, its output read as
+    ``prediction`` (default: the teacher's)."""
+    if prediction is not None and prediction != objective.pd.student_prediction:
+        pd = copy.copy(objective.pd)
+        pd.student_prediction = prediction
+        objective = RCFDLoss(pd, objective.classifier, objective.config)
     terms = objective.score(model, target).terms
     return {k: float(terms[k]) for k in REPORTED}
 
@@ -100,7 +107,7 @@ def teacher_side(teacher: torch.nn.Module, teacher_info, classifier, loss: RCFDL
     """The teacher's share of :func:`objective_losses` (two teacher calls for the target,
     one in the student's place), to reuse for each of its students."""
     T, ts = teacher_info.T, teacher_info.time_scale
-    pd = PDLoss(teacher, cosine_schedule(T, ts), T, ts, "both", teacher_info.prediction)
+    pd = PDLoss(teacher, schedule_of(teacher_info), T, ts, "both", teacher_info.prediction)
     objective = RCFDLoss(pd, classifier, loss)
     on = draws.to(next(teacher.parameters()).device)
     target = pd.target(on.x0, on.t(T), on.noise)
@@ -108,10 +115,11 @@ def teacher_side(teacher: torch.nn.Module, teacher_info, classifier, loss: RCFDL
 
 
 @torch.no_grad()
-def student_losses(side: TeacherSide, student: torch.nn.Module) -> dict:
+def student_losses(side: TeacherSide, student: torch.nn.Module, prediction: str | None = None) -> dict:
     """A row of the diagnostics: ``{"draws": fingerprint, "student": {"pd", "cfd"},
-    "teacher": {"pd", "cfd"}}``."""
-    return {"draws": side.draws, "student": _losses(side.objective, student, side.target),
+    "teacher": {"pd", "cfd"}}``; ``prediction`` is the student's (default: its teacher's;
+    a v student of an eps teacher says ``"v"``)."""
+    return {"draws": side.draws, "student": _losses(side.objective, student, side.target, prediction),
             "teacher": dict(side.losses)}
 
 

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rcfd.core.schedule import Schedule, check_sampler, check_sampler_fits, cosine_schedule
+from rcfd.core.schedule import Schedule, check_sampler, check_sampler_fits, schedule_of
 from rcfd.core.unet import UNetConfig
 from rcfd.errors import ConfigError, EnvironmentFailure, UsageError
 from rcfd.io.files import _umask
@@ -106,8 +106,8 @@ def export_diffusers(model: nn.Module, info: Any, out_dir: str | os.PathLike, *,
     weights), ``scheduler/`` (``DDIMScheduler``: ``scheduler_config.json``) and a
     ``model_index.json`` (``DDIMPipeline``), so ``from_pretrained`` loads each. ``info``
     is the checkpoint's :class:`~rcfd.io.checkpoint.DiffusionInfo` (``T``, ``time_scale``,
-    ``prediction``, ``config``); ``schedule`` is the model's (``info.schedule`` when it has
-    one, else ``cosine_schedule(T, time_scale)``). Written whole into a temporary sibling
+    ``prediction``, ``config``); ``schedule`` is the model's (default:
+    :func:`~rcfd.core.schedule.schedule_of` ``info``). Written whole into a temporary sibling
     folder and renamed into place: a failure leaves nothing at ``out_dir``. Refuses an
     existing non-empty ``out_dir``."""
     config = getattr(model, "config", None)
@@ -116,7 +116,7 @@ def export_diffusers(model: nn.Module, info: Any, out_dir: str | os.PathLike, *,
     if info.config != config:
         raise UsageError("info.config does not describe this model")
     if schedule is None:
-        schedule = getattr(info, "schedule", None) or cosine_schedule(info.T, info.time_scale)
+        schedule = schedule_of(info)
     out_dir = Path(out_dir)
     _check_target(out_dir)
     unet_cfg = {"_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION,

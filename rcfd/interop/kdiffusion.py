@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rcfd.core.schedule import Schedule, cosine_schedule, step_indices
+from rcfd.core.schedule import Schedule, schedule_of, step_indices
 
 __all__ = ["KDenoiser", "sigmas", "ve_sigmas", "index_of", "to_images"]
 
@@ -55,7 +55,7 @@ def _parts(model: Any, info: Any = None, schedule: Schedule | None = None):
         net, info, schedule = model.net, model.info, schedule or getattr(model, "schedule", None)
     else:
         net = model
-    return net, info, schedule or cosine_schedule(info.T, info.time_scale)
+    return net, info, schedule or schedule_of(info)
 
 
 def ve_sigmas(schedule: Schedule) -> torch.Tensor:
@@ -108,8 +108,8 @@ class KDenoiser(nn.Module):
                  clip: bool = True):
         super().__init__()
         net, info, schedule = _parts(model, info, schedule)
-        if info.prediction not in ("x0", "eps"):
-            raise ValueError(f"KDenoiser needs an x0 or eps model, got prediction={info.prediction!r}")
+        if info.prediction not in ("x0", "eps", "v"):
+            raise ValueError(f"KDenoiser needs an x0, eps or v model, got prediction={info.prediction!r}")
         self.net, self.info, self.clip = net, info, clip
         self.register_buffer("table", ve_sigmas(schedule), persistent=False)
 
@@ -131,5 +131,9 @@ class KDenoiser(nn.Module):
         s = sigma.to(x.dtype).view(-1, *[1] * (x.dim() - 1))
         z = x / (1 + s * s).sqrt()
         out = self.net(z.to(self._net_dtype()), self.index(sigma)).to(x.dtype)
-        x0 = x - s * out if self.info.prediction == "eps" else out
+        x0 = out
+        if self.info.prediction == "eps":
+            x0 = x - s * out
+        elif self.info.prediction == "v":  # x0 = alpha z - sigma v, alpha = 1/sqrt(1+s^2)
+            x0 = x / (1 + s * s) - s * out / (1 + s * s).sqrt()
         return x0.clamp(-1.0, 1.0) if self.clip else x0

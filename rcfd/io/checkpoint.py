@@ -6,7 +6,12 @@ Our format (``kind`` is ``"diffusion"`` or ``"classifier"``)::
 
     {"format": "rcfd", "version": 1, "kind": ..., "model_config": {...},
      "state_dict": {...}, "ema_state_dict": {...} | None, "T": int | None,
-     "time_scale": int | None, "prediction": "x0" | "eps" | None, "extra": {...}}
+     "time_scale": int | None, "prediction": "x0" | "eps" | "v" | None, "extra": {...},
+     "schedule": {...} (optional)}
+
+A diffusers model folder (``rcfd.interop.diffusers_load``) loads as if it were one of ours.
+``schedule`` (optional; absent: cosine) is the noise schedule's spec
+(:func:`rcfd.core.schedule.check_schedule_spec`).
 
 Reference formats: ``{"net_model" | "ema_model": state_dict, "T", "time_scale", "x_T", ...}``
 for diffusion models (METHOD.md: the EMA weights when ``time_scale == 1``, the trained
@@ -27,7 +32,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -42,6 +47,16 @@ from rcfd.io.safeload import (  # re-exported: the package imports them from her
     torch_reason,
 )
 from rcfd.core.classifiers import ClassifierConfig, build as build_classifier, load_reference_classifier
+from rcfd.core.schedule import PREDICTIONS, check_schedule_spec
+from rcfd.interop.diffusers_load import import_diffusers_folder, is_diffusers_folder
+from rcfd.io.statedict import (  # re-exported
+    _dtype_kind,
+    build_checked,
+    check_state_dict,
+    load_state_dict_strict,
+    strip_wrapper_prefixes,
+    unwrap_model,
+)
 from rcfd.core.unet import UNet, UNetConfig
 from rcfd.errors import CheckpointError, StateDictMismatchError, UnsafeCheckpointError
 
@@ -59,105 +74,17 @@ __all__ = [
 FORMAT = "rcfd"
 VERSION = 1
 KINDS = ("diffusion", "classifier")
-PREDICTIONS = ("x0", "eps")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 _DAMAGED = "the file is damaged or was not written by rcfd; use another copy"
-
-
-# ----------------------------------------------------------------------------- state dicts
-def strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop a ``module.`` (DistributedDataParallel) or ``_orig_mod.`` (torch.compile)
-    prefix carried by every key."""
-    sd = dict(state_dict)
-    for prefix in _WRAPPER_PREFIXES:
-        while sd and all(isinstance(k, str) and k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
-
-
-def _dtype_kind(dtype: torch.dtype) -> str:
-    return ("bool" if dtype == torch.bool else "complex" if dtype.is_complex
-            else "float" if dtype.is_floating_point else "integer")
-
-
-def _stored_in_full(t: torch.Tensor) -> bool:
-    """The tensor's values are in its storage, not broadcast from fewer bytes (an expanded,
-    stride-0 tensor costs a few bytes in a file and its full size in a model)."""
-    return t.device.type != "meta" and t.numel() * t.element_size() <= t.untyped_storage().nbytes()
-
-
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any], what: str = "model", *,
-                     show: int = 5) -> None:
-    """Raise :class:`StateDictMismatchError` unless ``state_dict`` fits ``model`` exactly:
-    it names the missing, unexpected, mis-shaped, wrong-kind (float / integer / bool) and
-    not-fully-stored entries (``show`` of each, then counts). Works on a ``meta`` model,
-    so a state dict can be checked before any memory is spent on the model."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes, kinds, partial = [], [], []
-    for k, v in expected.items():
-        if k not in state_dict or not isinstance(v, torch.Tensor):
-            continue
-        t = state_dict[k]
-        if not isinstance(t, torch.Tensor):
-            kinds.append(f"{k}: checkpoint holds {short_repr(t)}, not a tensor")
-        elif tuple(t.shape) != tuple(v.shape):
-            shapes.append(f"{k}: checkpoint {tuple(t.shape)} vs model {tuple(v.shape)}")
-        elif _dtype_kind(t.dtype) != _dtype_kind(v.dtype):
-            kinds.append(f"{k}: checkpoint {t.dtype} vs model {v.dtype}")
-        elif not _stored_in_full(t):
-            partial.append(f"{k}: {tuple(t.shape)} from {t.untyped_storage().nbytes()} bytes")
-    if missing or unexpected or shapes or kinds or partial:
-        parts = [f"{what}: the state dict does not fit the model"]
-        for title, items in (("missing", missing), ("unexpected", unexpected),
-                             ("shape mismatch", shapes), ("dtype mismatch", kinds),
-                             ("not stored in full (broadcast views)", partial)):
-            if items:
-                more = f" ... and {len(items) - show} more" if len(items) > show else ""
-                parts.append(f"{len(items)} {title}: " + ", ".join(map(str, items[:show])) + more)
-        if any(isinstance(k, str) and k.startswith(_WRAPPER_PREFIXES) for k in unexpected):
-            parts.append("hint: strip the wrapper prefix with strip_wrapper_prefixes()")
-        raise StateDictMismatchError("; ".join(parts))
-
-
-def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Any],
-                           what: str = "model", *, show: int = 5) -> None:
-    """``model.load_state_dict(state_dict, strict=True)`` after :func:`check_state_dict`,
-    whose error names every mismatch."""
-    check_state_dict(model, state_dict, what, show=show)
-    model.load_state_dict(state_dict, strict=True)
-
-
-def build_checked(build: Callable[[], nn.Module], state_dict: Mapping[str, Any],
-                  what: str = "model", *, show: int = 5) -> nn.Module:
-    """``build()`` on the ``meta`` device, :func:`check_state_dict` against it, and only
-    then ``build()`` for real (on the default device) and load ``state_dict`` strictly."""
-    with torch.device("meta"):
-        shell = build()
-    check_state_dict(shell, state_dict, what, show=show)
-    model = build()
-    model.load_state_dict(state_dict, strict=True)
-    return model
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module under DistributedDataParallel and/or torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if inner is None:
-            inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
 
 
 # ----------------------------------------------------------------------------- our format
 def make_checkpoint(kind: str, model_config: Mapping[str, Any], state_dict: Mapping[str, Any],
                     *, ema_state_dict: Mapping[str, Any] | None = None, T: int | None = None,
                     time_scale: int | None = None, prediction: str | None = None,
-                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Assemble (and validate) a checkpoint dict of our format."""
+                    extra: Mapping[str, Any] | None = None,
+                    schedule: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Assemble (and validate) a checkpoint dict of our format (``schedule``: the noise
+    schedule's spec, recorded when given; ``None`` is cosine)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if kind == "diffusion":
@@ -167,11 +94,15 @@ def make_checkpoint(kind: str, model_config: Mapping[str, Any], state_dict: Mapp
                                  f"got {v!r}")
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    if schedule is not None and check_schedule_spec(schedule) is not None:
+        raise ValueError(f"invalid noise schedule: {check_schedule_spec(schedule)}")
     ckpt = {"format": FORMAT, "version": VERSION, "kind": kind,
             "model_config": dict(model_config), "state_dict": dict(state_dict),
             "ema_state_dict": None if ema_state_dict is None else dict(ema_state_dict),
             "T": T, "time_scale": time_scale, "prediction": prediction,
             "extra": dict(extra or {})}
+    if schedule is not None:
+        ckpt["schedule"] = dict(schedule)
     check_weights_only(ckpt)
     return ckpt
 
@@ -179,14 +110,17 @@ def make_checkpoint(kind: str, model_config: Mapping[str, Any], state_dict: Mapp
 def save_diffusion_checkpoint(path: str | os.PathLike, model: nn.Module, *, T: int,
                               time_scale: int, prediction: str = "x0",
                               ema_model: nn.Module | None = None,
-                              extra: Mapping[str, Any] | None = None) -> Path:
+                              extra: Mapping[str, Any] | None = None,
+                              noise_schedule: Mapping[str, Any] | None = None) -> Path:
     """Save a :class:`~rcfd.core.unet.UNet` (wrappers removed) and its EMA copy atomically,
-    as safetensors (:func:`rcfd.io.modelfile.save_model_checkpoint`)."""
+    as safetensors (:func:`rcfd.io.modelfile.save_model_checkpoint`), with its noise
+    schedule's spec when it is not cosine (a diffusers teacher's students)."""
     model = unwrap_model(model)
     ema = None if ema_model is None else unwrap_model(ema_model).state_dict()
     return save_model_checkpoint(make_checkpoint(
         "diffusion", model.config.to_dict(), model.state_dict(), ema_state_dict=ema, T=T,
-        time_scale=time_scale, prediction=prediction, extra=extra), path)
+        time_scale=time_scale, prediction=prediction, extra=extra,
+        schedule=noise_schedule), path)
 
 
 def is_rcfd_checkpoint(ckpt: Any) -> bool:
@@ -258,6 +192,9 @@ def check_rcfd_checkpoint(ckpt: Mapping[str, Any], kind: str, source: str = "che
         if not isinstance(ckpt.get("prediction"), str) or ckpt["prediction"] not in PREDICTIONS:
             raise CheckpointError(f"{source}: field 'prediction' must be one of {PREDICTIONS}, "
                                   f"got {short_repr(ckpt.get('prediction'))}; {_DAMAGED}")
+        if ckpt.get("schedule") is not None and check_schedule_spec(ckpt["schedule"]):
+            raise CheckpointError(f"{source}: field 'schedule' must be "
+                                  f"{check_schedule_spec(ckpt['schedule'])}; {_DAMAGED}")
 
 
 def _time_table_check(T: int, time_scale: int, config: UNetConfig, source: str) -> None:
@@ -276,9 +213,10 @@ class DiffusionInfo:
     time_scale: int
     prediction: str
     config: Any  # rcfd.core.unet.UNetConfig
-    source: str  # "rcfd" or "reference"
+    source: str  # "rcfd", "reference" or "diffusers"
     weights: str  # which state dict was loaded: "state_dict", "ema_state_dict", "net_model", ...
     extra: dict = field(default_factory=dict)
+    noise_schedule: dict | None = field(default=None, repr=False)  # the spec; None: cosine
 
 
 def import_reference_diffusion(ckpt: Mapping[str, Any], *, image_size: int = 32,
@@ -324,12 +262,22 @@ def _config(cls: type, d: Mapping[str, Any], path: Any) -> Any:
 
 def load_diffusion_checkpoint(path: str | os.PathLike, device: Any = "cpu", *,
                               use_ema: bool | None = None, image_size: int = 32,
-                              prediction: str = "x0") -> tuple[nn.Module, DiffusionInfo]:
-    """Build the :class:`~rcfd.core.unet.UNet` of a checkpoint of either format and load its
-    weights strictly (checked on the ``meta`` device first: module docstring); returns
-    ``(model in eval mode on device, info)``. For our format, ``use_ema=None`` takes the EMA
-    weights when present. ``image_size`` and ``prediction`` apply to reference checkpoints
-    only (they do not record them)."""
+                              prediction: str = "x0", diffusers_T: int | None = None
+                              ) -> tuple[nn.Module, DiffusionInfo]:
+    """Build the :class:`~rcfd.core.unet.UNet` of a checkpoint of any format (ours, the
+    reference's, a diffusers folder) and load its weights strictly (checked on the ``meta``
+    device first: module docstring); returns ``(model in eval mode on device, info)``. For
+    our format, ``use_ema=None`` takes the EMA weights when present. ``image_size`` and
+    ``prediction`` apply to reference checkpoints only (they do not record them);
+    ``diffusers_T`` to diffusers folders only (their sampler ``T`` on the time grid; ``None``:
+    the grid's)."""
+    if is_diffusers_folder(path):
+        parts = import_diffusers_folder(path, T=diffusers_T)
+        ckpt = make_checkpoint("diffusion", parts["model_config"], parts["state_dict"],
+                               T=parts["T"], time_scale=parts["time_scale"],
+                               prediction=parts["prediction"], extra=parts["extra"],
+                               schedule=parts["schedule"])
+        return _build_diffusion(ckpt, path, "diffusers", "unet", device)
     ckpt = load_model_file(path)
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
@@ -349,13 +297,19 @@ def load_diffusion_checkpoint(path: str | os.PathLike, device: Any = "cpu", *,
         keys = sorted(map(str, ckpt))[:10]
         raise CheckpointError(f"{path} is neither an rcfd checkpoint nor a reference "
                               f"diffusion checkpoint; its top-level keys: {keys}")
+    return _build_diffusion(ckpt, path, source, weights, device)
+
+
+def _build_diffusion(ckpt: Mapping[str, Any], path: Any, source: str, weights: str,
+                     device: Any) -> tuple[nn.Module, DiffusionInfo]:
     config = _config(UNetConfig, ckpt["model_config"], path)
     _time_table_check(ckpt["T"], ckpt["time_scale"], config, str(path))
-    state = ckpt["state_dict"] if source == "reference" else ckpt[weights]
+    state = ckpt[weights] if source == "rcfd" else ckpt["state_dict"]
     model = build_checked(lambda: UNet(config), state, what=f"{path} ({weights})")
     info = DiffusionInfo(T=ckpt["T"], time_scale=ckpt["time_scale"],
                          prediction=ckpt["prediction"], config=config, source=source,
-                         weights=weights, extra=dict(ckpt.get("extra") or {}))
+                         weights=weights, extra=dict(ckpt.get("extra") or {}),
+                         noise_schedule=ckpt.get("schedule"))
     return model.to(device).eval(), info
 
 

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from rcfd.config import Decay, Int, NonNegInt, PosFloat, PosInt, Section
 from rcfd.core.consistency import DISTANCES, SIGMA_DATA, adaptive_mu, adaptive_N
-from rcfd.core.schedule import cosine_schedule
+from rcfd.core.schedule import schedule_of
 from rcfd.io.checkpoint import save_diffusion_checkpoint
 from rcfd.methods import common
 from rcfd.methods.cd_loss import SOLVERS, CDLoss, CDStep
@@ -38,7 +38,7 @@ from rcfd.methods.common import (
     require,
     train_unit,
 )
-from rcfd.methods.distill import load_teacher, student_from
+from rcfd.methods.distill import describe_teacher, load_teacher, student_from, student_prediction
 from rcfd.methods.registry import Method, Row
 from rcfd.training.ema import ema_update_
 from rcfd.training.fast_step import ObjectiveStep
@@ -59,12 +59,15 @@ class CDStageConfig(Section):
     ``lr``; ``schedule``: ``"fixed"`` (``N`` and ``mu`` throughout) or ``"adaptive"``
     (the paper's ``N(k)``, ``mu(k)`` from ``s0``, ``s1``, ``mu0``: see
     :func:`rcfd.core.consistency.adaptive_N`; ``s1=None`` is ``N - 1``, so the grid ends at
-    ``N`` points; ``mu`` is then unused); ``teacher``: a diffusion checkpoint (``None``: the run's base model);
+    ``N`` points; ``mu`` is then unused); ``teacher``: a diffusion checkpoint or a diffusers
+    model folder (``None``: the run's base model); ``student_prediction``: what the
+    student predicts (``None``: the teacher's, v for an eps teacher);
     ``eval_steps``: the step counts the ``CD`` rows may take (those in ``eval.steps``);
     ``num_sample_images`` one-step consistency samples every ``sample_interval`` steps and
     at the end, as a grid ``cd/model_step<N>.png`` (0: none)."""
 
     teacher: str | None = None
+    student_prediction: Literal["x0", "v"] | None = None
     N: Annotated[Int, Field(ge=2)] = 18
     mu: Decay = 0.95
     distance: Literal[DISTANCES] = "l2"  # type: ignore[valid-type]
@@ -130,9 +133,11 @@ def make_cd_job(cfg: CDStageConfig, source: Path, data, run: RunContext) -> Job:
     if o.channels_last and device.type == "cuda":
         teacher = teacher.to(memory_format=torch.channels_last)
         target = target.to(memory_format=torch.channels_last)
-    schedule = cosine_schedule(info.T, info.time_scale)
+    schedule = schedule_of(info)
+    prediction = student_prediction(cfg.student_prediction, info.prediction)
     objective = CDLoss(teacher, target, schedule, info.T, info.time_scale, N_max(cfg),
-                       cfg.distance, info.prediction, solver=cfg.solver)
+                       cfg.distance, info.prediction, solver=cfg.solver,
+                       student_prediction=prediction)
     step = ObjectiveStep(objective)
     mu_after = lambda steps_done: cfg.mu  # noqa: E731
     if cfg.schedule == "adaptive":
@@ -144,8 +149,8 @@ def make_cd_job(cfg: CDStageConfig, source: Path, data, run: RunContext) -> Job:
 
     def finalize(net, ema_net, extra, path):
         return save_diffusion_checkpoint(
-            path, net, T=info.T, time_scale=info.time_scale, prediction=info.prediction,
-            ema_model=ema_net,
+            path, net, T=info.T, time_scale=info.time_scale, prediction=prediction,
+            ema_model=ema_net, noise_schedule=info.noise_schedule,
             extra={"stage": STAGE, "finished": True, "teacher": str(source),
                    "steps": extra["steps"], "skipped_steps": extra["skipped_steps"],
                    "config": cfg.to_dict(), "data": data_spec_dict(identity),
@@ -161,7 +166,7 @@ def make_cd_job(cfg: CDStageConfig, source: Path, data, run: RunContext) -> Job:
                sample_fn=common.grid_sampler(schedule, info.T, info.time_scale, 1,
                                              cfg.num_sample_images, shape,
                                              stage_seed(run.seed, STAGE, "grid"), device,
-                                             info.prediction, sampler="consistency"),
+                                             prediction, sampler="consistency"),
                sample_interval=cfg.sample_interval,
                channels_last=o.channels_last, compile=o.compile,
                state={"target": target}, after_step=after_step)
@@ -190,9 +195,12 @@ def _describe(view) -> str:
     src = cfg.teacher or "base/model"
     grid = (f"N={cfg.N}, mu={cfg.mu}" if cfg.schedule == "fixed" else
             f"adaptive N {cfg.s0}..{N_max(cfg)}, mu0={cfg.mu0}")
-    return (f"from {src}: {grid}, {cfg.solver} teacher steps, {cfg.distance}, "
+    line = (f"from {src}: {grid}, {cfg.solver} teacher steps, {cfg.distance}, "
             f"{cfg.steps} steps, "
             f"rows at {sorted(set(view.eval_steps) & set(cfg.eval_steps))} steps")
+    if cfg.teacher is not None:
+        line += "; " + describe_teacher(cfg.teacher, None, cfg.student_prediction)
+    return line
 
 
 def _check(view) -> None:

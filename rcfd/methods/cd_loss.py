@@ -98,23 +98,27 @@ class CDOutput(NamedTuple):
 class CDLoss:
     """Consistency distillation (module docstring) of a ``(T, time_scale)`` ``teacher`` into
     a student whose EMA ``target`` network gives the targets; ``N`` grid points, distance
-    ``"l2"`` or ``"pseudo-huber"``; ``prediction`` is what the networks output (``"x0"`` or
-    ``"eps"``); ``solver``: the teacher's step, ``"ddim"`` or ``"heun"`` (:func:`teacher_step`).
+    ``"l2"`` or ``"pseudo-huber"``; ``prediction`` is what the teacher outputs (``"x0"``,
+    ``"eps"`` or ``"v"``), ``student_prediction`` what the student and its target output
+    (``None``: the teacher's); ``solver``: the teacher's step, ``"ddim"`` or ``"heun"`` (:func:`teacher_step`).
     :meth:`draw` gives ``n ~ U{0..N-2}`` and ``eps ~ N(0, I)``."""
 
     def __init__(self, teacher: Callable, target: Callable, schedule: Schedule, T: int,
                  time_scale: int, N: int, kind: str = "l2", prediction: str = "x0",
-                 sigma_data: float = SIGMA_DATA, solver: str = "ddim"):
+                 sigma_data: float = SIGMA_DATA, solver: str = "ddim",
+                 student_prediction: str | None = None):
+        student_prediction = prediction if student_prediction is None else student_prediction
         check_choice("distance", kind, DISTANCES)
         check_choice("solver", solver, SOLVERS)
         check_choice("prediction", prediction, PREDICTIONS)
+        check_choice("student_prediction", student_prediction, PREDICTIONS)
         check_sampler_fits(schedule, T, time_scale)
         self.teacher, self.target, self.schedule = teacher, target, schedule
         self.T, self.time_scale, self.N = T, time_scale, N
         self.grid = cd_grid(T, time_scale, N)
         self._grids = {N: self.grid}
         self.kind, self.prediction, self.sigma_data = kind, prediction, sigma_data
-        self.solver = solver
+        self.solver, self.student_prediction = solver, student_prediction
 
     def set_N(self, N: int) -> None:
         """Use the ``N``-point grid from now on (the adaptive schedule, :class:`CDStep`);
@@ -130,7 +134,7 @@ class CDLoss:
     def consistency(self, net: Callable, z: torch.Tensor, index: torch.Tensor, alpha, sigma,
                     a_min, s_min) -> torch.Tensor:
         """``f(z, index)`` of ``net`` (:func:`rcfd.core.consistency.consistency_output`)."""
-        x0, _ = predict(net, z, index, alpha, sigma, self.prediction)
+        x0, _ = predict(net, z, index, alpha, sigma, self.student_prediction)
         return consistency_output(z, x0.to(z.dtype), alpha, sigma, a_min, s_min, self.sigma_data)
 
     def __call__(self, student: Callable, x0: torch.Tensor, n: torch.Tensor,

@@ -28,7 +28,14 @@ from rcfd.errors import UsageError
 from rcfd.losses import PDLoss, RCFDLoss, RCFDLossConfig
 from rcfd.methods.classifier import TRAINABLE, classifier_info, load_classifier
 from rcfd.methods.common import load_train, require
-from rcfd.methods.distill import DistillConfig, distill_rounds, halving_rounds, load_teacher
+from rcfd.interop.diffusers_load import is_diffusers_folder
+from rcfd.methods.distill import (
+    DistillConfig,
+    describe_teacher,
+    distill_rounds,
+    halving_rounds,
+    load_teacher,
+)
 from rcfd.methods.registry import DistilledClassifier, Method, Row
 from rcfd.training.rundir import RunContext, checkpoint_path
 
@@ -119,7 +126,7 @@ def train_rcfd(cfg: RCFDStageConfig, teacher: Path, classifier: Path | str | nn.
     ``[run_dir/<stage>/T<start/2>.safetensors, ..., run_dir/<stage>/T<final_T>.safetensors]``."""
     device = run.torch_device
     dataset = load_train(data)
-    _, info = load_teacher(teacher, "cpu")
+    _, info = load_teacher(teacher, "cpu", cfg.start_T if is_diffusers_folder(teacher) else None)
     if info.T != cfg.start_T:
         raise UsageError(f"{stage} starts from the PD student at T={cfg.start_T} "
                          f"({stage}.start_T), but {teacher} is a T={info.T} sampler; pass "
@@ -131,13 +138,13 @@ def train_rcfd(cfg: RCFDStageConfig, teacher: Path, classifier: Path | str | nn.
         net = net.to(memory_format=torch.channels_last)
     check_classifier_fits(net, dataset, cfg, trained_size, device)
 
-    def objective(teacher_net, schedule, teacher_T, time_scale, prediction):
-        pd = PDLoss(teacher_net, schedule, teacher_T, time_scale, "both", prediction)
+    def objective(teacher_net, schedule, teacher_T, time_scale, prediction, student):
+        pd = PDLoss(teacher_net, schedule, teacher_T, time_scale, "both", prediction, student)
         return RCFDLoss(pd, net, cfg.loss)
 
     source = classifier if isinstance(classifier, (str, Path)) else type(classifier).__name__
     return distill_rounds(cfg, stage, teacher, data, run, objective,
-                          extra_info={"classifier": str(source)})
+                          extra_info={"classifier": str(source)}, first_T=cfg.start_T)
 
 
 # --------------------------------------------------------------------------- the methods
@@ -161,11 +168,14 @@ def classifier_name(view, section: RCFDStageConfig) -> str:
 
 
 def _check_reads(stage: str, s: RCFDStageConfig, view) -> None:
-    """The cross-checks of a section against what it reads of the others."""
-    if view.pd_final_T > s.start_T:
+    """The cross-checks of a section against what it reads of the others (with a
+    ``teacher`` of its own, the PD stage's and the base model's do not apply)."""
+    if s.teacher is not None:
+        pass
+    elif view.pd_final_T > s.start_T:
         raise ValueError(f"pd.final_T={view.pd_final_T} must be <= {stage}.start_T="
                          f"{s.start_T}: {stage} starts from the PD student at start_T")
-    if s.start_T >= view.teacher_T:
+    elif s.start_T >= view.teacher_T:
         raise ValueError(f"{stage}.start_T={s.start_T} must be below base.T={view.teacher_T}")
     if s.classifier == "eval" and "classifier" in view.eval_extractors:
         raise ValueError(f"{stage}.classifier='eval' with the 'classifier' extractor in "
@@ -183,7 +193,7 @@ def _method(stage: str, label: str, config: type, default, help: str) -> Method:
 
     def train(view, run):
         s = section(view)
-        teacher = require(run.run_dir, "pd", f"T{s.start_T}")
+        teacher = Path(s.teacher) if s.teacher else require(run.run_dir, "pd", f"T{s.start_T}")
         classifier = resolve_classifier(s, run.run_dir)
         if isinstance(classifier, Path) and s.classifier in ("distill", "eval"):
             require(run.run_dir, "classifier", s.classifier)
@@ -199,7 +209,7 @@ def _method(stage: str, label: str, config: type, default, help: str) -> Method:
 
     def inputs(view, run_dir) -> list[Path]:
         s = section(view)
-        paths = [checkpoint_path(run_dir, "pd", f"T{s.start_T}")]
+        paths = [Path(s.teacher) if s.teacher else checkpoint_path(run_dir, "pd", f"T{s.start_T}")]
         if s.classifier in ("distill", "eval"):
             paths.append(checkpoint_path(run_dir, "classifier", s.classifier))
         return paths
@@ -208,9 +218,12 @@ def _method(stage: str, label: str, config: type, default, help: str) -> Method:
         s = section(view)
         rounds = halving_rounds(s.start_T, s.final_T)
         loss = s.loss
-        return (f"{s.start_T} -> {s.final_T}: {len(rounds)} rounds, "
+        line = (f"{s.start_T} -> {s.final_T}: {len(rounds)} rounds, "
                 f"{sum(s.round_steps(t) for _, t in rounds)} steps, classifier {s.classifier}, "
                 f"tau {loss.tau}, alpha {loss.alpha}, beta {loss.beta}")
+        if s.teacher is not None:
+            line += "; " + describe_teacher(s.teacher, s.start_T, s.student_prediction)
+        return line
 
     def check(view) -> None:
         s = section(view)

@@ -30,8 +30,8 @@ from rcfd.core.schedule import (
     check_sampler_fits,
     cosine_schedule,
     eps_from_x0,
+    outputs_to_x0_eps,
     step_indices,
-    x0_from_eps,
 )
 
 PLAN_DTYPES = (torch.float32, torch.float64)
@@ -62,7 +62,7 @@ class Plan:
     """The sampler steps ``steps = (t_0, ..., t_K)`` of a model with ``time_scale``, and on
     one device ``t_index = steps * time_scale`` (int64 ``[K+1]``) with the schedule's
     ``alpha``, ``sigma`` there (``[K+1]``, fp32 or float64). ``prediction`` says what the
-    model outputs (``"x0"`` or ``"eps"``); ``clip`` clips its x0 predictions and the final
+    model outputs (``"x0"``, ``"eps"`` or ``"v"``); ``clip`` clips its x0 predictions and the final
     ``z_K`` to ``[-1, 1]``. Build it with :func:`make_plan`.
 
     Two plans are equal (and hash alike) when their steps, time scale, prediction, clip,
@@ -196,15 +196,16 @@ def check_inputs(x_T: torch.Tensor, plan: Plan) -> None:
 def predict_x0(model: Callable, z: torch.Tensor, plan: Plan, i: int) -> torch.Tensor:
     """``x0_i = clip(x0_theta(z_i, t_i * time_scale), -1, 1)`` from ONE model call
     (METHOD.md, "The network predicts x0"): for ``prediction="eps"`` the output is
-    ``eps_hat`` and ``x0_i = (z_i - sigma_i eps_hat) / alpha_i``; the clip applies when
+    ``eps_hat`` and ``x0_i = (z_i - sigma_i eps_hat) / alpha_i``, for ``"v"`` it is
+    ``v_hat`` and ``x0_i = alpha_i z_i - sigma_i v_hat``; the clip applies when
     ``plan.clip``. The model's output (bf16 under autocast) is cast to ``z``'s dtype."""
     out = model(z, plan.t_index[i].expand(z.shape[0]))
     if out.shape != z.shape:
         raise ValueError(f"the model returned shape {tuple(out.shape)} for input {tuple(z.shape)}; "
                          "it must predict an image of the input's shape")
     out = out.to(z.dtype)
-    if plan.prediction == "eps":
-        out = x0_from_eps(z, out, plan.alpha[i], plan.sigma[i])
+    if plan.prediction != "x0":
+        out, _ = outputs_to_x0_eps(out, z, plan.alpha[i], plan.sigma[i], plan.prediction)
     return out.clamp(-1.0, 1.0) if plan.clip else out
 
 

@@ -156,7 +156,7 @@ class _Diagnose:
             return None
         return {"key": row.key, "label": row.label, "checkpoint": _rel(path, self.run_dir),
                 "teacher_checkpoint": _rel(teacher_path, self.run_dir), "T": info.T,
-                "teacher_T": teacher_info.T, **student_losses(side, student)}
+                "teacher_T": teacher_info.T, **student_losses(side, student, info.prediction)}
 
 
 def objective_diagnostics(cfg, rows, run_dir: Path, references, device) -> dict | None:

@@ -122,7 +122,10 @@ def check_inputs(cfg, run_dir: Path, stages: list[str]) -> None:
             paths = method.inputs(method.view(cfg), run_dir)
         for path in paths:
             producer = path.parent.name
-            if producer not in stages and not path.is_file():
+            if path.parent.parent != run_dir and not path.exists():  # a teacher of the config's
+                raise UsageError(f"{path} does not exist (the {s} stage's teacher); give a "
+                                 "diffusion checkpoint or a diffusers model folder")
+            if producer not in stages and not (path.is_file() or path.is_dir()):
                 raise UsageError(f"{path} does not exist: run the {producer} stage first "
                                  f"(python -m rcfd.train {producer} --out {run_dir})")
 
