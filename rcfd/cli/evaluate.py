@@ -37,6 +37,7 @@ from rcfd.cli.common import (
 )
 from rcfd.io.files import write_json
 from rcfd.errors import UsageError
+from rcfd.data.images import DATASET_NAMES
 from rcfd.evaluation import (
     EXTRACTOR_NAMES,
     EvalSettings,
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"sampling batch (default {QUICK['batch_size']}, this command's before the "
                         f"shared default {EvalSettings().batch_size}: a batch's noise depends on it)")
     add_seed_arg(p, default=0)
-    p.add_argument("--data", choices=("digits", "cifar10", "folder"), default=None,
+    p.add_argument("--data", choices=DATASET_NAMES, default=None,
                    help="reference data; default: what the checkpoint records, or digits")
     p.add_argument("--data-path", default=None, help="CIFAR-10 copy or image folder")
     add_model_args(p)
