@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import rcfd
 from rcfd.cli import evaluate as evaluate_cli
 from rcfd.core.classifiers import ClassifierConfig, MLPClassifier, build
 from rcfd.data import DatasetSpec, load_dataset
@@ -129,3 +130,11 @@ def test_evaluate_cli_measures_with_mlp_classifier(tmp_path, capsys):
     assert evaluate_cli.main([str(ckpt), "--data", "digits", "--image-size", "8", "--extractor", "mlp-classifier",
                               "--device", "cpu"]) == 2
     assert "needs an MLP classifier" in capsys.readouterr().err
+
+
+def test_api_measure_with_mlp_classifier(tmp_path):
+    _save(tmp_path / "mlp.pt", "mlp", 0, width=8, input_size=8)
+    images = load_dataset(DatasetSpec(image_size=8), "test").images[:40]
+    m = rcfd.measure(images, "digits", ["mlp-classifier"], mlp_classifier=tmp_path / "mlp.pt")
+    assert set(m) == {"mlp-classifier"} and m["mlp-classifier"]["test"]["fid"] >= 0
+    assert m["mlp-classifier"]["is"] is not None  # it has logits
