@@ -92,7 +92,7 @@ def _ablation(base: dict, name: str, budget: int = 1) -> dict:
     ``long_round_max_T=4``, so only the 8 -> 4 round changes with the budget); evaluated at 4
     steps (and the base model with DDIM at 4 and at its full T) on the panel. CD is off.
     CPU time of one seed on one thread (2-core x86, measured; README "The one-round
-    ablation"): digits about 10 min at budget 1 and 16 min at 10, mnist5k about 32 min at 1."""
+    ablation"): digits about 10 min at budget 1 and 16 min at 10; mnist5k about 32 and 46 min."""
     steps = base["pd"]["steps_per_round"] * budget
     round_ = dict(final_T=4, long_round_max_T=4, long_round_steps=steps)
     out = {**base, "name": name, "cd": None}
