@@ -69,15 +69,15 @@ def test_default_mlp_section_differs_from_the_distillation_classifier_in_every_r
     assert extractor_family("mlp-classifier") == CLASSIFIER_FEATURES
 
 
-@pytest.mark.parametrize("size", [8, 12])
-def test_trained_mlp_takes_its_input_size_from_the_data_and_is_recorded(tmp_path, size):
-    spec = DatasetSpec(image_size=size)
+@pytest.mark.parametrize("size,channels", [(8, 1), (12, 3)])
+def test_trained_mlp_takes_its_input_size_from_the_data_and_is_recorded(tmp_path, size, channels):
+    spec = DatasetSpec(image_size=size, channels=channels)  # 3 channels: as on CIFAR-10
     cfg = default_mlp_classifier().replace(steps=300, eval_interval=100, width=32)
     path = train_classifier(cfg, spec, RunContext(tmp_path, device="cpu", seed=0, progress=False))
     assert path == tmp_path / "classifier" / "mlp.pt"
     model = load_classifier_checkpoint(path)
     assert isinstance(model, MLPClassifier) and model.config.input_size == size
-    assert model.hidden1.in_features == size * size
+    assert model.hidden1.in_features == channels * size * size and model.config.in_channels == channels
     test = load_dataset(spec, "test")
     logits, feats = model(test.to_float()[:4])
     assert logits.shape == (4, 10) and feats.shape == (4, 32)
