@@ -196,6 +196,9 @@ def test_the_field_types_import_no_yaml_and_no_file_helpers():
 def test_one_set_of_evaluation_defaults():
     shared, study = EvalSettings(), EvalConfig()
     assert shared.num_samples == 50_000  # the standard FID sample count
-    for name in ("num_samples", "batch_size", "extractors", "primary", "reference", "grid_images", "dtype"):
+    for name in ("num_samples", "batch_size", "primary", "reference", "grid_images", "dtype"):
         assert getattr(study, name) == getattr(shared, name), name
     assert study.floor == "pd" and shared.floor == "first"  # the study's floor row is PD's cheapest
+    # a study also measures with its MLP classifier, right after the evaluation classifier
+    assert study.extractors == ("classifier", "mlp-classifier", *shared.extractors[1:])
+    assert shared.extractors[0] == "classifier" and "mlp-classifier" not in shared.extractors

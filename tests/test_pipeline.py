@@ -78,9 +78,12 @@ def check_run_dir(out: Path, cfg) -> dict:
     assert fp["eval"][:12] in detail and fp["distill"][:12] not in detail
     md = (out / report.RESULTS_MD).read_text()
     assert report.results_table(results) in md
-    for role in ("distill", "eval"):  # every classifier's held-out test accuracy, as its checkpoint has it
+    for role in ("distill", "eval", "mlp"):  # every classifier's held-out test accuracy, as its checkpoint has it
         extra = load_model_file(out / "classifier" / f"{role}.safetensors")["extra"]
         assert results["classifiers"][role]["test_accuracy"] == extra["test_accuracy"]
+    assert results["classifiers"]["mlp"]["extractor"] == "mlp-classifier" and results["classifiers"]["mlp"]["arch"] == "mlp"
+    fp["mlp"] = module_fingerprint(load_classifier_checkpoint(out / "classifier" / "mlp.safetensors"))
+    assert fp["mlp"][:12] in results["extractor_details"]["mlp-classifier"]
     assert report.classifiers_table(results) in md
     for name in (report.FID_PLOT, report.LOSS_PLOT, results["side_by_side"]):
         with Image.open(out / name) as im:

@@ -64,11 +64,12 @@ def reference_splits(reference: Any, image_shape: tuple[int, ...],
 def measure(images: torch.Tensor, reference: Any, extractors: Sequence[str] = DEFAULT_EXTRACTORS, *,
             data_path: str | os.PathLike | None = None, classifier: str | os.PathLike | None = None,
             inception_weights: str | os.PathLike | None = None, device: Any = "cpu",
-            batch_size: int = 500, seed: int = 0) -> dict:
+            batch_size: int = 500, seed: int = 0, mlp_classifier: str | os.PathLike | None = None) -> dict:
     """Metrics of ``images`` (float ``[N, C, H, W]`` in ``[-1, 1]`` or uint8; at least 20)
     against ``reference`` (module docstring), per extractor of ``extractors`` (names of
     :data:`rcfd.evaluation.EXTRACTOR_NAMES`; ``"classifier"`` needs ``classifier``, the
-    evaluation classifier's checkpoint; ``"inception"`` its weights on this machine)::
+    evaluation classifier's checkpoint, ``"mlp-classifier"`` needs ``mlp_classifier``, a run's
+    ``classifier/mlp.safetensors``; ``"inception"`` its weights on this machine)::
 
         {name: {"test": {"fid", "kid", "kid_std", "precision", "recall"}, "train": {...},
                 "is": float | None, "is_std": float | None}}
@@ -81,6 +82,7 @@ def measure(images: torch.Tensor, reference: Any, extractors: Sequence[str] = DE
     if tuple(refs.image_shape) != shape:
         raise UsageError(f"the images are {shape} but the reference holds {tuple(refs.image_shape)} ones")
     panel = build_panel(list(extractors), shape, train_images=refs.datasets["train"].images,
-                        classifier=classifier, inception_weights=inception_weights, device=device)
+                        classifier=classifier, inception_weights=inception_weights, device=device,
+                        mlp_classifier=mlp_classifier)
     feats = panel_features(u8, panel, device=device, batch_size=batch_size)
     return measure_panel(feats, panel, refs, seed=seed)

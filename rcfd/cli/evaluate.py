@@ -10,9 +10,10 @@ one) with the evaluation panel, against the held-out test split and the training
         --extractor inception --inception-weights ~/weights-inception-2015-12-05-6726825d.pth
 
 Extractors (``--extractor``, default ``auto``: ``random-conv`` and ``pixels``, plus
-``classifier`` when ``--classifier`` is given and ``inception`` when its weights are here):
-``classifier`` (an evaluation classifier, never the ``--distillation-classifier``),
-``random-conv``, ``pixels``, ``pca``, ``inception``. Every number is printed with its
+``classifier`` when ``--classifier`` is given, ``mlp-classifier`` when ``--mlp-classifier``
+is, and ``inception`` when its weights are here): ``classifier`` (an evaluation classifier,
+never the ``--distillation-classifier``), ``mlp-classifier`` (a run's MLP classifier,
+``classifier/mlp.safetensors``), ``random-conv``, ``pixels``, ``pca``, ``inception``. Every number is printed with its
 extractor and reference split. ``--floor`` also samples a second set (another seed) of the
 first step count and prints the noise floors.
 """
@@ -38,6 +39,7 @@ from rcfd.cli.common import (
 from rcfd.io.files import write_json
 from rcfd.core.schedule import describe_schedule
 from rcfd.errors import UsageError
+from rcfd.data.images import DATASET_NAMES
 from rcfd.evaluation import (
     EXTRACTOR_NAMES,
     EvalSettings,
@@ -73,18 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"sampling batch (default {QUICK['batch_size']}; memory only: image i's "
                         f"noise depends on --seed and i alone)")
     add_seed_arg(p, default=0)
-    p.add_argument("--data", choices=("digits", "cifar10", "folder"), default=None,
+    p.add_argument("--data", choices=DATASET_NAMES, default=None,
                    help="reference data; default: what the checkpoint records, or digits")
     p.add_argument("--data-path", default=None, help="CIFAR-10 copy or image folder")
     add_model_args(p)
     p.add_argument("--extractor", nargs="+", choices=("auto", *EXTRACTOR_NAMES), default=["auto"],
                    help="the panel (default auto: random-conv, pixels, + classifier with --classifier, "
+                        "+ mlp-classifier with --mlp-classifier, "
                         "+ inception when its weights are here)")
     p.add_argument("--primary", default=None, help="extractor of the summary numbers in --json (default: "
                    "classifier when measured, else the first)")
     p.add_argument("--reference", choices=("test", "train"), default="test",
                    help="reference split listed first and used for the summary numbers (default test)")
     p.add_argument("--classifier", metavar="CKPT", default=None, help="evaluation classifier checkpoint")
+    p.add_argument("--mlp-classifier", metavar="CKPT", default=None,
+                   help="MLP classifier checkpoint (a run's classifier/mlp.safetensors): the mlp-classifier extractor")
     p.add_argument("--classifier-arch", default=None, help="architecture of a reference-format classifier")
     p.add_argument("--distillation-classifier", metavar="CKPT", default=None,
                    help="the classifier distilled into: refused as the evaluation classifier")
@@ -102,6 +107,7 @@ def extractor_names(args: argparse.Namespace) -> tuple[str, ...]:
     if "auto" not in args.extractor:
         return tuple(dict.fromkeys(args.extractor))
     names = ["random-conv", "pixels"] + (["classifier"] if args.classifier else [])
+    names += ["mlp-classifier"] if args.mlp_classifier else []
     names += [n for n in args.extractor if n != "auto" and n not in names]
     return panel_names(names, "auto", args.inception_weights)
 
@@ -126,7 +132,8 @@ def _main(argv: Sequence[str] | None) -> int:
     panel = build_panel(names, shape, train_images=references.datasets["train"].images,
                         classifier=args.classifier, classifier_arch=args.classifier_arch,
                         distillation_classifier=args.distillation_classifier,
-                        inception_weights=args.inception_weights, device=device)
+                        inception_weights=args.inception_weights, device=device,
+                        mlp_classifier=args.mlp_classifier)
     primary = args.primary or ("classifier" if "classifier" in names else names[0])
     settings = EvalSettings(num_samples=args.num_samples, batch_size=args.batch_size, extractors=names,
                             primary=primary, reference=args.reference, floor="first" if args.floor else "none",

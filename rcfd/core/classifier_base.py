@@ -35,8 +35,10 @@ _CIFAR = {
     "densenet201": ("densenet", None, (6, 12, 48, 32), 32),
     "densenet_small": ("densenet", None, (2, 4, 6, 4), 12),
 }
+# name -> default hidden width: a two-hidden-layer perceptron on the flattened pixels
+_MLP = {"mlp": 256}
 _IMAGENET = {"imagenet_resnet50": 2048, "imagenet_densenet201": 1920}  # name -> feature width
-CLASSIFIER_NAMES = tuple(_CIFAR) + tuple(_IMAGENET)
+CLASSIFIER_NAMES = tuple(_CIFAR) + tuple(_MLP) + tuple(_IMAGENET)
 
 
 class ClassifierConfig(Section):
@@ -46,7 +48,9 @@ class ClassifierConfig(Section):
     ``0.5``/``0.5`` (identity on ``[-1, 1]``) otherwise. ``input_size``, ``weights`` (a local
     torchvision weight file; ``None`` = torchvision's cache) and ``pretrained`` (``False`` =
     random init) apply to ``imagenet_*`` only. Sizes are bounded so that a config read from
-    a file cannot ask for an absurd allocation."""
+    a file cannot ask for an absurd allocation. For ``mlp`` (:class:`rcfd.core.classifiers.MLPClassifier`)
+    ``width`` is the hidden layers' width and ``input_size`` the side of the square images it
+    takes (the classifier stage sets it from the data)."""
 
     name: Literal[CLASSIFIER_NAMES] = "resnet18"
     num_classes: Annotated[PosInt, Field(le=100_000)] | None = None
@@ -70,7 +74,7 @@ class ClassifierConfig(Section):
         if self.num_classes is None:
             set_("num_classes", 1000 if imagenet else 10)
         if self.width is None and not imagenet:
-            set_("width", _CIFAR[self.name][3])
+            set_("width", _MLP[self.name] if self.name in _MLP else _CIFAR[self.name][3])
         if imagenet and (self.num_classes != 1000 or self.in_channels not in (1, 3) or self.width):
             raise ValueError(f"{self.name} takes 1- or 3-channel images, predicts 1000 classes and "
                              f"has a fixed width; got num_classes={self.num_classes}, "
@@ -93,6 +97,8 @@ class ClassifierConfig(Section):
         """Width of ``features`` (512 for ResNet18, 1920 for DenseNet201 at reference width)."""
         if self.name in _IMAGENET:
             return _IMAGENET[self.name]
+        if self.name in _MLP:
+            return self.width
         family, block, stages, _ = _CIFAR[self.name]
         if family == "resnet":
             return 8 * self.width * (4 if block == "bottleneck" else 1)

@@ -28,6 +28,7 @@ from torch import nn
 from rcfd.core.classifier_base import (
     _CIFAR,
     _IMAGENET,
+    _MLP,
     CIFAR10_MEAN,
     CIFAR10_STD,
     CLASSIFIER_NAMES,
@@ -41,7 +42,7 @@ from rcfd.core.classifier_base import (
 from rcfd.core.imagenet import ImageNetClassifier
 
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "CLASSIFIER_NAMES", "IMAGENET_MEAN", "IMAGENET_STD",
-           "ClassifierConfig", "CifarDenseNet", "CifarResNet", "FrozenClassifier", "build",
+           "ClassifierConfig", "CifarDenseNet", "CifarResNet", "FrozenClassifier", "MLPClassifier", "build",
            "build_classifier", "frozen", "load_reference_classifier"]
 
 
@@ -50,6 +51,8 @@ def build(config: ClassifierConfig) -> nn.Module:
     weights)."""
     if config.name in _IMAGENET:
         return ImageNetClassifier(config)
+    if config.name in _MLP:
+        return MLPClassifier(config)
     return CifarResNet(config) if _CIFAR[config.name][0] == "resnet" else CifarDenseNet(config)
 
 
@@ -201,6 +204,35 @@ class CifarDenseNet(ClassifierBase):
             h = getattr(self, f"trans{i}")(getattr(self, f"block{i}")(h))
         h = F.relu(self.final_norm(getattr(self, f"block{self._num_stages}")(h)))
         features = h.mean(dim=(2, 3))
+        return self.fc(features), features
+
+
+# ------------------------------------------------------------------------ MLP
+
+
+class MLPClassifier(ClassifierBase):
+    """A two-hidden-layer perceptron on the flattened normalised pixels: ``Linear(C * S * S,
+    width) -> ReLU -> Linear(width, width) -> ReLU -> Linear(width, num_classes)`` for
+    ``S = config.input_size``. ``features`` = the second hidden layer's activations (the
+    penultimate layer, ``width`` wide). No convolution, no batch norm, no pooling: a judge
+    built differently from the ResNets and DenseNets RCFD distills into."""
+
+    def __init__(self, config: ClassifierConfig):
+        super().__init__()
+        self._setup(config, config.width, config.in_channels)
+        self.input_size, w = config.input_size, config.width
+        self.hidden1 = nn.Linear(config.in_channels * config.input_size ** 2, w)
+        self.hidden2 = nn.Linear(w, w)
+        self.fc = nn.Linear(w, config.num_classes)
+        self._init_weights()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_images(x, self.in_channels)
+        if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            raise ValueError(f"this MLP classifier takes {self.input_size}x{self.input_size} images, "
+                             f"got {tuple(x.shape[-2:])}")
+        h = F.relu(self.hidden1(self.normalize(x).flatten(1)))
+        features = F.relu(self.hidden2(h))
         return self.fc(features), features
 
 

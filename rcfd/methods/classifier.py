@@ -1,11 +1,12 @@
 """The classifier stage (METHOD.md, "Classifiers"): the distillation classifier that RCFD
-distills into, and the evaluation classifier that measures samples where the Inception
-weights cannot be had. SGD with momentum and weight decay, the learning rate divided by 10
-at 1/2 and 3/4 of training, crop + flip + AutoAugment + Cutout on every batch
-(:func:`rcfd.data.augment.classifier_augment`), test accuracy logged at every epoch (or
-``eval_interval``) and the best weights kept. Writes ``run_dir/classifier/<role>.safetensors``
-(``kind="classifier"``, with its :class:`~rcfd.core.classifiers.ClassifierConfig`, so
-:func:`load_classifier` rebuilds it).
+distills into, the evaluation classifier that measures samples where the Inception weights
+cannot be had, and the MLP classifier, a second judge built and trained differently from
+the distillation classifier (:func:`default_mlp_classifier` says how). By default SGD with
+momentum and weight decay, the learning rate divided by 10 at 1/2 and 3/4 of training, crop
++ flip + AutoAugment + Cutout on every batch (:func:`rcfd.data.augment.classifier_augment`),
+validation accuracy logged at every epoch (or ``eval_interval``) and the best weights kept.
+Writes ``run_dir/classifier/<role>.safetensors`` (``kind="classifier"``, with its
+:class:`~rcfd.core.classifiers.ClassifierConfig`, so :func:`load_classifier` rebuilds it).
 """
 
 from __future__ import annotations
@@ -45,14 +46,19 @@ from rcfd.training.state import stage_seed
 
 STAGE = "classifier"
 TRAINABLE = tuple(n for n in CLASSIFIER_NAMES if not n.startswith("imagenet_"))
+ROLES = ("distill", "eval", "mlp")
+EXTRACTOR_OF_ROLE = {"eval": "classifier", "mlp": "mlp-classifier"}  # the panel's names
 
 
 class ClassifierStageConfig(Section):
     """A classifier trained with SGD (METHOD.md, "Classifiers"): ``lr`` multiplied by
     ``lr_decay`` at each fraction of training in ``milestones``. Train for ``epochs`` or for
-    ``steps`` (exactly one is set). ``role`` says which classifier this is (``"distill"``:
-    used by RCFD; ``"eval"``: the evaluation feature extractor); ``seed_offset`` makes the
-    two differ when their settings are equal. Augmentation: ``pad_fill`` is what the crop's
+    ``steps`` (exactly one is set); ``optimizer="adam"`` uses Adam (``momentum`` unused) with
+    the same schedule. ``role`` says which classifier this is (``"distill"``: used by RCFD;
+    ``"eval"``: the ``classifier`` extractor; ``"mlp"``: the ``mlp-classifier`` extractor);
+    ``seed_offset`` makes them differ when their settings are equal. Augmentation: the crop
+    pads each side by ``crop_padding`` pixels (``None``: an eighth of the side, at least 1)
+    and so shifts the image by up to that much; ``pad_fill`` is what the crop's
     border and AutoAugment's uncovered pixels are filled with, a value in image units or
     ``"background"`` (the training images' minimum pixel value: black, -1, for the digits), so
     that no training image shows borders the data never has; the Cutout hole is
@@ -60,18 +66,20 @@ class ClassifierStageConfig(Section):
     validation accuracy over the old mid-grey padding and half-side hole
     (``scripts/classifier_recipes.py``); the paper's preset keeps the paper's recipe."""
 
-    role: Literal["distill", "eval"] = "distill"
+    role: Literal[ROLES] = "distill"
     arch: Literal[TRAINABLE] = "resnet18"
     width: Annotated[PosInt, Field(le=4096)] | None = None
     epochs: PosInt | None = 300
     steps: PosInt | None = None
     batch_size: PosInt = 128
+    optimizer: Literal["sgd", "adam"] = "sgd"
     lr: PosFloat = 0.1
     momentum: Decay = 0.9
     weight_decay: NonNegFloat = 5e-4
     milestones: tuple[Annotated[Fraction, Field(gt=0, lt=1)], ...] = (0.5, 0.75)
     lr_decay: Annotated[PosFloat, Field(le=1)] = 0.1
     crop: bool = True
+    crop_padding: Annotated[NonNegInt, Field(le=64)] | None = None  # None: an eighth of the side
     flip: bool = True
     autoaugment: bool = True
     cutout: bool = True
@@ -133,7 +141,8 @@ def _classifier_job(cfg: ClassifierStageConfig, data: DatasetSpec | ImageDataset
     train, val = full.split_off(cfg.val_fraction, seed=stage_seed(0, STAGE, "validation"))
     device = run.torch_device
     config = ClassifierConfig(name=cfg.arch, num_classes=train.num_classes,
-                              in_channels=train.channels, width=cfg.width)
+                              in_channels=train.channels, width=cfg.width,
+                              **({"input_size": train.image_size} if cfg.arch == "mlp" else {}))
     torch.manual_seed(stage_seed(run.seed + cfg.seed_offset, STAGE, unit, "init"))
     model = build(config)
     data_iter = data_batches(train, cfg.batch_size, run, STAGE, unit, cfg.seed_offset, flip=False)
@@ -142,7 +151,7 @@ def _classifier_job(cfg: ClassifierStageConfig, data: DatasetSpec | ImageDataset
     fill = pad_value(cfg.pad_fill, train.images)
 
     def loss_fn(net, x, y, info):
-        x = classifier_augment(x, info.generator, crop=cfg.crop, flip=cfg.flip,
+        x = classifier_augment(x, info.generator, crop=cfg.crop, padding=cfg.crop_padding, flip=cfg.flip,
                                autoaugment=cfg.autoaugment, cutout=cfg.cutout,
                                cutout_fraction=cfg.cutout_fraction, pad_fill=fill)
         if cfg.options.channels_last and x.is_cuda:
@@ -176,7 +185,7 @@ def _classifier_job(cfg: ClassifierStageConfig, data: DatasetSpec | ImageDataset
     interval = cfg.eval_interval or data_iter.batches_per_epoch
     job = Job(stage=STAGE, unit=unit, model=model, loss_fn=loss_fn, batches=data_iter,
               steps=steps, config=cfg.to_dict(), finalize=finalize, data=identity,
-              optim=OptimSpec("sgd", cfg.lr, "multistep", milestones=cfg.milestones,
+              optim=OptimSpec(cfg.optimizer, cfg.lr, "multistep", milestones=cfg.milestones,
                               decay=cfg.lr_decay, momentum=cfg.momentum,
                               weight_decay=cfg.weight_decay, fused=o.fused),
               log_interval=cfg.log_interval, checkpoint_interval=interval, eval_fn=eval_fn,
@@ -232,23 +241,40 @@ def classifier_record(source, role: str, extractor: str | None = None) -> dict:
             "val_accuracy": extra.get("accuracy"), "test_accuracy": extra.get("test_accuracy")}
 
 
-def run_classifiers(distill=None, evaluation=None) -> dict[str, dict]:
-    """``{"distill": record, "eval": record}`` (:func:`classifier_record`) of a run's
-    distillation classifier and evaluation classifier (the ``classifier`` extractor), leaving
-    out the one that is ``None``."""
-    given = {"distill": (distill, None), "eval": (evaluation, "classifier")}
-    return {role: classifier_record(src, role, ext) for role, (src, ext) in given.items() if src is not None}
+def run_classifiers(distill=None, evaluation=None, mlp=None) -> dict[str, dict]:
+    """``{"distill": record, "eval": record, "mlp": record}`` (:func:`classifier_record`) of a
+    run's distillation classifier, evaluation classifier (the ``classifier`` extractor) and MLP
+    classifier (the ``mlp-classifier`` extractor), leaving out those that are ``None``."""
+    given = {"distill": distill, "eval": evaluation, "mlp": mlp}
+    return {role: classifier_record(src, role, EXTRACTOR_OF_ROLE.get(role))
+            for role, src in given.items() if src is not None}
 
 
 # --------------------------------------------------------------------------- the method
 
-SECTIONS = {"distill_classifier": "distill", "eval_classifier": "eval"}
+SECTIONS = {"distill_classifier": "distill", "eval_classifier": "eval", "mlp_classifier": "mlp"}
 
 
 def default_eval_classifier() -> ClassifierStageConfig:
     """The evaluation classifier's default section: the distillation classifier's settings
     with another seed, so that the two differ."""
     return ClassifierStageConfig(role="eval", seed_offset=1)
+
+
+def default_mlp_classifier() -> ClassifierStageConfig:
+    """The MLP classifier's default section, which differs from the distillation
+    classifier's in every respect but the data: the architecture (a two-hidden-layer
+    perceptron of width 256 on the flattened pixels, :class:`rcfd.core.classifiers.MLPClassifier`,
+    input size from the data; its features are the second hidden layer's, not a conv net's
+    pooled map); the recipe (Adam at 1e-3, no weight decay, batch 128, 2,000 steps, learning
+    rate divided by 10 at 1/2 and 3/4; the only augmentation a random shift of up to one pixel,
+    the uncovered border filled with the data's background: no flip, no AutoAugment, no
+    Cutout); and the seed (``seed_offset=2``: its own initialisation and batch order; the
+    validation part is the same, drawn from the stage's fixed seed)."""
+    return ClassifierStageConfig(role="mlp", arch="mlp", width=256, epochs=None, steps=2000,
+                                 batch_size=128, optimizer="adam", lr=1e-3, weight_decay=0.0,
+                                 crop_padding=1, flip=False, autoaugment=False, cutout=False,
+                                 pad_fill="background", seed_offset=2, eval_interval=100)
 
 
 def stages(view) -> list[ClassifierStageConfig]:
@@ -272,19 +298,22 @@ def _check(view) -> None:
         c = getattr(view, key)
         if c is not None and c.role != role:
             raise ValueError(f"{key}.role must be {role!r}, got {c.role!r}")
-    d, e = view.distill_classifier, view.eval_classifier
-    if d is not None and e is not None and e.replace(role="distill") == d:
-        raise ValueError("eval_classifier equals distill_classifier: give it another "
-                         "seed_offset (or architecture) so evaluation is not circular")
+    d = view.distill_classifier
+    for key in ("eval_classifier", "mlp_classifier"):
+        e = getattr(view, key)
+        if d is not None and e is not None and e.replace(role="distill") == d:
+            raise ValueError(f"{key} equals distill_classifier: give it another "
+                             "seed_offset (or architecture) so evaluation is not circular")
     if view.data.name == "folder" and stages(view):
         raise ValueError("a folder of images has no labels, so no classifier can be trained on "
-                         "it: set distill_classifier and eval_classifier to null and "
+                         "it: set distill_classifier, eval_classifier and mlp_classifier to null and "
                          "rcfd.classifier to a classifier checkpoint (or imagenet_resnet50)")
 
 
 METHOD = Method(
     name=STAGE,
     sections={"distill_classifier": (ClassifierStageConfig | None, ClassifierStageConfig),
-              "eval_classifier": (ClassifierStageConfig | None, default_eval_classifier)},
+              "eval_classifier": (ClassifierStageConfig | None, default_eval_classifier),
+              "mlp_classifier": (ClassifierStageConfig | None, default_mlp_classifier)},
     train=_train, describe=_describe, check=_check,
-    help="the distillation and evaluation classifiers")
+    help="the distillation, evaluation and MLP classifiers")

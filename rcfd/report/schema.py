@@ -103,7 +103,8 @@ class Teacher(_Model):
 
 class ClassifierRecord(_Model):
     """A classifier the run trained or used (``classifiers.<name>`` in ``results.json``): its
-    role (``"distill"``: what RCFD/CFD distill into; ``"eval"``: the ``classifier`` extractor),
+    role (``"distill"``: what RCFD/CFD distill into; ``"eval"``: the ``classifier`` extractor;
+    ``"mlp"``: the ``mlp-classifier`` extractor),
     architecture, and its accuracy on the validation part that chose its weights and on the
     data's held-out test split (``None``: not recorded)."""
 

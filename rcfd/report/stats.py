@@ -232,8 +232,8 @@ CLASSIFIER_FREE = ("random-conv", "pixels", "pca")
 CLASSIFIER_FEATURES, CLASSIFIER_FREE_FEATURES = "classifier features", "classifier-free features"
 MIXED = "mixed"
 FAMILIES_TEXT = ("Extractor families: *classifier-free features* are `random-conv`, `pixels` and `pca` (no "
-                 "trained classifier in them); every other extractor (`classifier`, any other trained "
-                 "classifier, `inception`) gives *classifier features*. A family is **mixed** at a number "
+                 "trained classifier in them); every other extractor (`classifier`, `mlp-classifier`, any other "
+                 "trained classifier, `inception`) gives *classifier features*. A family is **mixed** at a number "
                  "of steps where its extractors' verdicts differ.")
 
 

@@ -28,13 +28,19 @@ from rcfd.evaluation.objectives import DIAGNOSTIC_SAMPLES
 from rcfd.methods import registry
 from rcfd.methods.base import BaseStageConfig
 from rcfd.methods.cd import CDStageConfig
-from rcfd.methods.classifier import ClassifierStageConfig, default_eval_classifier
+from rcfd.methods.classifier import (
+    ClassifierStageConfig,
+    default_eval_classifier,
+    default_mlp_classifier,
+)
 from rcfd.methods.pd import PDStageConfig
 from rcfd.methods.rcfd import CFDStageConfig, RCFDStageConfig
 from rcfd.samplers.registry import TRAINING_FREE
 from rcfd.study.configfile import apply_overrides, merge, read_mapping, with_overrides
 
 EVAL_DEFAULTS = EvalSettings()  # the one set of evaluation defaults (rcfd.evaluation)
+# A study's panel: the library's, with the run's MLP classifier after its evaluation classifier.
+STUDY_EXTRACTORS = ("classifier", "mlp-classifier", *(n for n in EVAL_DEFAULTS.extractors if n != "classifier"))
 
 
 class EvalConfig(Section):
@@ -51,8 +57,9 @@ class EvalConfig(Section):
     ``diagnostics``: how many held-out draws the objective diagnostics of the distilled
     students use (:mod:`rcfd.evaluation.objectives`; at most the held-out split; 0: none). The
     defaults of the fields the evaluation stage reads are :class:`rcfd.evaluation.EvalSettings`'
-    (here validated); only ``floor`` differs: a study's floor row is PD's cheapest (the
-    library, which knows no methods, takes the first row)."""
+    (here validated); only ``floor`` and ``extractors`` differ: a study's floor row is PD's
+    cheapest (the library, which knows no methods, takes the first row), and a study also
+    measures with its own MLP classifier (``mlp-classifier``, :data:`STUDY_EXTRACTORS`)."""
 
     steps: tuple[Pow2, ...] = (1, 2, 4, 8)
     methods: tuple[str, ...] | None = None
@@ -60,7 +67,7 @@ class EvalConfig(Section):
     samplers: tuple[Literal[TRAINING_FREE], ...] = ("ddim",)
     num_samples: Annotated[Int, Field(ge=20)] = EVAL_DEFAULTS.num_samples
     batch_size: PosInt = EVAL_DEFAULTS.batch_size
-    extractors: tuple[Literal[EXTRACTOR_NAMES], ...] = EVAL_DEFAULTS.extractors
+    extractors: tuple[Literal[EXTRACTOR_NAMES], ...] = STUDY_EXTRACTORS
     inception: Literal["auto", "always", "never"] = "auto"
     inception_weights: str | None = None
     primary: Literal[EXTRACTOR_NAMES] = EVAL_DEFAULTS.primary
@@ -122,6 +129,7 @@ class StudyConfig(PipelineBase):
 
     distill_classifier: ClassifierStageConfig | None = Field(default_factory=ClassifierStageConfig)
     eval_classifier: ClassifierStageConfig | None = Field(default_factory=default_eval_classifier)
+    mlp_classifier: ClassifierStageConfig | None = Field(default_factory=default_mlp_classifier)
     base: BaseStageConfig = Field(default_factory=BaseStageConfig)
     pd: PDStageConfig = Field(default_factory=PDStageConfig)
     rcfd: RCFDStageConfig = Field(default_factory=RCFDStageConfig)

