@@ -56,6 +56,6 @@ def test_digits_ablation_end_to_end_at_smoke_sizes(tmp_path):
     for e in results["entries"]:
         assert set(e["metrics"]) == set(results["extractors"]) >= {"classifier", "mlp-classifier", "pixels"}
     for stage in ("pd", "rcfd", "cfd"):
-        assert load_diffusion_checkpoint(out / stage / "T4.pt")[1].T == 4
-    assert not (out / "rcfd" / "T2.pt").exists() and not (out / "pd" / "T2.pt").exists()
+        assert load_diffusion_checkpoint(out / stage / "T4.safetensors")[1].T == 4
+    assert not (out / "rcfd" / "T2.safetensors").exists() and not (out / "pd" / "T2.safetensors").exists()
     assert set(results["classifiers"]) == {"distill", "eval", "mlp"}
