@@ -25,6 +25,7 @@ from rcfd.study.evaluation import objective_diagnostics
 from rcfd.study.pipeline import evaluation_rows
 from rcfd.study.config import pipeline_config_class
 from rcfd.study.presets import get_preset
+from rcfd.study.runinfo import platform_record
 
 TINY = ["--set", "distill_classifier.steps=2", "--set", "eval_classifier.steps=2",
         "--set", "base.steps=2", "--set", "base.checkpoint_interval=1",
@@ -89,6 +90,10 @@ def check_run_dir(out: Path, cfg) -> dict:
         with Image.open(out / name) as im:
             assert im.format == "PNG"
     assert set(json.loads((out / "timings.json").read_text())) == {"classifier", "base", "pd", "rcfd", "cd", "evaluate"}
+    # the platform python -m rcfd.report checks: this process's code, torch and threads
+    here = platform_record(torch.device("cpu"))
+    assert set(results["platform"]) == set(here) and results["platform"]["device"] == "cpu"
+    assert all(results["platform"][k] == here[k] for k in ("rcfd", "commit", "torch", "python"))
     return results
 
 

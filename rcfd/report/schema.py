@@ -178,6 +178,7 @@ class Results(_Model):
     timings: dict[str, float] = Field(default_factory=dict)
     classifiers: dict[str, ClassifierRecord] = Field(default_factory=dict)  # absent before they were recorded
     diagnostics: Diagnostics | None = None  # absent before they were computed
+    platform: dict[str, str | int | None] | None = None  # rcfd, commit, torch, threads...; absent before it was recorded
 
     def is_teacher(self, entry: Entry) -> bool:
         """Whether ``entry`` is the distillation teacher's cell (the students' upper bound)."""

@@ -215,6 +215,7 @@ def run_pipeline(cfg, run_dir: str | os.PathLike, *, stage: str = "all",
         _say(f"== {s} done in {fmt_time(seconds)} (elapsed {fmt_time(time.perf_counter() - t_start)})", dist)
     if results is not None:
         results["timings"] = read_json(run_dir / TIMINGS_JSON, "stage timings")
+        results["platform"] = platform_record(device)  # what python -m rcfd.report checks
         paths = finish_run_report(run_dir, results, [m.name for m in registry.methods()])
         _say("\n" + summary(results), dist)
         _say(f"\nresults: {', '.join(str(p) for p in paths.values())}", dist)
