@@ -366,3 +366,29 @@ def test_conclusions_per_family():
             "`inception`) mixed (better under `classifier`, worse under `inception`) at 1 step, mixed (better under "
             "`classifier`, no difference shown under `inception`) at 2 steps; under classifier-free features "
             "(`pixels`) worse at 1 step, no difference shown at 2 steps.") in mixed
+
+
+@pytest.mark.parametrize("cells, need", [(1, 6), (8, 9), (12, 9), (24, 10), (32, 11), (33, 11)])
+def test_min_seeds_is_where_a_table_first_can_give_a_verdict(cells, need):
+    """Below min_seeds the Holm-adjusted exact Wilcoxon p of a table whose every cell is
+    all of one sign stays >= 0.05; at it, it falls below."""
+    assert stats.min_seeds(cells) == need
+    for n, possible in ((need - 1, False), (need, True)):
+        p = stats.paired_test(np.arange(1, n + 1) * 0.1)["p_wilcoxon"]
+        assert (min(stats.holm([p] * cells)) < stats.ALPHA) is possible, (cells, n)
+    assert stats.MIN_SEEDS_WILCOXON == stats.min_seeds(1) == 6
+
+
+def test_a_table_with_too_few_seeds_says_so_first():
+    """The study fixture's FID table against test has 12 cells (3 comparisons x 2 extractors x 2
+    steps): 10 seeds can give verdicts; its first 8 cannot, and the conclusions say so first."""
+    ten = stats.paired_comparisons(study(), COMPARISONS)
+    assert not any("No verdict is possible" in line for line in stats.conclusions(ten))
+    eight = stats.conclusions(stats.paired_comparisons(study()[:8], COMPARISONS))
+    assert eight[0].startswith("**No verdict is possible in this table** (FID against test): it has 12 cells "
+                               "and 8 seeds; the exact Wilcoxon p of 8 seeds is at least 0.00781, which Holm "
+                               "multiplies by 12")
+    assert "a verdict needs at least 9 seeds" in eight[0]
+    assert not any(f" {stats.BETTER} at" in line or f" {stats.WORSE} at" in line for line in eight)
+    with pytest.raises(ValueError):
+        stats.min_seeds(0)

@@ -21,7 +21,22 @@ from scipy import stats as sps
 CONFIDENCE, ALPHA = 0.95, 0.05
 LOWER_IS_BETTER = {"fid": True, "kid": True, "precision": False, "recall": False, "is": False}
 BETTER, WORSE, NO_DIFFERENCE = "better", "worse", "no difference shown"
-MIN_SEEDS_WILCOXON = 6  # the smallest n at which the exact two-sided Wilcoxon p can be < 0.05
+
+
+def min_seeds(cells: int = 1, alpha: float = ALPHA) -> int:
+    """The fewest seeds at which a table of ``cells`` cells can give any verdict: the exact
+    two-sided Wilcoxon p of ``n`` paired differences is at least ``2 / 2**n`` (all of one sign),
+    and Holm multiplies a table's smallest p by its number of cells, so the smallest ``n`` with
+    ``cells * 2 / 2**n < alpha`` (6 for one cell, 9 for 8 cells, 11 for 32)."""
+    if cells < 1:
+        raise ValueError(f"a table has at least one cell, got {cells}")
+    n = 1
+    while cells * 2.0 / 2 ** n >= alpha:
+        n += 1
+    return n
+
+
+MIN_SEEDS_WILCOXON = min_seeds(1)  # 6: the smallest n at which the exact two-sided Wilcoxon p can be < 0.05
 RULE = ("A method is called **better** (or **worse**) than its baseline at a number of steps, "
         "under one extractor and reference, only when the 95% t-interval of its per-seed paired "
         "difference lies entirely on the better (worse) side of 0 *and* both the paired t-test and "
@@ -30,8 +45,9 @@ RULE = ("A method is called **better** (or **worse**) than its baseline at a num
         "(comparison, extractor, steps) cell of one table (one metric against one reference; the "
         "conclusions read the FID table against the primary reference), to the t-test p-values and "
         "to the Wilcoxon p-values separately; the tables print both the raw and the Holm-adjusted p. "
-        "With fewer than 6 seeds the Wilcoxon test cannot reach p < 0.05, so no difference can be "
-        "shown.")
+        "The exact Wilcoxon p of n seeds is at least 2/2^n and Holm multiplies a table's smallest p "
+        "by its number of cells, so a table of m cells can give a verdict only with 2m/2^n < 0.05: "
+        "6 seeds for one cell, 9 for 8 cells, 11 for 32; a table that cannot says so first.")
 
 
 # --------------------------------------------------------------------------- reading values
@@ -281,6 +297,8 @@ def conclusions(rows: Sequence[Mapping], *, metric: str = "fid", reference: str 
     the extractors disagree, or one saying they all agree."""
     rows = [r for r in rows if r["metric"] == metric and r["reference"] == reference]
     lines = []
+    if rows:
+        lines += floor_lines(rows, metric, reference)
     comparisons = list(dict.fromkeys((r["method"], r["baseline"]) for r in rows))
     extractors = list(dict.fromkeys(r["extractor"] for r in rows))
     for m, b in comparisons:
@@ -307,6 +325,19 @@ def conclusions(rows: Sequence[Mapping], *, metric: str = "fid", reference: str 
         if not disagree and len(extractors) > 1:
             lines.append(f"All {len(extractors)} extractors agree on {ml} vs {bl} at every step count.")
     return lines
+
+
+def floor_lines(rows: Sequence[Mapping], metric: str, reference: str) -> list[str]:
+    """One line when the table of ``rows`` (one Holm family) has too few seeds for any verdict
+    (:func:`min_seeds`); none otherwise."""
+    cells, n = len(rows), max(r["n"] for r in rows)
+    need = min_seeds(cells)
+    if n >= need:
+        return []
+    return [f"**No verdict is possible in this table** ({metric.upper()} against {reference}): it has "
+            f"{cells} cells and {n} seeds; the exact Wilcoxon p of {n} seeds is at least {2 / 2 ** n:.3g}, "
+            f"which Holm multiplies by {cells}, so every verdict reads no difference shown whatever the "
+            f"data. Read the intervals, the raw p and the seed counts; a verdict needs at least {need} seeds."]
 
 
 def metric_disagreements(rows: Sequence[Mapping], *, reference: str = "test",
