@@ -27,6 +27,11 @@ from typing import Any, Mapping, Sequence
 from rcfd.cli.common import run_cli
 from rcfd.errors import UsageError
 from rcfd.io.files import read_json
+from rcfd.report.results import check_results
+from rcfd.report.study import write_study
+from rcfd.study.config import load_config
+from rcfd.study.pipeline import comparisons
+from rcfd.study.presets import PRESET_CONFIGS
 
 # What must agree between the platforms of a study's seeds (the CPU model may differ by name).
 SAME_PLATFORM = ("rcfd", "commit", "torch", "python", "device", "threads")
@@ -60,9 +65,6 @@ def _main(argv: Sequence[str] | None) -> int:
     per_seed, cfg = read_seeds(dirs)
     given = None if args.platform is None else _platform_file(Path(args.platform))
     platform = study_platform(per_seed, dirs, given)
-    from rcfd.report.study import write_study  # matplotlib, only once the inputs are checked
-    from rcfd.study.pipeline import comparisons
-
     paths = write_study(args.out, per_seed, comparisons(cfg), commit=platform.get("commit") or "unknown",
                         platform=platform, title=args.title)
     print(f"study over {len(per_seed)} seeds ({', '.join(str(r['seed']) for r in per_seed)}): "
@@ -74,10 +76,6 @@ def read_seeds(dirs: Sequence[Path]) -> tuple[list[dict], Any]:
     """Each seed's results (``run_dir`` set to the folder it is read from, so the study's links
     point at it) and the study's config; :class:`~rcfd.errors.UsageError` unless they are one
     study (module docstring)."""
-    from rcfd.report.results import check_results
-    from rcfd.study.config import load_config
-    from rcfd.study.presets import PRESET_CONFIGS
-
     per_seed, configs = [], []
     for d in dirs:
         for name in (RESULTS_JSON, CONFIG_JSON):
