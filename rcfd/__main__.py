@@ -1,4 +1,4 @@
-"""``python -m rcfd {train,sample,evaluate,export} ...``: the package's command lines behind one name
+"""``python -m rcfd {train,sample,evaluate,export,report} ...``: the package's command lines behind one name
 (each is also ``python -m rcfd.<command>``)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 from typing import Sequence
 
 COMMANDS = {"train": "rcfd.cli.train", "sample": "rcfd.cli.sample", "evaluate": "rcfd.cli.evaluate",
-            "export": "rcfd.cli.export"}
+            "export": "rcfd.cli.export", "report": "rcfd.cli.report"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,10 +5,13 @@ and a missing or disagreeing platform are one line `error: ...`, exit 2, and not
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from rcfd.__main__ import main as rcfd_main
 from rcfd.cli import report
 from test_cli_errors import one_line_error
 
@@ -123,3 +126,13 @@ def test_a_bad_platform_file_is_refused(seeds, capsys, content):
     (seeds / "platform.json").write_text(content)
     code = run(seeds, (0, 1), "--platform", str(seeds / "platform.json"))
     one_line_error(capsys, code, 2, "platform")
+
+
+def test_both_entry_points_run_it(seeds):
+    """`python -m rcfd.report` and `python -m rcfd report` are this command."""
+    for cmd in (["-m", "rcfd.report"], ["-m", "rcfd", "report"]):
+        done = subprocess.run([sys.executable, *cmd, "--help"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "SEED_DIR" in done.stdout, done.stderr
+    assert rcfd_main(["report", str(seeds / "seed0"), str(seeds / "seed1"), "--out", str(seeds / "s"),
+                      "--platform", str(seeds / "platform.json")]) == 0
+    assert (seeds / "s" / "study.md").is_file()
