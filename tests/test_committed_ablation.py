@@ -29,6 +29,7 @@ def rows(r):
 
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_each_study_is_written_again_from_its_seeds(tmp_path, budget):
+    # copies, laid out as in the folder: study.json names its runs relative to the study
     for s in SEEDS:
         (tmp_path / f"seed{s}").mkdir()
         for name in ("results.json", "config.json"):
